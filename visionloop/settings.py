@@ -1,0 +1,231 @@
+"""Every knob of the platform, read once from the environment (prefix ``VISIONLOOP_``) or ``.env``.
+
+A first run needs no configuration: every default points at the local stack that
+``visionloop up`` starts under ``data_dir``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing import Annotated
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VISIONLOOP_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    # --- where local state lives -------------------------------------------------------
+    data_dir: Path = Field(
+        default=Path(".visionloop"),
+        description="All local state: databases, object-store volume, logs, PID files.",
+    )
+    project_dir: Path = Field(
+        default=Path(__file__).resolve().parents[1],
+        description="The code the flows run from (prefect.yaml's working directory).",
+    )
+    tools_dir: Path = Field(
+        default=Path.home() / ".cache" / "visionloop",
+        description="Installed helper tools (Label Studio's own virtualenv), shared by data dirs.",
+    )
+
+    # --- platform database -------------------------------------------------------------
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL; empty means SQLite at <data_dir>/visionloop.db.",
+    )
+
+    # --- object store (S3 API) ---------------------------------------------------------
+    s3_endpoint: str = Field(
+        default="", description="host:port of the S3 API; empty means the local SeaweedFS."
+    )
+    s3_access_key: str = Field(default="visionloop")
+    s3_secret_key: SecretStr = Field(
+        default=SecretStr(""), description="Empty means the one generated in <data_dir>/secrets.env."
+    )
+    s3_secure: bool = Field(default=False, description="Use HTTPS for the S3 API.")
+    s3_region: str = Field(default="us-east-1")
+    bucket_incoming: str = Field(default="incoming", description="Where production images land.")
+    bucket_images: str = Field(default="images", description="Ingested images by content hash.")
+    bucket_quarantine: str = Field(default="quarantine", description="Rejected files.")
+    bucket_datasets: str = Field(default="datasets", description="Versioned dataset snapshots.")
+    bucket_reports: str = Field(default="reports", description="Drift and evaluation reports.")
+    bucket_mlflow: str = Field(default="mlflow", description="MLflow artifact store.")
+
+    # --- services ------------------------------------------------------------------------
+    mlflow_port: int = Field(default=5000)
+    mlflow_tracking_uri: str = Field(default="", description="Empty means the local MLflow server.")
+    mlflow_experiment: str = Field(default="visionloop")
+    model_name: str = Field(default="visionloop-detector", description="Registered model name.")
+
+    prefect_port: int = Field(default=4200)
+    prefect_api_url: str = Field(default="", description="Empty means the local Prefect server.")
+    prefect_work_pool: str = Field(default="visionloop-local")
+
+    label_studio_port: int = Field(default=8080)
+    label_studio_url: str = Field(default="", description="Empty means the local Label Studio.")
+    label_studio_token: SecretStr = Field(
+        default=SecretStr(""),
+        description="Label Studio API token; empty means the one `up` provisioned locally.",
+    )
+    label_studio_username: str = Field(default="admin@visionloop.local")
+    label_studio_password: SecretStr = Field(
+        default=SecretStr(""), description="Empty means the one generated in <data_dir>/secrets.env."
+    )
+    label_studio_project: str = Field(default="visionloop review")
+    label_studio_version: str = Field(default="1.23.2")
+
+    api_host: str = Field(default="127.0.0.1")
+    api_port: int = Field(default=8000)
+    api_token: SecretStr = Field(
+        default=SecretStr(""),
+        description="Bearer token for mutating API calls; empty means one generated per data dir.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    s3_port: int = Field(default=8333, description="Port of the local SeaweedFS S3 API.")
+
+    # --- the model -------------------------------------------------------------------------
+    class_names: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["scratch", "dent", "stain"],
+        description="Detector classes, comma separated in the environment.",
+    )
+    model_yaml: str = Field(default="yolov8n.yaml", description="Architecture when no weights exist.")
+    initial_weights: str = Field(default="", description="Optional .pt to start the first model from.")
+    image_size: int = Field(default=160)
+    train_epochs: int = Field(default=40)
+    train_batch: int = Field(default=16)
+    bootstrap_images: int = Field(default=48)
+    seed: int = Field(default=0)
+
+    # --- loop thresholds -------------------------------------------------------------------
+    uncertainty_low: float = Field(default=0.4)
+    uncertainty_high: float = Field(default=0.7)
+    labeling_budget: int = Field(default=50)
+    drift_yellow: float = Field(default=0.3)
+    drift_red: float = Field(default=0.7)
+    min_new_labels: int = Field(default=100)
+    retrain_cooldown_hours: float = Field(default=6.0)
+    promotion_margin: float = Field(default=0.0)
+    class_drop_tolerance: float = Field(default=0.05)
+
+    @field_validator("class_names", "cors_origins", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("class_names")
+    @classmethod
+    def _classes_unique(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("VISIONLOOP_CLASS_NAMES must name at least one class")
+        if len(set(value)) != len(value):
+            raise ValueError(f"VISIONLOOP_CLASS_NAMES has duplicates: {value}")
+        return value
+
+    @field_validator(
+        "mlflow_port", "prefect_port", "label_studio_port", "api_port", "s3_port"
+    )
+    @classmethod
+    def _valid_port(cls, value: int) -> int:
+        if not 1 <= value <= 65535:
+            raise ValueError(f"port {value} is outside 1-65535")
+        return value
+
+    @model_validator(mode="after")
+    def _check_thresholds(self) -> "Settings":
+        if not 0 <= self.uncertainty_low < self.uncertainty_high <= 1:
+            raise ValueError(
+                "need 0 <= VISIONLOOP_UNCERTAINTY_LOW < VISIONLOOP_UNCERTAINTY_HIGH <= 1, got "
+                f"{self.uncertainty_low} and {self.uncertainty_high}"
+            )
+        if not 0 <= self.drift_yellow <= self.drift_red <= 1:
+            raise ValueError(
+                "need 0 <= VISIONLOOP_DRIFT_YELLOW <= VISIONLOOP_DRIFT_RED <= 1, got "
+                f"{self.drift_yellow} and {self.drift_red}"
+            )
+        self.data_dir = self.data_dir.expanduser().resolve()
+        self.tools_dir = self.tools_dir.expanduser().resolve()
+        return self
+
+    # --- derived values: one place that knows the local defaults ----------------------------
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'visionloop.db'}"
+
+    @property
+    def s3_host(self) -> str:
+        return self.s3_endpoint or f"127.0.0.1:{self.s3_port}"
+
+    @property
+    def s3_url(self) -> str:
+        return f"{'https' if self.s3_secure else 'http'}://{self.s3_host}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def prefect_api(self) -> str:
+        return self.prefect_api_url or f"http://127.0.0.1:{self.prefect_port}/api"
+
+    @property
+    def label_studio(self) -> str:
+        return (self.label_studio_url or f"http://127.0.0.1:{self.label_studio_port}").rstrip("/")
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.api_host}:{self.api_port}"
+
+    @property
+    def all_buckets(self) -> list[str]:
+        return [
+            self.bucket_incoming,
+            self.bucket_images,
+            self.bucket_quarantine,
+            self.bucket_datasets,
+            self.bucket_reports,
+            self.bucket_mlflow,
+        ]
+
+
+SECRETS_FILE = "secrets.env"
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that recreates ``settings`` in a child process (every value set explicitly)."""
+    env = {}
+    for name in settings.model_fields_set:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, list):
+            value = ",".join(value)
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        env[f"VISIONLOOP_{name.upper()}"] = str(value)
+    return env
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, ``.env`` and the data dir's generated ``secrets.env``.
+
+    Secrets never live in code: for the local stack ``visionloop up`` generates them once per
+    data dir; the environment and ``.env`` always win over that file.
+    """
+    data_dir = Settings(**overrides).data_dir  # type: ignore[arg-type]
+    return Settings(_env_file=(data_dir / SECRETS_FILE, ".env"), **overrides)  # type: ignore[call-arg]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return load_settings()

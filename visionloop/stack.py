@@ -1,0 +1,545 @@
+"""The local stack: start, health-check and stop the servers the loop talks to.
+
+Everything lives under ``settings.data_dir``: each service's state in its own folder, its log
+in ``logs/`` and, while `up` owns it, a PID record in ``run/``. `down` only stops processes that
+have such a record (and whose command line still matches it, so a recycled PID is never hit).
+A service whose URL setting points elsewhere is external: `up` checks it and never starts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from monitoring.health import PROBES, ServiceHealth
+from pydantic import SecretStr
+
+from visionloop.settings import SECRETS_FILE, Settings, settings_env
+
+
+class StackError(RuntimeError):
+    """The stack could not be brought to the asked state; the message says what to change."""
+
+
+@dataclass
+class ServiceSpec:
+    name: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    port: int | None = None
+    port_setting: str = ""
+    external_setting: str = ""  # non-empty: the setting that made this service external
+    startup_timeout: float = 90.0
+    cwd: Path | None = None
+
+
+@dataclass
+class ServiceState:
+    name: str
+    action: str  # started | reused | external | stopped | not running
+    health: ServiceHealth | None = None
+    pid: int | None = None
+
+
+# --- small process helpers ---------------------------------------------------------------
+
+def _bin(name: str) -> str:
+    """An executable installed next to this interpreter (the project's virtualenv)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise StackError(f"`{name}` is not installed next to {sys.executable}; run `uv sync`")
+    return found
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def free_port(exclude: set[int] = frozenset(), grpc_offset: int = 0) -> int:
+    """A port free now and not in ``exclude``; with ``grpc_offset``, port + offset is free too."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port in exclude:
+            continue
+        if grpc_offset and (port + grpc_offset > 65535 or port + grpc_offset in exclude
+                            or port_in_use(port + grpc_offset)):
+            continue
+        return port
+
+
+def _port_owner(port: int) -> str:
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+                proc = psutil.Process(conn.pid)
+                return f"{proc.name()} (pid {conn.pid})"
+    except (psutil.Error, PermissionError):
+        pass
+    return "another process"
+
+
+class Stack:
+    def __init__(self, settings: Settings, echo: Callable[[str], None] = lambda _m: None) -> None:
+        self.settings = settings
+        self.echo = echo
+        self.root = settings.data_dir
+        self.run_dir = self.root / "run"
+        self.log_dir = self.root / "logs"
+
+    # --- PID records -----------------------------------------------------------------------
+    def _pid_file(self, name: str) -> Path:
+        return self.run_dir / f"{name}.json"
+
+    def _record(self, name: str) -> dict | None:
+        try:
+            return json.loads(self._pid_file(name).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def running_pid(self, name: str) -> int | None:
+        """The PID `up` recorded for ``name`` if that very process still runs."""
+        record = self._record(name)
+        if not record:
+            return None
+        try:
+            proc = psutil.Process(record["pid"])
+            if proc.create_time() != record["create_time"] or proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+        except psutil.Error:
+            return None
+        return record["pid"]
+
+    def _spawn(self, spec: ServiceSpec) -> int:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{spec.name}.log", "ab")
+        env = {**os.environ, **spec.env}
+        proc = subprocess.Popen(
+            spec.command,
+            env=env,
+            cwd=spec.cwd or self.root,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: `down` stops it and its children
+        )
+        log.close()
+        self._pid_file(spec.name).write_text(
+            json.dumps(
+                {
+                    "pid": proc.pid,
+                    "create_time": psutil.Process(proc.pid).create_time(),
+                    "command": spec.command,
+                    "port": spec.port,
+                    "started_at": time.time(),
+                }
+            )
+        )
+        return proc.pid
+
+    def stop(self, name: str, timeout: float = 20.0) -> bool:
+        pid = self.running_pid(name)
+        self._pid_file(name).unlink(missing_ok=True)
+        if pid is None:
+            return False
+        try:
+            # Everything in the group, plus descendants that made their own session.
+            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return False
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        for proc in procs:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        return True
+
+    # --- secrets ---------------------------------------------------------------------------
+    def ensure_secrets(self) -> Settings:
+        """Generate the local stack's secrets once per data dir, then reload the settings."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / SECRETS_FILE
+        wanted = {
+            "VISIONLOOP_S3_SECRET_KEY": self.settings.s3_secret_key,
+            "VISIONLOOP_LABEL_STUDIO_PASSWORD": self.settings.label_studio_password,
+            "VISIONLOOP_API_TOKEN": self.settings.api_token,
+        }
+        missing = {k: secrets.token_urlsafe(24) for k, v in wanted.items() if not v.get_secret_value()}
+        if missing:
+            self._append_secrets(missing)
+        os.chmod(path, 0o600) if path.exists() else None
+        return self.reload()
+
+    def _append_secrets(self, values: dict[str, str]) -> None:
+        path = self.root / SECRETS_FILE
+        with open(path, "a") as fh:
+            for key, value in values.items():
+                fh.write(f"{key}={value}\n")
+        os.chmod(path, 0o600)
+
+    def reload(self) -> Settings:
+        """Fill secrets that are still empty from ``secrets.env``; every other value stays."""
+        from dotenv import dotenv_values
+
+        updates = {}
+        for key, value in dotenv_values(self.root / SECRETS_FILE).items():
+            name = key.removeprefix("VISIONLOOP_").lower()
+            current = getattr(self.settings, name, None)
+            if isinstance(current, SecretStr) and not current.get_secret_value() and value:
+                updates[name] = SecretStr(value)
+        self.settings = self.settings.model_copy(update=updates)
+        return self.settings
+
+    # --- service definitions ---------------------------------------------------------------
+    def _s3_env(self) -> dict[str, str]:
+        s = self.settings
+        return {
+            "AWS_ACCESS_KEY_ID": s.s3_access_key,
+            "AWS_SECRET_ACCESS_KEY": s.s3_secret_key.get_secret_value(),
+            "AWS_DEFAULT_REGION": s.s3_region,
+            "MLFLOW_S3_ENDPOINT_URL": s.s3_url,
+        }
+
+    def platform_env(self) -> dict[str, str]:
+        """What a child process of the platform (API, worker, flow runs) needs to find it."""
+        s = self.settings
+        return {
+            **settings_env(s),
+            "VISIONLOOP_DATA_DIR": str(s.data_dir),
+            "VISIONLOOP_PROJECT_DIR": str(s.project_dir),
+            "PREFECT_API_URL": s.prefect_api,
+            "PREFECT_HOME": str(self.root / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_TRACKING_URI": s.mlflow_uri,
+            "YOLO_OFFLINE": "1",
+            **self._s3_env(),
+        }
+
+    def specs(self) -> list[ServiceSpec]:
+        s = self.settings
+        root = self.root
+        specs: list[ServiceSpec] = []
+
+        weed_dir = root / "seaweedfs"
+        weed_dir.mkdir(parents=True, exist_ok=True)
+        # SeaweedFS's mini mode runs master, volume, filer, admin and S3 servers; only S3's port
+        # is the user's concern. The others get free ports away from every configured one
+        # (volume's default, 8080, is Label Studio's). Each also uses port + 10000 for gRPC,
+        # and some components assume that offset whatever the flags say.
+        taken = {s.s3_port, s.prefect_port, s.mlflow_port, s.label_studio_port, s.api_port}
+        internal: dict[str, int] = {}
+        for component in ("master", "volume", "filer", "admin"):
+            port = free_port(taken | {p + 10000 for p in taken}, grpc_offset=10000)
+            internal[component] = port
+            taken |= {port, port + 10000}
+        specs.append(
+            ServiceSpec(
+                name="s3",
+                command=[
+                    _bin("weed"), "mini", f"-dir={weed_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                    f"-s3.port={s.s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                    *(f"-{component}.port={port}" for component, port in internal.items()),
+                    "-admin.ui=false", "-webdav=false", "-master.telemetry=false",
+                    f"-bucket={','.join(s.all_buckets)}",
+                ],
+                env=self._s3_env(),
+                port=s.s3_port,
+                port_setting="VISIONLOOP_S3_PORT",
+                external_setting="VISIONLOOP_S3_ENDPOINT" if s.s3_endpoint else "",
+                startup_timeout=60,
+                cwd=weed_dir,
+            )
+        )
+
+        prefect_home = root / "prefect"
+        prefect_home.mkdir(parents=True, exist_ok=True)
+        specs.append(
+            ServiceSpec(
+                name="prefect",
+                command=[_bin("prefect"), "server", "start", "--host", "127.0.0.1",
+                         "--port", str(s.prefect_port)],
+                env={
+                    "PREFECT_HOME": str(prefect_home),
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_UI_API_URL": s.prefect_api,
+                },
+                port=s.prefect_port,
+                port_setting="VISIONLOOP_PREFECT_PORT",
+                external_setting="VISIONLOOP_PREFECT_API_URL" if s.prefect_api_url else "",
+                startup_timeout=120,
+            )
+        )
+
+        mlflow_dir = root / "mlflow"
+        mlflow_dir.mkdir(parents=True, exist_ok=True)
+        specs.append(
+            ServiceSpec(
+                name="mlflow",
+                command=[
+                    _bin("mlflow"), "server",
+                    "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                    "--artifacts-destination", f"s3://{s.bucket_mlflow}",
+                    "--host", "127.0.0.1", "--port", str(s.mlflow_port), "--workers", "1",
+                ],
+                env={
+                    **self._s3_env(),
+                    # MLflow 3 otherwise runs seven job-queue consumers (GenAI jobs the loop never
+                    # uses) that take a whole core between them.
+                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                },
+                port=s.mlflow_port,
+                port_setting="VISIONLOOP_MLFLOW_PORT",
+                external_setting="VISIONLOOP_MLFLOW_TRACKING_URI" if s.mlflow_tracking_uri else "",
+                startup_timeout=120,
+                cwd=mlflow_dir,
+            )
+        )
+
+        ls_dir = root / "label-studio"
+        ls_dir.mkdir(parents=True, exist_ok=True)
+        specs.append(
+            ServiceSpec(
+                name="label-studio",
+                command=[
+                    str(self.label_studio_bin()), "start", "--no-browser",
+                    "--internal-host", "127.0.0.1", "--port", str(s.label_studio_port),
+                ],
+                env={
+                    # Credentials by environment, not argv, so `ps` does not show them.
+                    "LABEL_STUDIO_USERNAME": s.label_studio_username,
+                    "LABEL_STUDIO_PASSWORD": s.label_studio_password.get_secret_value(),
+                    "LABEL_STUDIO_BASE_DATA_DIR": str(ls_dir),
+                    "LABEL_STUDIO_HOST": s.label_studio,
+                    # Lets tasks point at images served by the platform's S3 endpoint.
+                    "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+                    "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+                    "SENTRY_DSN": "",
+                    "FRONTEND_SENTRY_DSN": "",
+                },
+                port=s.label_studio_port,
+                port_setting="VISIONLOOP_LABEL_STUDIO_PORT",
+                external_setting="VISIONLOOP_LABEL_STUDIO_URL" if s.label_studio_url else "",
+                startup_timeout=240,
+                cwd=ls_dir,
+            )
+        )
+
+        specs.append(
+            ServiceSpec(
+                name="api",
+                command=[sys.executable, "-m", "uvicorn", "api.main:app", "--host", s.api_host,
+                         "--port", str(s.api_port)],
+                env=self.platform_env(),
+                port=s.api_port,
+                port_setting="VISIONLOOP_API_PORT",
+                startup_timeout=90,
+                cwd=s.project_dir,
+            )
+        )
+        specs.append(
+            ServiceSpec(
+                name="worker",
+                command=[_bin("prefect"), "worker", "start", "--pool", s.prefect_work_pool,
+                         "--type", "process", "--name", f"visionloop-{os.uname().nodename}"],
+                env=self.platform_env(),
+                startup_timeout=90,
+                cwd=s.project_dir,
+            )
+        )
+        return specs
+
+    # --- Label Studio lives in its own virtualenv --------------------------------------------
+    def label_studio_venv(self) -> Path:
+        return self.settings.tools_dir / f"label-studio-{self.settings.label_studio_version}"
+
+    def label_studio_bin(self) -> Path:
+        return self.label_studio_venv() / "bin" / "label-studio"
+
+    def ensure_label_studio_installed(self) -> None:
+        if self.label_studio_bin().exists():
+            return
+        venv = self.label_studio_venv()
+        self.echo(f"installing Label Studio {self.settings.label_studio_version} into {venv} (once)")
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        uv = _bin("uv")
+        log = self.log_dir / "label-studio-install.log"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log, "wb") as fh:
+            for cmd, env in (
+                ([uv, "venv", "-q", "--python", sys.executable, str(venv)], {}),
+                ([uv, "pip", "install", f"label-studio=={self.settings.label_studio_version}"],
+                 {"VIRTUAL_ENV": str(venv)}),
+            ):
+                done = subprocess.run(cmd, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT)
+                if done.returncode != 0:
+                    shutil.rmtree(venv, ignore_errors=True)
+                    raise StackError(f"installing Label Studio failed; see {log}")
+
+    # --- the public verbs --------------------------------------------------------------------
+    def up(self, only: list[str] | None = None) -> list[ServiceState]:
+        self.ensure_secrets()
+        specs = {spec.name: spec for spec in self.specs() if not only or spec.name in only}
+        states: dict[str, ServiceState] = {}
+
+        def start(name: str) -> None:
+            if name in specs:
+                states[name] = self._start(specs[name])
+
+        def wait(name: str) -> None:
+            if name in specs:
+                states[name].health = self._wait_healthy(specs[name], states[name])
+
+        # The servers that depend on nothing start together (Label Studio alone takes ~30 s);
+        # the API and the worker only once what they talk to answers.
+        for name in ("s3", "prefect", "mlflow", "label-studio"):
+            start(name)
+        wait("s3")
+        if "s3" in specs:
+            from visionloop.storage import ObjectStore
+
+            ObjectStore(self.settings).ensure_buckets()
+        wait("prefect")
+        wait("mlflow")
+        wait("label-studio")
+        if "label-studio" in specs:
+            self._provision_label_studio()
+        # Started after provisioning so that they read a complete secrets.env.
+        if "api" in specs:
+            self._prepare_platform()
+            start("api")
+        if "worker" in specs:
+            self._ensure_work_pool()
+            start("worker")
+        wait("api")
+        wait("worker")
+        return [states[name] for name in SERVICE_ORDER if name in states]
+
+    def _start(self, spec: ServiceSpec) -> ServiceState:
+        if spec.external_setting:
+            return ServiceState(spec.name, "external")
+        pid = self.running_pid(spec.name)
+        if pid is not None:
+            return ServiceState(spec.name, "reused", pid=pid)
+        if spec.name == "label-studio":
+            self.ensure_label_studio_installed()
+        if spec.port is not None and port_in_use(spec.port):
+            raise StackError(
+                f"port {spec.port} for {spec.name} is already in use by {_port_owner(spec.port)}; "
+                f"stop it or set {spec.port_setting} to a free port"
+            )
+        return ServiceState(spec.name, "started", pid=self._spawn(spec))
+
+    def _wait_healthy(self, spec: ServiceSpec, state: ServiceState) -> ServiceHealth:
+        probe = PROBES[spec.name]
+        deadline = time.monotonic() + (5 if state.action == "external" else spec.startup_timeout)
+        while True:
+            health = probe(self.settings, 3.0)
+            if health.ok:
+                return health
+            if state.action != "external" and self.running_pid(spec.name) is None:
+                raise StackError(
+                    f"{spec.name} exited during start-up: {health.detail}; see its log "
+                    f"{self.log_dir / (spec.name + '.log')}\n{self._log_tail(spec.name)}"
+                )
+            if time.monotonic() > deadline:
+                where = (
+                    f"check {spec.external_setting}" if state.action == "external"
+                    else f"see {self.log_dir / (spec.name + '.log')}"
+                )
+                raise StackError(f"{spec.name} at {health.url} is not healthy: {health.detail}; {where}")
+            time.sleep(1.0)
+
+    def _log_tail(self, name: str, lines: int = 15) -> str:
+        try:
+            return "\n".join((self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def _prepare_platform(self) -> None:
+        from visionloop.db import migrate
+
+        migrate(self.settings.db_url)
+
+    def _provision_label_studio(self) -> None:
+        from labeling.provision import provision
+
+        s = self.settings
+        access = provision(
+            url=s.label_studio,
+            username=s.label_studio_username,
+            password=s.label_studio_password.get_secret_value(),
+            title=s.label_studio_project,
+            class_names=s.class_names,
+            token=s.label_studio_token.get_secret_value(),
+        )
+        if access.token != s.label_studio_token.get_secret_value():
+            self._append_secrets({"VISIONLOOP_LABEL_STUDIO_TOKEN": access.token})
+            self.reload()
+
+    def _ensure_work_pool(self) -> None:
+        import httpx
+
+        api = self.settings.prefect_api
+        pool = self.settings.prefect_work_pool
+        response = httpx.post(f"{api}/work_pools/", json={"name": pool, "type": "process"}, timeout=10)
+        if response.status_code not in (201, 409):
+            raise StackError(f"creating Prefect work pool {pool!r} failed: {response.text[:300]}")
+
+    def down(self) -> list[ServiceState]:
+        states = []
+        for spec_name in reversed(SERVICE_ORDER):
+            stopped = self.stop(spec_name)
+            states.append(ServiceState(spec_name, "stopped" if stopped else "not running"))
+        return states
+
+    def status(self) -> list[ServiceState]:
+        from monitoring.health import check_all
+
+        states = []
+        for health in check_all(self.settings):
+            pid = self.running_pid(health.name) if health.name in SERVICE_ORDER else None
+            states.append(ServiceState(health.name, "running" if pid else "", health, pid))
+        return states
+
+    def urls(self) -> dict[str, str]:
+        s = self.settings
+        return {
+            "Prefect UI": s.prefect_api.removesuffix("/api"),
+            "MLflow": s.mlflow_uri,
+            "Label Studio": s.label_studio,
+            "API docs": f"{s.api_url}/docs",
+            "S3 API": s.s3_url,
+        }
+
+
+SERVICE_ORDER = ["s3", "prefect", "mlflow", "label-studio", "api", "worker"]

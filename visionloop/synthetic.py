@@ -1,0 +1,389 @@
+"""Synthetic "defect inspection" images with exact YOLO labels, plus drift knobs.
+
+Used to bootstrap a first model and to exercise the loop end to end without real data:
+textured surfaces (brushed metal, woven fabric, concrete) under uneven lighting, with one
+to three defects per image. Every class index has its own shape and colour so any list of
+class names yields a learnable task:
+
+    0 scratch  thin, long, dark polyline
+    1 dent     round blob shaded bright on one side and dark on the other
+    2 stain    soft irregular rust/brown patch
+    3+         ring, chip, cross, dots, crack (cycled), each class with its own colour
+
+Image ``i`` of a given ``seed`` depends only on ``(seed, i)`` and the parameters, so a
+dataset can be regenerated (or extended) byte for byte. Drift is applied after drawing,
+with its own random stream: a drifted sample shows the same scene as the undrifted one.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+from PIL import Image
+
+DEFAULT_CLASS_NAMES: tuple[str, ...] = ("scratch", "dent", "stain")
+
+Box = tuple[int, float, float, float, float]  # class_id, cx, cy, w, h (normalised)
+
+_EMPTY_IMAGE_RATE = 0.05  # background-only images: rare, but a detector must see some
+_MAX_PLACEMENT_TRIES = 12
+_BOX_ALPHA_THRESHOLD = 64  # mask level (of 255) a pixel needs to count inside the box
+_EXTRA_SHAPES = ("ring", "chip", "cross", "dots", "crack")
+
+
+@dataclass(frozen=True)
+class DriftParams:
+    """Acquisition drift applied to a finished image, in the order a camera would apply it.
+
+    All intensities are on a 0..1 scale (1.0 = 255 grey levels); the identity is the default.
+
+    - ``color_cast``: per-channel (R, G, B) gain, e.g. ``(1.15, 1.0, 0.85)`` for warm light.
+    - ``brightness``: additive exposure shift, e.g. ``0.15`` lifts every pixel ~38 levels,
+      ``-0.2`` darkens; the result is clipped to the valid range.
+    - ``blur``: gaussian blur sigma in pixels of the generated image (0 = sharp). Scale it
+      with ``size``: sigma 2 at 640 px is about sigma 0.5 at 160 px.
+    - ``noise``: standard deviation of additive gaussian sensor noise (0.05 ≈ 13 levels).
+    """
+
+    brightness: float = 0.0
+    blur: float = 0.0
+    noise: float = 0.0
+    color_cast: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.blur < 0 or self.noise < 0:
+            raise ValueError(f"blur and noise must be >= 0, got {self.blur} and {self.noise}")
+        if len(self.color_cast) != 3 or any(c < 0 for c in self.color_cast):
+            raise ValueError(f"color_cast needs three gains >= 0, got {self.color_cast}")
+        object.__setattr__(self, "color_cast", tuple(float(c) for c in self.color_cast))
+
+    @property
+    def is_identity(self) -> bool:
+        return self == DriftParams()
+
+
+@dataclass
+class SyntheticSample:
+    image: np.ndarray  # H x W x 3 uint8 RGB
+    boxes: list[Box]
+
+
+# --- surfaces --------------------------------------------------------------------------
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Unit-variance-ish noise with features ~size/cells px wide (cheap: upsampled grid)."""
+    grid = rng.standard_normal((cells, cells), dtype=np.float32)
+    return cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def _surface(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A low-contrast, low-saturation texture so defects stay the salient thing."""
+    kind = rng.integers(3)
+    fine = _smooth_noise(rng, size, max(8, size // 2))
+    if kind == 0:  # brushed metal: streaks smeared along one axis
+        streaks = cv2.resize(
+            rng.standard_normal((size, max(4, size // 8)), dtype=np.float32), (size, size)
+        )
+        streaks = cv2.blur(streaks, (max(3, size // 6), 1))
+        luma = 0.05 * streaks / (streaks.std() + 1e-6) + 0.012 * fine
+        if rng.random() < 0.5:
+            luma = luma.T
+        base, tint_scale = rng.uniform(0.5, 0.68), 0.02
+    elif kind == 1:  # woven fabric: two crossed sinusoids with a slight weave jitter
+        period = rng.uniform(size / 40, size / 22)
+        axis = np.arange(size, dtype=np.float32) * (2 * math.pi / period)
+        weave = np.sin(axis)[None, :] * np.sin(axis)[:, None]
+        luma = 0.035 * weave + 0.015 * fine
+        base, tint_scale = rng.uniform(0.45, 0.65), 0.07
+    else:  # concrete: blotchy low-frequency variation plus grain
+        luma = 0.045 * _smooth_noise(rng, size, 6) + 0.025 * fine
+        base, tint_scale = rng.uniform(0.5, 0.7), 0.03
+    tint = rng.uniform(-tint_scale, tint_scale, 3).astype(np.float32)
+    return (base + luma)[None] + tint[:, None, None]
+
+
+def _illumination(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Global exposure times a linear gradient in a random direction (H x W)."""
+    angle = rng.uniform(0, 2 * math.pi)
+    ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    gradient = math.cos(angle) * ramp[None, :] + math.sin(angle) * ramp[:, None]
+    gain = rng.uniform(0.8, 1.15)
+    return gain * (1.0 + rng.uniform(0.05, 0.18) * gradient)
+
+
+# --- defects ---------------------------------------------------------------------------
+
+
+def _class_colour(class_id: int, rng: np.random.Generator) -> np.ndarray:
+    """A saturated colour per extra class, hues spread by the golden ratio."""
+    hue = (0.55 + 0.618034 * class_id) % 1.0
+    rgb = colorsys.hsv_to_rgb(hue, 0.85, rng.uniform(0.6, 0.85))
+    return np.array(rgb, dtype=np.float32)
+
+
+def _draw_mask(class_id: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    """The defect's coverage (uint8, 255 = fully covered) at a random place."""
+    mask = np.zeros((size, size), np.uint8)
+    s = float(size)
+    margin = 0.1 * s
+    cx, cy = rng.uniform(margin, s - margin, 2)
+    shape = ("scratch", "dent", "stain")[class_id] if class_id < 3 else _EXTRA_SHAPES[
+        (class_id - 3) % len(_EXTRA_SHAPES)
+    ]
+    aa = cv2.LINE_AA
+    if shape == "scratch":
+        length, angle = rng.uniform(0.3, 0.55) * s, rng.uniform(0, math.pi)
+        bend = rng.uniform(-0.08, 0.08) * length  # scratches are rarely perfectly straight
+        t = np.linspace(-0.5, 0.5, 5)
+        along, across = t * length, bend * (1 - 4 * t**2)
+        xs = cx + along * math.cos(angle) - across * math.sin(angle)
+        ys = cy + along * math.sin(angle) + across * math.cos(angle)
+        pts = np.stack([xs, ys], axis=1)
+        thickness = max(2, round(s * rng.uniform(0.012, 0.02)))
+        cv2.polylines(mask, [np.round(pts).astype(np.int32)], False, 255, thickness, aa)
+    elif shape == "dent":
+        r = rng.uniform(0.06, 0.11) * s
+        axes = (round(r), round(r * rng.uniform(0.75, 1.0)))
+        cv2.ellipse(mask, (round(cx), round(cy)), axes, rng.uniform(0, 180), 0, 360, 255, -1, aa)
+    elif shape == "stain":
+        r = rng.uniform(0.06, 0.11) * s
+        for _ in range(rng.integers(4, 8)):
+            ox, oy = rng.uniform(-0.5, 0.5, 2) * r
+            axes = (round(r * rng.uniform(0.4, 0.8)), round(r * rng.uniform(0.3, 0.7)))
+            centre = (round(cx + ox), round(cy + oy))
+            cv2.ellipse(mask, centre, axes, rng.uniform(0, 180), 0, 360, 255, -1, aa)
+        sigma = max(0.8, 0.12 * r)
+        x, y, w, h = cv2.boundingRect(mask)
+        pad = math.ceil(3 * sigma)  # blur just around the patch: a full-frame blur is slow
+        x0, y0 = max(0, x - pad), max(0, y - pad)
+        roi = mask[y0 : y + h + pad, x0 : x + w + pad]
+        roi[...] = cv2.GaussianBlur(roi, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
+    elif shape == "ring":
+        r = rng.uniform(0.05, 0.09) * s
+        cv2.circle(mask, (round(cx), round(cy)), round(r), 255, max(2, round(0.02 * s)), aa)
+    elif shape == "chip":
+        r = rng.uniform(0.05, 0.09) * s
+        n = int(rng.integers(3, 5))
+        angles = rng.uniform(0, 2 * math.pi) + np.arange(n) * (2 * math.pi / n)
+        pts = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], axis=1)
+        cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 255, aa)
+    elif shape == "cross":
+        half, angle = rng.uniform(0.05, 0.09) * s, rng.uniform(0, math.pi / 2)
+        for a in (angle, angle + math.pi / 2):
+            dx, dy = half * math.cos(a), half * math.sin(a)
+            p0, p1 = (round(cx - dx), round(cy - dy)), (round(cx + dx), round(cy + dy))
+            cv2.line(mask, p0, p1, 255, max(2, round(0.022 * s)), aa)
+    elif shape == "dots":
+        spread = rng.uniform(0.05, 0.08) * s
+        for _ in range(rng.integers(5, 9)):
+            ox, oy = rng.uniform(-spread, spread, 2)
+            r = max(1, round(rng.uniform(0.012, 0.02) * s))
+            cv2.circle(mask, (round(cx + ox), round(cy + oy)), r, 255, -1, aa)
+    else:  # crack: a jagged walk
+        step = 0.045 * s
+        heading = rng.uniform(0, 2 * math.pi)
+        pts = [(cx, cy)]
+        for _ in range(rng.integers(5, 8)):
+            heading += rng.uniform(-1.0, 1.0)
+            pts.append((pts[-1][0] + step * math.cos(heading), pts[-1][1] + step * math.sin(heading)))
+        arr = np.clip(np.round(pts), 0, s - 1).astype(np.int32)
+        cv2.polylines(mask, [arr], False, 255, max(2, round(0.014 * s)), aa)
+    return mask
+
+
+def _paint(canvas: np.ndarray, mask: np.ndarray, class_id: int, rng: np.random.Generator) -> None:
+    """Blend the defect into ``canvas`` (3 x H x W float32, in place) inside the mask only."""
+    x, y, w, h = cv2.boundingRect(mask)
+    region = canvas[:, y : y + h, x : x + w]
+    alpha = mask[y : y + h, x : x + w].astype(np.float32) / 255.0
+    if class_id == 0:  # scratch: dark groove
+        region += alpha * 0.9 * (np.float32(rng.uniform(0.08, 0.2)) - region)
+    elif class_id == 1:  # dent: lit from one side, so one half bright, the other dark
+        light = rng.uniform(0, 2 * math.pi)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        u = (xx - (w - 1) / 2) / max(w / 2, 1) * math.cos(light)
+        v = (yy - (h - 1) / 2) / max(h / 2, 1) * math.sin(light)
+        shade = np.clip(u + v, -1.0, 1.0)
+        region += alpha * (rng.uniform(0.3, 0.4) * shade - 0.1)
+    elif class_id == 2:  # stain: translucent rust/brown
+        hue = rng.uniform(0.03, 0.11)
+        colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 0.9), rng.uniform(0.3, 0.5)))
+        region += alpha * rng.uniform(0.75, 0.9) * (_column(colour) - region)
+    else:
+        region += alpha * 0.92 * (_column(_class_colour(class_id, rng)) - region)
+
+
+def _column(colour: Sequence[float]) -> np.ndarray:
+    """An RGB triple shaped to broadcast over a 3 x H x W canvas."""
+    return np.asarray(colour, np.float32)[:, None, None]
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], pad: int) -> bool:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    return ax < bx + bw + pad and bx < ax + aw + pad and ay < by + bh + pad and by < ay + ah + pad
+
+
+def _defects(
+    canvas: np.ndarray, rng: np.random.Generator, num_classes: int
+) -> list[Box]:
+    size = canvas.shape[1]
+    count = 0 if rng.random() < _EMPTY_IMAGE_RATE else int(rng.integers(1, 4))
+    placed: list[tuple[int, int, int, int]] = []
+    boxes: list[Box] = []
+    for _ in range(count):
+        class_id = int(rng.integers(num_classes))
+        for _ in range(_MAX_PLACEMENT_TRIES):
+            mask = _draw_mask(class_id, rng, size)
+            core = (mask >= _BOX_ALPHA_THRESHOLD).astype(np.uint8)
+            rect = cv2.boundingRect(core)
+            # Overlapping defects make ambiguous targets; keep them apart instead.
+            if rect[2] > 1 and rect[3] > 1 and not any(_overlaps(rect, p, 2) for p in placed):
+                break
+        else:
+            continue
+        _paint(canvas, mask, class_id, rng)
+        placed.append(rect)
+        x, y, w, h = rect
+        boxes.append((class_id, (x + w / 2) / size, (y + h / 2) / size, w / size, h / size))
+    return boxes
+
+
+# --- drift -----------------------------------------------------------------------------
+
+
+def _drift(image: np.ndarray, drift: DriftParams, noise_seed: int) -> np.ndarray:
+    """Apply ``drift`` to an H x W x 3 float32 0..1 RGB image (new array, unclipped)."""
+    out = cv2.transform(image, np.diag(np.asarray(drift.color_cast, np.float32)))
+    out += np.float32(drift.brightness)
+    if drift.blur > 0:
+        out = cv2.GaussianBlur(out, (0, 0), drift.blur)
+    if drift.noise > 0:
+        # OpenCV's (thread-local) RNG fills a frame ~3x faster than numpy's gaussian.
+        cv2.setRNGSeed(noise_seed)
+        grain = np.empty_like(out)
+        cv2.randn(grain, 0.0, drift.noise)
+        out += grain
+    return out
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """Float 0..1 to uint8 with rounding; convertScaleAbs saturates at 255 and is fast."""
+    np.maximum(image, 0.0, out=image)
+    return cv2.convertScaleAbs(image, alpha=255.0)
+
+
+def apply_drift(image: np.ndarray, drift: DriftParams, *, seed: int = 0) -> np.ndarray:
+    """Drift any H x W x 3 uint8 RGB image (real ones too); ``seed`` fixes the noise."""
+    return _to_uint8(_drift(image.astype(np.float32) / np.float32(255.0), drift, seed))
+
+
+# --- public API ------------------------------------------------------------------------
+
+
+def generate_sample(
+    index: int,
+    *,
+    seed: int = 0,
+    size: int = 160,
+    class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
+    drift: DriftParams | None = None,
+) -> SyntheticSample:
+    """Image ``index`` of the stream ``seed``: a square ``size`` px RGB image and its boxes."""
+    if index < 0 or seed < 0:
+        raise ValueError(f"index and seed must be >= 0, got {index} and {seed}")
+    if size < 32:
+        raise ValueError(f"size must be >= 32 px, got {size}")
+    if len(class_names) < 1:
+        raise ValueError("class_names must name at least one class")
+    rng = np.random.default_rng((seed, index))
+    canvas = _surface(rng, size)
+    boxes = _defects(canvas, rng, len(class_names))
+    canvas *= _illumination(rng, size)
+    # Drawing works channel-first because numpy broadcasts slowly over a last axis of 3.
+    image = cv2.merge(list(canvas))
+    if drift is not None and not drift.is_identity:
+        # Noise from a seed of its own, so drift never changes what the scene looks like.
+        noise_seed = int(np.random.default_rng((seed, index, 1)).integers(2**31))
+        image = _drift(image, drift, noise_seed)
+    return SyntheticSample(image=_to_uint8(image), boxes=boxes)
+
+
+def iter_samples(
+    n: int,
+    *,
+    seed: int = 0,
+    size: int = 160,
+    class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
+    drift: DriftParams | None = None,
+    start: int = 0,
+) -> Iterator[SyntheticSample]:
+    """Samples ``start .. start + n - 1`` of the stream ``seed``."""
+    for index in range(start, start + n):
+        yield generate_sample(index, seed=seed, size=size, class_names=class_names, drift=drift)
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def format_yolo_labels(boxes: Sequence[Box]) -> str:
+    """One ``cls cx cy w h`` line per box, 6 decimals, as YOLO label files expect."""
+    return "".join(f"{c} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n" for c, cx, cy, w, h in boxes)
+
+
+def write_yolo_dataset(
+    root: Path,
+    *,
+    n_train: int,
+    n_val: int,
+    seed: int = 0,
+    size: int = 160,
+    class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
+    drift: DriftParams | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write a YOLO detection dataset under ``root`` and return its ``data.yaml``.
+
+    Train uses indices ``0 .. n_train - 1`` and val the next ``n_val``, so the splits never
+    share an image. Images left by an earlier call in the split folders are removed first.
+    ``progress`` is called with the number of images written so far.
+    """
+    root = Path(root).expanduser().resolve()
+    written = 0
+    for split, start, count in (("train", 0, n_train), ("val", n_train, n_val)):
+        image_dir, label_dir = root / "images" / split, root / "labels" / split
+        for folder, pattern in ((image_dir, "img_*.jpg"), (label_dir, "img_*.txt")):
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in folder.glob(pattern):
+                stale.unlink()
+        samples = iter_samples(
+            count, seed=seed, size=size, class_names=class_names, drift=drift, start=start
+        )
+        for index, sample in enumerate(samples, start=start):
+            stem = f"img_{index:06d}"
+            (image_dir / f"{stem}.jpg").write_bytes(encode_jpeg(sample.image))
+            (label_dir / f"{stem}.txt").write_text(format_yolo_labels(sample.boxes))
+            written += 1
+            if progress is not None:
+                progress(written)
+    data_yaml = root / "data.yaml"
+    spec = {
+        "path": str(root),
+        "train": "images/train",
+        "val": "images/val",
+        "names": dict(enumerate(class_names)),
+    }
+    data_yaml.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return data_yaml

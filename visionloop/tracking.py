@@ -1,0 +1,80 @@
+"""A training run tracked in MLflow: parameters, per-epoch metrics, weights, provenance."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+
+from visionloop.registry import WEIGHTS_DIR, client, code_version, ensure_experiment
+from visionloop.settings import Settings
+from visionloop.training import EpochCallback, TrainResult, train_yolo
+
+
+def tracked_training(
+    settings: Settings,
+    data_yaml: Path,
+    *,
+    model_source: str,
+    run_dir: Path,
+    epochs: int,
+    run_name: str,
+    tags: dict[str, str] | None = None,
+    params: dict[str, Any] | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[str, TrainResult]:
+    """Train and record it as one MLflow run; the run ends FAILED if training raises."""
+    mlflow = client(settings)
+    all_tags = {"mlflow.runName": run_name, "visionloop.code_version": code_version(), **(tags or {})}
+    run = mlflow.create_run(
+        ensure_experiment(settings), tags=all_tags, run_name=run_name
+    )
+    run_id = run.info.run_id
+    all_params = {
+        "model_source": model_source,
+        "epochs": epochs,
+        "imgsz": settings.image_size,
+        "batch": settings.train_batch,
+        "seed": settings.seed,
+        "class_names": ",".join(settings.class_names),
+        **(params or {}),
+    }
+    mlflow.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in all_params.items()])
+
+    def _log_epoch(record: dict[str, Any]) -> None:
+        now = int(time.time() * 1000)
+        step = int(record["epoch"])
+        metrics = [Metric(k, float(v), now, step) for k, v in record.items() if k not in ("epoch", "epochs")]
+        if metrics:
+            mlflow.log_batch(run_id, metrics=metrics)
+        if on_epoch:
+            on_epoch(record)
+
+    try:
+        result = train_yolo(
+            data_yaml,
+            model_source=model_source,
+            run_dir=run_dir,
+            epochs=epochs,
+            imgsz=settings.image_size,
+            batch=settings.train_batch,
+            seed=settings.seed,
+            on_epoch=_log_epoch,
+        )
+        mlflow.log_artifact(run_id, str(result.best_weights), artifact_path=WEIGHTS_DIR)
+        if result.best_weights.name != "best.pt":
+            raise RuntimeError(f"training produced no best.pt in {result.run_dir}")
+        final = {f"final_{k}": v for k, v in result.metrics.items()}
+        mlflow.log_batch(
+            run_id,
+            metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in final.items()],
+            tags=[RunTag("visionloop.data_yaml", str(data_yaml))],
+        )
+    except BaseException as exc:
+        mlflow.set_tag(run_id, "visionloop.error", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.set_terminated(run_id, status="FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
+        raise
+    mlflow.set_terminated(run_id, status="FINISHED")
+    return run_id, result

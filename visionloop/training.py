@@ -1,0 +1,109 @@
+"""Training a YOLO detector with ultralytics: one call, progress through a callback.
+
+MLflow logging is ours (see ``visionloop.registry``), so ultralytics' own MLflow and analytics
+integrations are switched off: they would open a second, unrelated run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+def configure_ultralytics(config_dir: Path) -> None:
+    """Keep ultralytics offline and its settings file inside the platform's data dir."""
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_VERBOSE", "False")  # our progress bars and logs say it instead
+    config_dir.mkdir(parents=True, exist_ok=True)
+    from ultralytics import settings as yolo_settings
+
+    wanted = {"mlflow": False, "sync": False, "tensorboard": False, "wandb": False}
+    if any(yolo_settings.get(k) != v for k, v in wanted.items()):
+        yolo_settings.update(wanted)
+
+
+@dataclass
+class TrainResult:
+    best_weights: Path
+    last_weights: Path
+    run_dir: Path
+    metrics: dict[str, float]
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _clean(metrics: dict[str, Any]) -> dict[str, float]:
+    # "metrics/mAP50(B)" -> "mAP50": names MLflow accepts and people read.
+    out = {}
+    for key, value in metrics.items():
+        name = key.split("/")[-1].replace("(B)", "")
+        try:
+            out[name] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def train_yolo(
+    data_yaml: Path,
+    *,
+    model_source: str,
+    run_dir: Path,
+    epochs: int,
+    imgsz: int,
+    batch: int,
+    seed: int = 0,
+    on_epoch: EpochCallback | None = None,
+    extra_args: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train from ``model_source`` (a .pt to fine-tune or a model YAML) on ``data_yaml``."""
+    from ultralytics import YOLO
+
+    configure_ultralytics(run_dir.parent / ".ultralytics")
+    model = YOLO(model_source)
+    epoch_log: list[dict[str, Any]] = []
+
+    def _epoch_end(trainer: Any) -> None:
+        if trainer.epoch + 1 > trainer.epochs:
+            return  # the final validation of best.pt fires this hook once more
+        losses = trainer.label_loss_items(trainer.tloss, prefix="train") if trainer.tloss is not None else {}
+        record = {
+            "epoch": trainer.epoch + 1,
+            "epochs": trainer.epochs,
+            **_clean(losses),
+            **_clean(trainer.metrics or {}),
+        }
+        epoch_log.append(record)
+        if on_epoch:
+            on_epoch(record)
+
+    model.add_callback("on_fit_epoch_end", _epoch_end)
+    args = dict(
+        data=str(data_yaml),
+        epochs=epochs,
+        imgsz=imgsz,
+        batch=batch,
+        device="cpu",
+        workers=0,
+        seed=seed,
+        deterministic=True,
+        project=str(run_dir.parent),
+        name=run_dir.name,
+        exist_ok=True,
+        plots=False,
+        verbose=False,
+        amp=False,
+    )
+    args.update(extra_args or {})
+    model.train(**args)
+    trainer = model.trainer
+    save_dir = Path(trainer.save_dir)
+    best = save_dir / "weights" / "best.pt"
+    last = save_dir / "weights" / "last.pt"
+    final = _clean(trainer.metrics or {})
+    return TrainResult(best if best.exists() else last, last, save_dir, final, epoch_log)
