@@ -109,6 +109,9 @@ class LabelingQueueItem(SQLModel, table=True):
     label_studio_task_id: int | None = Field(default=None, unique=True)
     human_label: str | None = Field(default=None, sa_type=String(100))
     reviewer_notes: str | None = Field(default=None, sa_type=Text)
+    sync_error: str | None = Field(
+        default=None, sa_type=Text, description="Why the last annotation synced was rejected."
+    )
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True), index=True)
     labeled_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
 
@@ -139,7 +142,9 @@ class DatasetSnapshot(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     manifest_hash: str = Field(sa_type=String(64), unique=True, index=True)
+    kind: str = Field(default="training", sa_type=String(16), index=True, description="training | holdout | bootstrap")
     object_prefix: str = Field(sa_type=String(1024))
+    manifest_key: str | None = Field(default=None, sa_type=String(1024))
     num_images: int = 0
     num_train: int = 0
     num_val: int = 0

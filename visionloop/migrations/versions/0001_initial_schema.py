@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-21 19:46:15.486735
+Create Date: 2026-11-21 20:06:42.229800
 """
 
 from alembic import op
@@ -34,7 +34,9 @@ def upgrade() -> None:
     op.create_table('dataset_snapshots',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('manifest_hash', sa.String(length=64), nullable=False),
+    sa.Column('kind', sa.String(length=16), nullable=False),
     sa.Column('object_prefix', sa.String(length=1024), nullable=False),
+    sa.Column('manifest_key', sa.String(length=1024), nullable=True),
     sa.Column('num_images', sa.Integer(), nullable=False),
     sa.Column('num_train', sa.Integer(), nullable=False),
     sa.Column('num_val', sa.Integer(), nullable=False),
@@ -46,6 +48,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('dataset_snapshots', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_dataset_snapshots_created_at'), ['created_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_dataset_snapshots_kind'), ['kind'], unique=False)
         batch_op.create_index(batch_op.f('ix_dataset_snapshots_manifest_hash'), ['manifest_hash'], unique=True)
 
     op.create_table('drift_results',
@@ -169,6 +172,7 @@ def upgrade() -> None:
     sa.Column('label_studio_task_id', sa.Integer(), nullable=True),
     sa.Column('human_label', sa.String(length=100), nullable=True),
     sa.Column('reviewer_notes', sa.Text(), nullable=True),
+    sa.Column('sync_error', sa.Text(), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('labeled_at', sa.DateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['image_id'], ['images.id'], ),
@@ -227,6 +231,7 @@ def downgrade() -> None:
     op.drop_table('drift_results')
     with op.batch_alter_table('dataset_snapshots', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_dataset_snapshots_manifest_hash'))
+        batch_op.drop_index(batch_op.f('ix_dataset_snapshots_kind'))
         batch_op.drop_index(batch_op.f('ix_dataset_snapshots_created_at'))
 
     op.drop_table('dataset_snapshots')
