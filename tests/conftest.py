@@ -27,7 +27,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
 # stack (default ports, ./.visionloop) keeps running untouched beside the tests.
 _STACK_ENV_KEYS = (
     "VISIONLOOP_DATA_DIR", "VISIONLOOP_S3_PORT", "VISIONLOOP_PREFECT_PORT", "VISIONLOOP_MLFLOW_PORT",
-    "VISIONLOOP_LABEL_STUDIO_PORT", "VISIONLOOP_API_PORT",
+    "VISIONLOOP_LABEL_STUDIO_PORT", "VISIONLOOP_API_PORT", "VISIONLOOP_SCHEDULES_ENABLED",
 )
 
 
@@ -41,6 +41,8 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "VISIONLOOP_MLFLOW_PORT": str(free_port()),
         "VISIONLOOP_LABEL_STUDIO_PORT": str(free_port()),
         "VISIONLOOP_API_PORT": str(free_port()),
+        # Deployments are registered, but nothing runs on a timer behind the tests' backs.
+        "VISIONLOOP_SCHEDULES_ENABLED": "false",
     }
     # Settings a user may have exported must not point the tests at their servers.
     for key in list(os.environ):

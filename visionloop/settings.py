@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     prefect_port: int = Field(default=4200)
     prefect_api_url: str = Field(default="", description="Empty means the local Prefect server.")
     prefect_work_pool: str = Field(default="visionloop-local")
+    schedules_enabled: bool = Field(
+        default=True, description="Register the deployments' schedules active (false: paused)."
+    )
 
     label_studio_port: int = Field(default=8080)
     label_studio_url: str = Field(default="", description="Empty means the local Label Studio.")
@@ -111,8 +114,17 @@ class Settings(BaseSettings):
     labeling_budget: int = Field(default=50)
     drift_yellow: float = Field(default=0.3)
     drift_red: float = Field(default=0.7)
+    drift_stat_test: str = Field(
+        default="ks", description="Evidently stat test: ks, psi, wasserstein, jensenshannon, ..."
+    )
+    drift_window_hours: float = Field(default=24.0, description="Current window: the last N hours...")
+    drift_window_size: int = Field(default=500, description="...or at most the last N images.")
+    drift_min_window: int = Field(default=30, description="Fewer images than this: no verdict.")
     min_new_labels: int = Field(default=100)
     retrain_cooldown_hours: float = Field(default=6.0)
+    max_champion_age_hours: float = Field(
+        default=24.0 * 7, description="A champion older than this is retrained on a schedule."
+    )
     promotion_margin: float = Field(default=0.0)
     class_drop_tolerance: float = Field(default=0.05)
 

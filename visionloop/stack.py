@@ -242,6 +242,8 @@ class Stack:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "MLFLOW_TRACKING_URI": s.mlflow_uri,
             "YOLO_OFFLINE": "1",
+            "YOLO_VERBOSE": "False",
+            "YOLO_CONFIG_DIR": str(self.root / "ultralytics"),
             **self._s3_env(),
         }
 
@@ -439,6 +441,7 @@ class Stack:
             start("api")
         if "worker" in specs:
             self._ensure_work_pool()
+            self._deploy_flows()
             start("worker")
         wait("api")
         wait("worker")
@@ -514,6 +517,45 @@ class Stack:
         response = httpx.post(f"{api}/work_pools/", json={"name": pool, "type": "process"}, timeout=10)
         if response.status_code not in (201, 409):
             raise StackError(f"creating Prefect work pool {pool!r} failed: {response.text[:300]}")
+
+    def _deploy_flows(self) -> None:
+        """Register prefect.yaml's deployments (an upsert), paused unless schedules are enabled."""
+        import hashlib
+
+        import httpx
+
+        recipe = self.settings.project_dir / "prefect.yaml"
+        stamp = self.run_dir / "deployed.sha256"
+        wanted = hashlib.sha256(
+            recipe.read_bytes() + f"{self.settings.prefect_api}|{self.settings.schedules_enabled}".encode()
+        ).hexdigest()
+        if stamp.exists() and stamp.read_text() == wanted and self._deployments():
+            return  # this very recipe is registered on this server already
+        log = self.log_dir / "deploy.log"
+        with open(log, "wb") as fh:
+            done = subprocess.run(
+                [_bin("prefect"), "--no-prompt", "deploy", "--all"],
+                env={**os.environ, **self.platform_env()}, cwd=self.settings.project_dir,
+                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=600,
+            )
+        if done.returncode != 0:
+            raise StackError(f"`prefect deploy --all` failed; see {log}\n{self._log_tail('deploy')}")
+        api = self.settings.prefect_api
+        for deployment in self._deployments():
+            if deployment["paused"] == self.settings.schedules_enabled:
+                httpx.patch(
+                    f"{api}/deployments/{deployment['id']}",
+                    json={"paused": not self.settings.schedules_enabled}, timeout=10,
+                ).raise_for_status()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(wanted)
+
+    def _deployments(self) -> list[dict]:
+        import httpx
+
+        response = httpx.post(f"{self.settings.prefect_api}/deployments/filter", json={}, timeout=10)
+        response.raise_for_status()
+        return response.json()
 
     def down(self) -> list[ServiceState]:
         states = []

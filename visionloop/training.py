@@ -62,9 +62,9 @@ def train_yolo(
     extra_args: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train from ``model_source`` (a .pt to fine-tune or a model YAML) on ``data_yaml``."""
+    configure_ultralytics(run_dir.parent / ".ultralytics")  # before the import reads the env
     from ultralytics import YOLO
 
-    configure_ultralytics(run_dir.parent / ".ultralytics")
     model = YOLO(model_source)
     epoch_log: list[dict[str, Any]] = []
 
