@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.synced
 
-.PHONY: demo test install down
+.PHONY: demo test install down browser
 
 $(STAMP): pyproject.toml uv.lock
 	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
@@ -17,8 +17,13 @@ demo: $(STAMP)
 	$(VENV)/bin/visionloop demo
 
 ## Command 2: the whole test suite (it starts and stops the servers it needs itself).
-test: $(STAMP)
+## The dashboard's browser test drives Debian's headless Chromium.
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest
+
+browser:
+	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 down: $(STAMP)
 	$(VENV)/bin/visionloop down

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
-from api.routes import system
+from api import errors
+from api.routes import dashboard, events, labeling, metrics, models, queue, retraining, serving, system
+from api.telemetry import RequestLog, TelemetryMiddleware
+from monitoring.resources import ResourceSampler
 from visionloop.settings import get_settings
 
 
@@ -14,9 +18,15 @@ def create_app() -> FastAPI:
     app = FastAPI(
         title="visionloop",
         description="Continuous training for YOLO detectors: retraining status and conditions, "
-        "labelling queue, drift, models and serving.",
+        "labelling queue, drift, models and serving. Mutating operations need "
+        "`Authorization: Bearer <VISIONLOOP_API_TOKEN>`; every error is JSON "
+        '`{"error": kind, "detail": sentence}`. The dashboard is at `/dashboard`.',
         version="0.1.0",
     )
+    app.state.request_log = RequestLog()
+    app.state.resource_sampler = ResourceSampler()
+    errors.install(app)
+    app.add_middleware(TelemetryMiddleware, log=app.state.request_log)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -24,7 +34,11 @@ def create_app() -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    app.include_router(system.router)
+    for module in (system, retraining, queue, metrics, models, serving, events, dashboard):
+        app.include_router(module.router)
+    # The webhook's own router declares no error responses; these are what it can answer here.
+    app.include_router(labeling.router, responses={**errors.AUTH, **errors.BODY})
+    app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     return app
 
 

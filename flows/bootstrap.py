@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger, task
 from monitoring.events import emit
 from visionloop.registry import CHAMPION, ModelRef, get_alias, register_weights
 from visionloop.settings import get_settings
+from visionloop.snapshots import SNAPSHOT_HASH_TAG, materialise, yolo_folder_sources
 from visionloop.synthetic import write_yolo_dataset
 from visionloop.tracking import tracked_training
 
@@ -26,7 +27,17 @@ def generate_seed_set(images: int, seed: int) -> str:
 
 
 @task
-def train_seed_model(data_yaml: str, epochs: int) -> tuple[str, dict[str, float]]:
+def snapshot_seed_set(data_yaml: str) -> str:
+    """The seed set as a `bootstrap` snapshot: the first champion's training reference for drift."""
+    settings = get_settings()
+    snapshot, _, _ = materialise(
+        settings, yolo_folder_sources(Path(data_yaml), settings.class_names), kind="bootstrap"
+    )
+    return snapshot.manifest_hash
+
+
+@task
+def train_seed_model(data_yaml: str, epochs: int, snapshot_hash: str) -> tuple[str, dict[str, float]]:
     settings = get_settings()
     logger = get_run_logger()
     source = settings.initial_weights or settings.model_yaml
@@ -42,7 +53,7 @@ def train_seed_model(data_yaml: str, epochs: int) -> tuple[str, dict[str, float]
         run_dir=settings.data_dir / "training" / "bootstrap",
         epochs=epochs,
         run_name="bootstrap",
-        tags={"visionloop.trigger": "bootstrap"},
+        tags={"visionloop.trigger": "bootstrap", SNAPSHOT_HASH_TAG: snapshot_hash},
         on_epoch=on_epoch,
     )
     return run_id, result.metrics
@@ -63,7 +74,8 @@ def bootstrap_flow(epochs: int | None = None, images: int | None = None, force: 
 
     emit("training.started", "bootstrap training started")
     data_yaml = generate_seed_set(images or settings.bootstrap_images, settings.seed)
-    run_id, metrics = train_seed_model(data_yaml, epochs or settings.train_epochs)
+    snapshot_hash = snapshot_seed_set(data_yaml)
+    run_id, metrics = train_seed_model(data_yaml, epochs or settings.train_epochs, snapshot_hash)
     ref = register_champion(run_id)
     emit(
         "model.promoted",

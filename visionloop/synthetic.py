@@ -94,7 +94,7 @@ def _surface(rng: np.random.Generator, size: int) -> np.ndarray:
             rng.standard_normal((size, max(4, size // 8)), dtype=np.float32), (size, size)
         )
         streaks = cv2.blur(streaks, (max(3, size // 6), 1))
-        luma = 0.05 * streaks / (streaks.std() + 1e-6) + 0.012 * fine
+        luma = 0.025 * streaks / (streaks.std() + 1e-6) + 0.008 * fine
         if rng.random() < 0.5:
             luma = luma.T
         base, tint_scale = rng.uniform(0.5, 0.68), 0.02
@@ -102,10 +102,10 @@ def _surface(rng: np.random.Generator, size: int) -> np.ndarray:
         period = rng.uniform(size / 40, size / 22)
         axis = np.arange(size, dtype=np.float32) * (2 * math.pi / period)
         weave = np.sin(axis)[None, :] * np.sin(axis)[:, None]
-        luma = 0.035 * weave + 0.015 * fine
-        base, tint_scale = rng.uniform(0.45, 0.65), 0.07
+        luma = 0.025 * weave + 0.01 * fine
+        base, tint_scale = rng.uniform(0.45, 0.65), 0.03
     else:  # concrete: blotchy low-frequency variation plus grain
-        luma = 0.045 * _smooth_noise(rng, size, 6) + 0.025 * fine
+        luma = 0.03 * _smooth_noise(rng, size, 6) + 0.012 * fine
         base, tint_scale = rng.uniform(0.5, 0.7), 0.03
     tint = rng.uniform(-tint_scale, tint_scale, 3).astype(np.float32)
     return (base + luma)[None] + tint[:, None, None]
@@ -116,87 +116,101 @@ def _illumination(rng: np.random.Generator, size: int) -> np.ndarray:
     angle = rng.uniform(0, 2 * math.pi)
     ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     gradient = math.cos(angle) * ramp[None, :] + math.sin(angle) * ramp[:, None]
-    gain = rng.uniform(0.8, 1.15)
-    return gain * (1.0 + rng.uniform(0.05, 0.18) * gradient)
+    gain = rng.uniform(0.85, 1.1)
+    return gain * (1.0 + rng.uniform(0.03, 0.12) * gradient)
 
 
 # --- defects ---------------------------------------------------------------------------
 
 
-def _class_colour(class_id: int, rng: np.random.Generator) -> np.ndarray:
-    """A saturated colour per extra class, hues spread by the golden ratio."""
-    hue = (0.55 + 0.618034 * class_id) % 1.0
-    rgb = colorsys.hsv_to_rgb(hue, 0.85, rng.uniform(0.6, 0.85))
-    return np.array(rgb, dtype=np.float32)
+# Each class's own hue: blue scratch, teal dent, rust stain, then well-separated hues for the
+# extra classes. Colour is what a small detector picks up first, so a class with a hue of its
+# own is learnt in minutes, where a grey-on-grey one needs far longer.
+_CLASS_HUES = (0.62, 0.46, 0.07, 0.85, 0.16, 0.28, 0.97, 0.75)
+
+
+def _class_hue(class_id: int, rng: np.random.Generator) -> float:
+    if class_id < len(_CLASS_HUES):
+        hue = _CLASS_HUES[class_id]
+    else:  # past the palette: golden-ratio steps keep hues apart
+        hue = (_CLASS_HUES[-1] + 0.618034 * (class_id - len(_CLASS_HUES) + 1)) % 1.0
+    return (hue + rng.uniform(-0.02, 0.02)) % 1.0
+
+
+def _rgb(hue: float, saturation: float, value: float) -> np.ndarray:
+    """An HSV colour as an RGB column that broadcasts over a 3 x H x W canvas."""
+    return np.asarray(colorsys.hsv_to_rgb(hue, saturation, value), np.float32)[:, None, None]
 
 
 def _draw_mask(class_id: int, rng: np.random.Generator, size: int) -> np.ndarray:
     """The defect's coverage (uint8, 255 = fully covered) at a random place."""
     mask = np.zeros((size, size), np.uint8)
     s = float(size)
-    margin = 0.1 * s
+    margin = 0.12 * s
     cx, cy = rng.uniform(margin, s - margin, 2)
     shape = ("scratch", "dent", "stain")[class_id] if class_id < 3 else _EXTRA_SHAPES[
         (class_id - 3) % len(_EXTRA_SHAPES)
     ]
     aa = cv2.LINE_AA
     if shape == "scratch":
-        length, angle = rng.uniform(0.3, 0.55) * s, rng.uniform(0, math.pi)
+        # Mostly along or across the grain: a steep diagonal makes a box of mostly surface.
+        length = rng.uniform(0.2, 0.35) * s
+        angle = rng.integers(2) * math.pi / 2 + rng.uniform(-0.5, 0.5)
         bend = rng.uniform(-0.08, 0.08) * length  # scratches are rarely perfectly straight
         t = np.linspace(-0.5, 0.5, 5)
         along, across = t * length, bend * (1 - 4 * t**2)
         xs = cx + along * math.cos(angle) - across * math.sin(angle)
         ys = cy + along * math.sin(angle) + across * math.cos(angle)
         pts = np.stack([xs, ys], axis=1)
-        thickness = max(2, round(s * rng.uniform(0.012, 0.02)))
+        thickness = max(2, round(s * rng.uniform(0.045, 0.055)))
         cv2.polylines(mask, [np.round(pts).astype(np.int32)], False, 255, thickness, aa)
     elif shape == "dent":
-        r = rng.uniform(0.06, 0.11) * s
+        r = rng.uniform(0.09, 0.15) * s
         axes = (round(r), round(r * rng.uniform(0.75, 1.0)))
         cv2.ellipse(mask, (round(cx), round(cy)), axes, rng.uniform(0, 180), 0, 360, 255, -1, aa)
     elif shape == "stain":
-        r = rng.uniform(0.06, 0.11) * s
+        r = rng.uniform(0.08, 0.14) * s
         for _ in range(rng.integers(4, 8)):
             ox, oy = rng.uniform(-0.5, 0.5, 2) * r
             axes = (round(r * rng.uniform(0.4, 0.8)), round(r * rng.uniform(0.3, 0.7)))
             centre = (round(cx + ox), round(cy + oy))
             cv2.ellipse(mask, centre, axes, rng.uniform(0, 180), 0, 360, 255, -1, aa)
-        sigma = max(0.8, 0.12 * r)
+        sigma = 0.6
         x, y, w, h = cv2.boundingRect(mask)
         pad = math.ceil(3 * sigma)  # blur just around the patch: a full-frame blur is slow
         x0, y0 = max(0, x - pad), max(0, y - pad)
         roi = mask[y0 : y + h + pad, x0 : x + w + pad]
         roi[...] = cv2.GaussianBlur(roi, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
     elif shape == "ring":
-        r = rng.uniform(0.05, 0.09) * s
-        cv2.circle(mask, (round(cx), round(cy)), round(r), 255, max(2, round(0.02 * s)), aa)
+        r = rng.uniform(0.07, 0.12) * s
+        cv2.circle(mask, (round(cx), round(cy)), round(r), 255, max(2, round(0.025 * s)), aa)
     elif shape == "chip":
-        r = rng.uniform(0.05, 0.09) * s
+        r = rng.uniform(0.07, 0.12) * s
         n = int(rng.integers(3, 5))
         angles = rng.uniform(0, 2 * math.pi) + np.arange(n) * (2 * math.pi / n)
         pts = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], axis=1)
         cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 255, aa)
     elif shape == "cross":
-        half, angle = rng.uniform(0.05, 0.09) * s, rng.uniform(0, math.pi / 2)
+        half, angle = rng.uniform(0.07, 0.12) * s, rng.uniform(0, math.pi / 2)
         for a in (angle, angle + math.pi / 2):
             dx, dy = half * math.cos(a), half * math.sin(a)
             p0, p1 = (round(cx - dx), round(cy - dy)), (round(cx + dx), round(cy + dy))
-            cv2.line(mask, p0, p1, 255, max(2, round(0.022 * s)), aa)
+            cv2.line(mask, p0, p1, 255, max(2, round(0.028 * s)), aa)
     elif shape == "dots":
-        spread = rng.uniform(0.05, 0.08) * s
+        spread = rng.uniform(0.06, 0.1) * s
         for _ in range(rng.integers(5, 9)):
             ox, oy = rng.uniform(-spread, spread, 2)
-            r = max(1, round(rng.uniform(0.012, 0.02) * s))
+            r = max(1, round(rng.uniform(0.015, 0.025) * s))
             cv2.circle(mask, (round(cx + ox), round(cy + oy)), r, 255, -1, aa)
     else:  # crack: a jagged walk
-        step = 0.045 * s
+        step = 0.055 * s
         heading = rng.uniform(0, 2 * math.pi)
         pts = [(cx, cy)]
         for _ in range(rng.integers(5, 8)):
             heading += rng.uniform(-1.0, 1.0)
             pts.append((pts[-1][0] + step * math.cos(heading), pts[-1][1] + step * math.sin(heading)))
         arr = np.clip(np.round(pts), 0, s - 1).astype(np.int32)
-        cv2.polylines(mask, [arr], False, 255, max(2, round(0.014 * s)), aa)
+        cv2.polylines(mask, [arr], False, 255, max(2, round(0.02 * s)), aa)
     return mask
 
 
@@ -205,26 +219,26 @@ def _paint(canvas: np.ndarray, mask: np.ndarray, class_id: int, rng: np.random.G
     x, y, w, h = cv2.boundingRect(mask)
     region = canvas[:, y : y + h, x : x + w]
     alpha = mask[y : y + h, x : x + w].astype(np.float32) / 255.0
-    if class_id == 0:  # scratch: dark groove
-        region += alpha * 0.9 * (np.float32(rng.uniform(0.08, 0.2)) - region)
-    elif class_id == 1:  # dent: lit from one side, so one half bright, the other dark
+    hue = _class_hue(class_id, rng)
+    if class_id == 0:  # scratch: a dark groove down to the blue primer
+        colour = _rgb(hue, rng.uniform(0.85, 0.95), rng.uniform(0.65, 0.75))
+        region += alpha * 0.95 * (colour - region)
+    elif class_id == 1:  # dent: a dome lit from one side inside a dark rim
         light = rng.uniform(0, 2 * math.pi)
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         u = (xx - (w - 1) / 2) / max(w / 2, 1) * math.cos(light)
         v = (yy - (h - 1) / 2) / max(h / 2, 1) * math.sin(light)
-        shade = np.clip(u + v, -1.0, 1.0)
-        region += alpha * (rng.uniform(0.3, 0.4) * shade - 0.1)
-    elif class_id == 2:  # stain: translucent rust/brown
-        hue = rng.uniform(0.03, 0.11)
-        colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 0.9), rng.uniform(0.3, 0.5)))
-        region += alpha * rng.uniform(0.75, 0.9) * (_column(colour) - region)
+        dome = 0.8 + rng.uniform(0.1, 0.15) * np.clip(u + v, -1.0, 1.0)
+        region += alpha * (_rgb(hue, rng.uniform(0.75, 0.9), 1.0) * dome - region)
+        rim_px = max(1, round(0.015 * canvas.shape[1]))
+        rim = alpha - cv2.erode(alpha, np.ones((3, 3), np.uint8), iterations=rim_px)
+        region += 0.5 * rim * (np.float32(0.12) - region)
+    elif class_id == 2:  # stain: rust/brown
+        colour = _rgb(hue, rng.uniform(0.85, 0.95), rng.uniform(0.65, 0.75))
+        region += alpha * rng.uniform(0.9, 1.0) * (colour - region)
     else:
-        region += alpha * 0.92 * (_column(_class_colour(class_id, rng)) - region)
-
-
-def _column(colour: Sequence[float]) -> np.ndarray:
-    """An RGB triple shaped to broadcast over a 3 x H x W canvas."""
-    return np.asarray(colour, np.float32)[:, None, None]
+        colour = _rgb(hue, 0.85, rng.uniform(0.6, 0.85))
+        region += alpha * 0.92 * (colour - region)
 
 
 def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], pad: int) -> bool:
@@ -237,7 +251,8 @@ def _defects(
     canvas: np.ndarray, rng: np.random.Generator, num_classes: int
 ) -> list[Box]:
     size = canvas.shape[1]
-    count = 0 if rng.random() < _EMPTY_IMAGE_RATE else int(rng.integers(1, 4))
+    # Leaning towards more defects per image gives a small training set more to learn from.
+    count = 0 if rng.random() < _EMPTY_IMAGE_RATE else int(rng.choice(3, p=(0.2, 0.35, 0.45))) + 1
     placed: list[tuple[int, int, int, int]] = []
     boxes: list[Box] = []
     for _ in range(count):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,13 @@ def tracked_training(
     tags: dict[str, str] | None = None,
     params: dict[str, Any] | None = None,
     on_epoch: EpochCallback | None = None,
+    on_run_created: Callable[[str], None] | None = None,
 ) -> tuple[str, TrainResult]:
-    """Train and record it as one MLflow run; the run ends FAILED if training raises."""
+    """Train and record it as one MLflow run; the run ends FAILED if training raises.
+
+    ``on_run_created`` hears the MLflow run id before training starts, so a caller can record
+    it while the run is live (a killed process can then still have its run ended by others).
+    """
     mlflow = client(settings)
     all_tags = {"mlflow.runName": run_name, "visionloop.code_version": code_version(), **(tags or {})}
     run = mlflow.create_run(
@@ -53,6 +59,8 @@ def tracked_training(
             on_epoch(record)
 
     try:
+        if on_run_created:
+            on_run_created(run_id)
         result = train_yolo(
             data_yaml,
             model_source=model_source,

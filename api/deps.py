@@ -1,0 +1,83 @@
+"""What the routers depend on, injected so tests and the benchmark can swap any of it
+(``app.dependency_overrides``): settings, a database session, the champion predictor, the
+object store, the retrain launcher and the bearer-token check."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Annotated, Protocol
+
+from fastapi import Depends, Request
+from sqlmodel import Session
+
+from api.security import require_api_token
+from api.telemetry import RequestLog
+from visionloop.db import engine_for
+from visionloop.predictor import ChampionPredictor, get_predictor
+from visionloop.retrain_launcher import LaunchedRetrain, launch_retrain
+from visionloop.settings import Settings, get_settings
+from visionloop.storage import ObjectStore
+
+
+def settings() -> Settings:
+    return get_settings()
+
+
+SettingsDep = Annotated[Settings, Depends(settings)]
+
+
+def db_session(settings: SettingsDep) -> Iterator[Session]:
+    with Session(engine_for(settings.db_url), expire_on_commit=False) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(db_session)]
+
+
+def predictor(settings: SettingsDep) -> ChampionPredictor:
+    """The process's shared predictor: it follows the `champion` alias by itself."""
+    return get_predictor(settings)
+
+
+PredictorDep = Annotated[ChampionPredictor, Depends(predictor)]
+
+_stores: dict[tuple[str, str, bool], ObjectStore] = {}
+_stores_lock = threading.Lock()
+
+
+def object_store(settings: SettingsDep) -> ObjectStore:
+    """One client per S3 endpoint, so its connection pool is reused across requests."""
+    key = (settings.s3_host, settings.s3_access_key, settings.s3_secure)
+    with _stores_lock:
+        store = _stores.get(key)
+        if store is None:
+            store = _stores[key] = ObjectStore(settings)
+        return store
+
+
+StoreDep = Annotated[ObjectStore, Depends(object_store)]
+
+
+class Launcher(Protocol):
+    def __call__(
+        self, settings: Settings, *, trigger: str, reason: str, retraining_run_id: int | None = None
+    ) -> LaunchedRetrain: ...
+
+
+def retrain_launcher() -> Launcher:
+    """Starts the Prefect deployment ``retrain/retrain``."""
+    return launch_retrain
+
+
+LauncherDep = Annotated[Launcher, Depends(retrain_launcher)]
+
+
+def request_log(request: Request) -> RequestLog:
+    return request.app.state.request_log
+
+
+RequestLogDep = Annotated[RequestLog, Depends(request_log)]
+
+Token = Depends(require_api_token)
+"""For ``dependencies=[Token]`` on every mutating operation."""

@@ -1,0 +1,198 @@
+"""Every error the API answers is JSON that says what was wrong: ``{"error": kind, "detail": sentence}``.
+
+``error`` is a stable machine-readable kind (``not_found``, ``retrain_running``...), ``detail``
+the sentence a person reads. Domain errors raised by the code the flows share are mapped to
+their HTTP status here, once, so routers never translate exceptions themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from mlflow.exceptions import MlflowException
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from visionloop.images import ImageRejected
+from visionloop.model_catalog import UnknownModelVersion
+from visionloop.predictor import NoChampionError
+from visionloop.registry import RegistryError
+from visionloop.retrain_guard import RetrainBusy
+from visionloop.snapshot_export import UnknownSnapshot
+from visionloop.storage import StorageError
+
+log = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    error: str = Field(description="Machine-readable kind of error, e.g. not_found, retrain_running.")
+    detail: str = Field(description="What was wrong, in a sentence.")
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(ErrorBody):
+    errors: list[FieldError] = Field(description="Each invalid part of the request.")
+
+
+class BusyErrorBody(ErrorBody):
+    retraining_run_id: int | None = Field(description="The retraining run that is still running.")
+    flow_run_id: str | None = Field(description="Its Prefect flow run.")
+
+
+class ImageErrorBody(ErrorBody):
+    code: str = Field(description="Why the file is unusable: empty, not_an_image, truncated, corrupt...")
+
+
+class NotFound(LookupError):
+    """The resource a request names does not exist (→ 404)."""
+
+
+class Conflict(RuntimeError):
+    """The request is valid but the platform's state does not allow it now (→ 409)."""
+
+
+class PayloadTooLarge(ValueError):
+    """The upload is larger than the API accepts (→ 413)."""
+
+
+class ServiceUnavailable(RuntimeError):
+    """A service the request needs (Prefect, MLflow, the object store) failed (→ 503)."""
+
+
+_DESCRIPTIONS = {
+    400: "The body could not be parsed (not JSON, not UTF-8, or a broken multipart form).",
+    401: "Missing or wrong bearer token (VISIONLOOP_API_TOKEN).",
+    404: "What the request names does not exist.",
+    409: "The platform's state does not allow this now.",
+    413: "The upload is too large.",
+    422: "The request is invalid; `errors` says where.",
+    503: "A service this needs (MLflow, Prefect, the object store) is unavailable, or there is no champion.",
+}
+_MODELS: dict[int, type[ErrorBody]] = {422: ValidationErrorBody}
+
+
+def responses(*codes: int, **models: type[ErrorBody]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error statuses an operation can answer.
+
+    ``models`` overrides the body model of a status, keyed ``s409=BusyErrorBody``.
+    """
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        model = models.get(f"s{code}") or _MODELS.get(code, ErrorBody)
+        out[code] = {"model": model, "description": _DESCRIPTIONS.get(code, HTTPStatus(code).phrase)}
+    return out
+
+
+AUTH = responses(401, 503)
+"""What a token-guarded operation can add: 401, and 503 when the server has no token set."""
+BODY = responses(400, 422)
+"""What an operation with a request body can add."""
+
+
+def content(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
+    """A 200 that is not JSON (HTML, a zip, an event stream), documented so that the error
+    responses beside it stay documented as JSON."""
+    return {200: {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}}
+
+
+def _kind(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "http_error"
+
+
+def error_response(
+    status: int, kind: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    return JSONResponse(
+        jsonable_encoder({"error": kind, "detail": detail, **extra}), status_code=status, headers=headers
+    )
+
+
+def _location(loc: Any) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return error_response(exc.status_code, _kind(exc.status_code), detail, getattr(exc, "headers", None))
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {"loc": [str(p) if not isinstance(p, int) else p for p in e.get("loc", ())], "msg": e.get("msg", ""),
+         "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    detail = "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in errors) or "invalid request"
+    return error_response(422, "validation_error", detail, errors=errors)
+
+
+async def _retrain_busy(_request: Request, exc: RetrainBusy) -> JSONResponse:
+    return error_response(
+        409, "retrain_running", str(exc),
+        retraining_run_id=exc.holder.id, flow_run_id=exc.holder.prefect_flow_run_id,
+    )
+
+
+async def _image_rejected(_request: Request, exc: ImageRejected) -> JSONResponse:
+    return error_response(422, "invalid_image", f"the upload is not a usable image: {exc.detail}", code=exc.code)
+
+
+async def _no_champion(_request: Request, exc: NoChampionError) -> JSONResponse:
+    return error_response(503, "no_champion", str(exc))
+
+
+async def _not_found(_request: Request, exc: LookupError) -> JSONResponse:
+    return error_response(404, "not_found", str(exc))
+
+
+async def _conflict(_request: Request, exc: Conflict) -> JSONResponse:
+    return error_response(409, "conflict", str(exc))
+
+
+async def _too_large(_request: Request, exc: PayloadTooLarge) -> JSONResponse:
+    return error_response(413, "payload_too_large", str(exc))
+
+
+async def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("service unavailable: %s: %s", type(exc).__name__, exc)
+    return error_response(503, "service_unavailable", f"{type(exc).__name__}: {exc}")
+
+
+async def _internal(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def install(app: FastAPI) -> None:
+    """Register the JSON error handlers on ``app``."""
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RetrainBusy, _retrain_busy)  # type: ignore[arg-type]
+    app.add_exception_handler(ImageRejected, _image_rejected)  # type: ignore[arg-type]
+    app.add_exception_handler(NoChampionError, _no_champion)  # type: ignore[arg-type]
+    for missing in (NotFound, UnknownModelVersion, UnknownSnapshot):
+        app.add_exception_handler(missing, _not_found)  # type: ignore[arg-type]
+    app.add_exception_handler(Conflict, _conflict)  # type: ignore[arg-type]
+    app.add_exception_handler(PayloadTooLarge, _too_large)  # type: ignore[arg-type]
+    # The services the API stands on: their failures are theirs to report, as 503 with the cause.
+    for unavailable in (ServiceUnavailable, StorageError, RegistryError, MlflowException, httpx.HTTPError,
+                        ConnectionError):
+        app.add_exception_handler(unavailable, _unavailable)
+    app.add_exception_handler(Exception, _internal)

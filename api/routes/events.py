@@ -1,0 +1,109 @@
+"""The activity feed: recent events as JSON, and live as a server-sent event stream.
+
+Flows run in the Prefect worker's processes, so the API cannot hear their events through
+``monitoring.events.subscribe``; the stream polls the ``activity_events`` table for ids past
+the last one sent instead. Each SSE message carries the event's id, so a browser's
+``EventSource`` that reconnects (``Last-Event-ID``) continues exactly where it left off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response, StreamingResponse
+from sqlmodel import col, select
+
+from api.errors import content, responses
+from api.schemas import MAX_ID, EventOut
+from visionloop.db import session_scope
+from visionloop.models import ActivityEvent
+
+router = APIRouter(prefix="/api/events", tags=["events"])
+
+POLL_S = 0.5
+"""How often the stream looks for new events."""
+HEARTBEAT_S = 15.0
+"""A comment line this often keeps proxies from closing an idle stream."""
+MAX_BATCH = 500
+
+
+def events_after(after_id: int | None, limit: int, kind_prefix: str | None = None) -> list[EventOut]:
+    """Events after ``after_id`` (the first ``limit``), or else the newest ``limit``; oldest first."""
+    with session_scope() as session:
+        query = select(ActivityEvent)
+        if kind_prefix:
+            query = query.where(col(ActivityEvent.kind).startswith(kind_prefix))
+        if after_id is not None:
+            query = query.where(col(ActivityEvent.id) > after_id)
+            rows = session.exec(query.order_by(col(ActivityEvent.id)).limit(limit))
+            return [EventOut.model_validate(r) for r in rows]
+        rows = session.exec(query.order_by(col(ActivityEvent.id).desc()).limit(limit))
+        return [EventOut.model_validate(r) for r in rows][::-1]
+
+
+def _message(event: EventOut) -> str:
+    return f"id: {event.id}\ndata: {json.dumps(event.model_dump(mode='json'))}\n\n"
+
+
+@router.get("", response_model=list[EventOut], responses=responses(422))
+def events(
+    after_id: Annotated[int | None, Query(ge=0, le=MAX_ID, description="Only events with a larger id.")] = None,
+    kind: Annotated[str | None, Query(max_length=64, description="Only kinds starting with this: training.")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_BATCH)] = 100,
+) -> list[EventOut]:
+    """Recent activity events, oldest first: the newest ``limit``, or those after ``after_id``."""
+    return events_after(after_id, limit, kind)
+
+
+@router.get(
+    "/stream",
+    response_class=Response,  # the 200 is an event stream, the errors beside it JSON
+    responses={**content("text/event-stream", "Server-sent events, one per activity event."), **responses(422)},
+)
+async def stream(
+    request: Request,
+    replay: Annotated[int, Query(ge=0, le=MAX_BATCH, description="Recent events sent first.")] = 50,
+    kind: Annotated[str | None, Query(max_length=64)] = None,
+    last_event_id: Annotated[int | None, Header(ge=0, le=MAX_ID, description="Sent by EventSource.")] = None,
+) -> StreamingResponse:
+    """Activity events as they happen (ingest progress, queue growth, training stages and epochs,
+    promotions, drift level changes, alerts); the newest ``replay`` first, or everything after
+    ``Last-Event-ID`` when a client reconnects."""
+
+    async def messages() -> AsyncIterator[str]:
+        yield "retry: 3000\n\n"
+        if last_event_id is not None:
+            backlog = await run_in_threadpool(events_after, last_event_id, MAX_BATCH, kind)
+        else:
+            backlog = await run_in_threadpool(events_after, None, replay, kind) if replay else []
+        last = backlog[-1].id if backlog else None
+        for event in backlog:
+            yield _message(event)
+        if last is None:
+            # Nothing replayed: start after the newest event, not from the beginning of time.
+            newest = await run_in_threadpool(events_after, None, 1, None)
+            last = newest[-1].id if newest else 0
+        beat = time.monotonic()
+        while not await request.is_disconnected():
+            await asyncio.sleep(POLL_S)
+            fresh = await run_in_threadpool(events_after, last, MAX_BATCH, kind)
+            for event in fresh:
+                yield _message(event)
+            if fresh:
+                last = fresh[-1].id
+                beat = time.monotonic()
+            elif time.monotonic() - beat >= HEARTBEAT_S:
+                beat = time.monotonic()
+                yield ": keep-alive\n\n"
+
+    return StreamingResponse(
+        messages(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,53 @@
+"""Label Studio's side of the loop: the webhook it calls when reviewers act."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, BackgroundTasks, Body, Depends
+
+from api.security import require_api_token
+from labeling.sync import announce, sync_labels, task_ids_for_annotations
+from visionloop.settings import get_settings
+
+router = APIRouter(prefix="/api/labeling", tags=["labeling"])
+
+
+def _ids(items: Any) -> list[int]:
+    return [int(item["id"]) for item in items or [] if isinstance(item, dict) and "id" in item]
+
+
+def affected_tasks(event: dict[str, Any]) -> list[int]:
+    """The task ids a Label Studio webhook event is about."""
+    action = event.get("action")
+    if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+        task_id = (event.get("task") or {}).get("id", (event.get("annotation") or {}).get("task"))
+        return [int(task_id)] if task_id is not None else []
+    if action == "ANNOTATIONS_CREATED":  # bulk: a list under the singular key
+        return sorted(
+            {int(a["task"]) for a in event.get("annotation") or [] if a.get("task") is not None}
+        )
+    if action == "ANNOTATIONS_DELETED":
+        return task_ids_for_annotations(_ids(event.get("annotations")))
+    if action == "TASKS_DELETED":
+        return _ids(event.get("tasks"))
+    return []
+
+
+def _sync(task_ids: list[int]) -> None:
+    announce(sync_labels(get_settings(), task_ids), via="webhook")
+
+
+@router.post("/webhook", status_code=202, dependencies=[Depends(require_api_token)])
+def label_studio_webhook(
+    background: BackgroundTasks, event: dict[str, Any] = Body(...)
+) -> dict[str, Any]:
+    """Sync the tasks an annotation or task event names from Label Studio.
+
+    Answers at once and syncs after the response: Label Studio waits for webhooks with a
+    short timeout, and the sync itself calls Label Studio back.
+    """
+    task_ids = affected_tasks(event)
+    if task_ids:
+        background.add_task(_sync, task_ids)
+    return {"action": event.get("action"), "tasks": task_ids}

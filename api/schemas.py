@@ -1,0 +1,368 @@
+"""Response and request bodies: what the OpenAPI spec promises, field by field.
+
+Times are always UTC with an offset (SQLite hands stored times back without one).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
+
+
+def _iso(value: object) -> object:
+    # pydantic would also read "0.5" as a Unix time; a query parameter documented as a
+    # date-time should be one.
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+IsoDatetime = Annotated[datetime, BeforeValidator(_iso)]
+"""A date-time query parameter: ISO 8601 only (``2026-01-31T12:00:00Z``)."""
+
+VERSION_PATTERN = r"^[1-9][0-9]{0,8}$"
+"""A registry version number (MLflow's registry answers 500 past its integer range)."""
+MAX_ID = 2**31 - 1
+"""Row ids are 32-bit integers in PostgreSQL: larger ids cannot exist (and would overflow)."""
+
+T = TypeVar("T")
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class Page(Out, Generic[T]):
+    total: int = Field(description="How many match the filters in all.")
+    limit: int
+    offset: int
+    items: list[T]
+
+
+# --- retraining ----------------------------------------------------------------------------
+
+
+class RetrainingRunOut(Out):
+    id: int
+    trigger: str
+    reason: str
+    status: str
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
+    prefect_flow_run_id: str | None
+    mlflow_run_id: str | None
+    snapshot_id: int | None
+    model_version: str | None
+    promoted: bool | None
+    decision_reasons: list[str]
+    metrics: dict[str, Any] | None
+    error: str | None
+
+
+class ConditionOut(Out):
+    name: str
+    kind: Literal["trigger", "blocker"]
+    value: Any = Field(description="The measured value (a level, a count, hours, a flag).")
+    threshold: Any
+    fired: bool
+    reason: str
+
+
+class ConditionsOut(Out):
+    should_retrain: bool
+    trigger: str | None = Field(description="The first trigger that fired, when a retrain should start.")
+    summary: str
+    conditions: list[ConditionOut]
+    manual_request_id: int | None
+
+
+class ProgressOut(Out):
+    stage: str | None = Field(description="export, train, evaluate, promote or notify.")
+    epoch: int | None
+    epochs: int | None
+    metrics: dict[str, float] = Field(description="The latest epoch's losses and validation metrics.")
+
+
+class RetrainingStatusOut(Out):
+    state: Literal["idle", "queued", "running"]
+    current: RetrainingRunOut | None
+    progress: ProgressOut | None
+    last_finished: RetrainingRunOut | None
+    champion_version: str | None
+    conditions: ConditionsOut
+    reconcile_error: str | None = Field(description="Set when Prefect could not be asked; the state may be stale.")
+
+
+class TriggerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="", max_length=2000, description="Why, for the run's record and the feed.")
+
+
+class TriggerOut(Out):
+    retraining_run_id: int
+    flow_run_id: str
+    status_url: str
+
+
+# --- labelling -----------------------------------------------------------------------------
+
+
+class QueueItemOut(Out):
+    id: int
+    image_id: int
+    prediction_id: int | None
+    image_path: str
+    confidence_score: float | None
+    status: str
+    flagged_reason: str
+    label_studio_task_id: int | None
+    human_label: str | None
+    reviewer_notes: str | None
+    sync_error: str | None
+    created_at: UtcDatetime
+    labeled_at: UtcDatetime | None
+
+
+class ClassErrorsOut(Out):
+    name: str
+    predicted: int = Field(description="Boxes the model predicted on reviewed images.")
+    reviewed: int = Field(description="Boxes the reviewers kept or drew.")
+    matched: int
+    false_positives: int
+    missed: int
+    error_rate: float | None = Field(description="(false positives + misses) / boxes involved.")
+
+
+class QueueStatsOut(Out):
+    total: int
+    pending: int
+    labeled: int
+    approved: int
+    by_status: dict[str, int]
+    by_reason: dict[str, dict[str, int]] = Field(description="Flagged reason -> status -> count.")
+    sync_errors: int = Field(description="Items whose last annotation could not be used.")
+    verdicts: dict[str, int] = Field(description="accepted / corrected / rejected pre-annotations.")
+    agreement: float | None = Field(description="Share of reviewed pre-annotations accepted unchanged.")
+    compared_images: int = Field(description="Reviewed images the class error rates are computed on.")
+    classes: list[ClassErrorsOut]
+
+
+class SnapshotOut(Out):
+    id: int
+    manifest_hash: str
+    kind: str
+    num_images: int
+    num_train: int
+    num_val: int
+    num_test: int
+    class_names: list[str]
+    created_at: UtcDatetime
+
+
+# --- drift ---------------------------------------------------------------------------------
+
+
+class FeatureDriftOut(Out):
+    name: str
+    statistic: float = Field(description="p-value for p-value tests, the distance otherwise.")
+    p_value: float | None
+    threshold: float
+    drifted: bool
+    severity: float
+
+
+class DriftOut(Out):
+    id: int
+    created_at: UtcDatetime
+    model_version: str | None
+    stat_test: str
+    drift_score: float
+    drift_share: float
+    p_value: float | None = Field(description="Bonferroni-adjusted smallest p-value (p-value tests only).")
+    dataset_drift: bool
+    level: Literal["green", "yellow", "red"]
+    window_size: int
+    reference_size: int
+    features: list[FeatureDriftOut]
+    report_url: str | None
+
+
+class DriftPointOut(Out):
+    id: int
+    created_at: UtcDatetime
+    level: Literal["green", "yellow", "red"]
+    drift_score: float
+    drift_share: float
+    model_version: str | None
+
+
+class DriftHistoryOut(Out):
+    yellow: float = Field(description="Scores from here up are yellow (VISIONLOOP_DRIFT_YELLOW).")
+    red: float = Field(description="Scores from here up are red (VISIONLOOP_DRIFT_RED).")
+    points: list[DriftPointOut] = Field(description="Oldest first.")
+
+
+# --- models --------------------------------------------------------------------------------
+
+
+class ModelVersionOut(Out):
+    version: str
+    aliases: list[str]
+    created_at: UtcDatetime
+    status: str
+    run_id: str | None
+    source: str
+    trigger: str | None
+    snapshot_hash: str | None = Field(description="Manifest hash of the snapshot it was trained on.")
+    metrics: dict[str, float]
+
+
+class ModelsOut(Out):
+    model_name: str
+    champion: str | None
+    aliases: dict[str, str] = Field(description="Alias -> version.")
+    versions: list[ModelVersionOut] = Field(description="Newest first.")
+
+
+class PromoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="", max_length=2000)
+
+
+class RollbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to_version: str | None = Field(
+        default=None, pattern=VERSION_PATTERN,
+        description="Default: the version under the alias `previous`.",
+    )
+    reason: str = Field(default="", max_length=2000)
+
+
+class AliasChangeOut(Out):
+    champion: str = Field(description="The champion's version now.")
+    previous: str | None = Field(description="The version it replaced, now under `previous`.")
+    changed: bool = Field(description="False: it already was the champion.")
+
+
+# --- serving -------------------------------------------------------------------------------
+
+
+class BoxOut(Out):
+    cls: int
+    name: str
+    conf: float
+    x1: float = Field(description="Left edge, 0..1 of the upright image's width.")
+    y1: float
+    x2: float
+    y2: float
+
+
+class PredictionOut(Out):
+    model_version: str
+    boxes: list[BoxOut]
+    image_id: int
+    prediction_id: int
+    content_hash: str
+    width: int
+    height: int
+    new_image: bool = Field(description="False: the same bytes were seen before.")
+    flagged_reason: str | None = Field(description="Why it was queued for review; None: it was not.")
+
+
+class StoredImageOut(Out):
+    bucket: str
+    key: str
+    content_hash: str
+    size_bytes: int
+    format: str
+    width: int
+    height: int
+    created: bool = Field(description="False: the same bytes were uploaded before.")
+
+
+# --- system --------------------------------------------------------------------------------
+
+
+class ServiceHealthOut(Out):
+    name: str
+    url: str
+    ok: bool
+    latency_ms: float
+    detail: str
+    setting: str = Field(description="The setting to look at when it is down.")
+
+
+class HealthOut(Out):
+    healthy: bool
+    services: list[ServiceHealthOut]
+
+
+class RequestStatsOut(Out):
+    window_s: float
+    requests: int
+    requests_per_minute: float
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    latency_p99_ms: float | None
+    error_rate: float | None = Field(description="Share of 5xx answers in the window.")
+    client_error_rate: float | None = Field(description="Share of 4xx answers in the window.")
+    predictions_per_minute: float
+
+
+class ResourcesOut(Out):
+    cpu_percent: float
+    cpu_count: int
+    load_average: list[float]
+    memory_percent: float
+    memory_used_bytes: int
+    memory_total_bytes: int
+    disk_percent: float
+    disk_used_bytes: int
+    disk_total_bytes: int
+    disk_path: str
+    network_sent_bytes: int
+    network_received_bytes: int
+    network_sent_per_s: float | None
+    network_received_per_s: float | None
+    process_memory_bytes: int
+    process_cpu_percent: float
+    uptime_s: float
+    api: RequestStatsOut
+
+
+class LinksOut(Out):
+    prefect_ui: str
+    label_studio: str
+    mlflow: str
+    api_docs: str
+
+
+class InfoOut(Out):
+    name: str
+    version: str
+    model_name: str
+    class_names: list[str]
+    links: LinksOut
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+class EventOut(Out):
+    id: int
+    created_at: UtcDatetime
+    kind: str
+    level: str
+    message: str
+    payload: dict[str, Any]

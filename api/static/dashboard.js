@@ -1,0 +1,406 @@
+// The visionloop dashboard: plain DOM and SVG over the API's JSON endpoints and its event stream.
+// Every value from the API goes in through textContent, never innerHTML.
+"use strict";
+
+const STAGES = ["export", "train", "evaluate", "promote", "notify"];
+const FEED_MAX = 150;
+const SVG_NS = "http://www.w3.org/2000/svg";
+const state = { training: null, cpu: [], events: 0, timers: {} };
+
+// --- helpers ---------------------------------------------------------------------------------
+
+function $(id) { return document.getElementById(id); }
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : String(child ?? ""));
+  return node;
+}
+
+function svg(tag, attrs) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
+  return node;
+}
+
+function fmt(value, digits = 3) {
+  if (value === null || value === undefined) return "–";
+  if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toFixed(digits);
+  if (typeof value === "boolean") return value ? "yes" : "no";
+  return String(value);
+}
+
+function pct(value) { return value === null || value === undefined ? "–" : (value * 100).toFixed(1) + "%"; }
+
+function bytes(value) {
+  if (value === null || value === undefined) return "–";
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let i = 0;
+  while (value >= 1024 && i < units.length - 1) { value /= 1024; i++; }
+  return value.toFixed(value < 10 && i ? 1 : 0) + " " + units[i];
+}
+
+function when(iso) {
+  if (!iso) return "–";
+  const d = new Date(iso);
+  return d.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+}
+
+function clock(iso) { return new Date(iso).toLocaleTimeString([], { hour12: false }); }
+
+function token() { return $("token").value.trim(); }
+
+async function api(path, options = {}) {
+  const headers = { Accept: "application/json", ...(options.headers || {}) };
+  if (options.auth && token()) headers.Authorization = "Bearer " + token();
+  if (options.body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {
+    method: options.method || "GET", headers,
+    body: options.body === undefined ? undefined : JSON.stringify(options.body),
+  });
+  const body = await response.json().catch(() => null);
+  if (!response.ok) {
+    const error = new Error(body && body.detail ? body.detail : response.status + " " + response.statusText);
+    error.status = response.status;
+    error.body = body;
+    throw error;
+  }
+  return body;
+}
+
+// A burst of events (an ingest of thousands of files) must not become a burst of requests.
+function soon(name, fn, delay = 400) {
+  clearTimeout(state.timers[name]);
+  state.timers[name] = setTimeout(fn, delay);
+}
+
+function badge(node, text) {
+  node.textContent = text;
+  node.className = "badge " + text;
+}
+
+// --- retraining and conditions --------------------------------------------------------------
+
+function runFields(run) {
+  const fields = [
+    ["run", "#" + run.id + " (" + run.trigger + ")"],
+    ["status", run.status],
+    ["reason", run.reason || "–"],
+    ["started", when(run.started_at || run.created_at)],
+  ];
+  if (run.finished_at) fields.push(["finished", when(run.finished_at)]);
+  if (run.model_version) fields.push(["challenger", "version " + run.model_version]);
+  if (run.promoted !== null) fields.push(["promoted", fmt(run.promoted)]);
+  if (run.error) fields.push(["error", run.error]);
+  if (run.decision_reasons && run.decision_reasons.length) fields.push(["why", run.decision_reasons.join(" ")]);
+  return fields;
+}
+
+function fillList(node, fields) {
+  node.replaceChildren(...fields.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+}
+
+async function loadStatus() {
+  const status = await api("/api/retraining/status");
+  badge($("retrain-state"), status.state);
+  $("champion-version").textContent = status.champion_version || "none";
+  fillList($("retrain-current"), status.current ? runFields(status.current) : []);
+  fillList($("retrain-last"), status.last_finished ? runFields(status.last_finished) : [["", "none yet"]]);
+  if (status.progress) showStage(status.progress.stage);
+  renderConditions(status.conditions);
+}
+
+function renderConditions(decision) {
+  $("conditions-summary").textContent = decision.summary;
+  $("conditions-rows").replaceChildren(...decision.conditions.map((c) =>
+    el("tr", {},
+      el("td", { class: c.fired ? "fired" : "quiet", title: c.fired ? "fired" : "not fired" }, c.fired ? "●" : "○"),
+      el("td", {}, c.name.replace(/_/g, " ") + (c.kind === "blocker" ? " (blocker)" : "")),
+      el("td", {}, fmt(c.value, 2)),
+      el("td", {}, fmt(c.threshold, 2)),
+      el("td", {}, c.reason))));
+}
+
+async function trigger() {
+  const result = $("trigger-result");
+  result.className = "note";
+  result.textContent = "starting…";
+  try {
+    const launched = await api("/api/retraining/trigger", { method: "POST", auth: true, body: { reason: "dashboard" } });
+    result.textContent = "retraining run #" + launched.retraining_run_id + " started";
+    soon("status", loadStatus, 200);
+  } catch (error) {
+    result.className = "note error";
+    result.textContent = error.message;
+  }
+}
+
+// --- training progress -----------------------------------------------------------------------
+
+function showStage(stage) {
+  const at = STAGES.indexOf(stage);
+  $("training-stage").replaceChildren(...STAGES.map((name, i) =>
+    el("span", { class: i < at ? "done" : i === at ? "now" : "" }, name)));
+}
+
+function startSeries(event) {
+  state.training = { key: seriesKey(event), epochs: event.payload.epochs || null, points: [], title: event.message };
+}
+
+function seriesKey(event) {
+  return event.payload.retraining_run_id ?? event.payload.run_id ?? "bootstrap";
+}
+
+function addEpoch(event) {
+  const p = event.payload;
+  if (!state.training || state.training.key !== seriesKey(event) || p.epoch <= 1 && state.training.points.length) {
+    startSeries(event);
+  }
+  state.training.epochs = p.epochs;
+  state.training.points = state.training.points.filter((point) => point.epoch !== p.epoch);
+  state.training.points.push(p);
+  state.training.points.sort((a, b) => a.epoch - b.epoch);
+  renderTraining();
+}
+
+function renderTraining() {
+  const chart = $("training-chart");
+  const series = state.training;
+  if (!series || !series.points.length) return;
+  const last = series.points[series.points.length - 1];
+  $("training-epoch").textContent = "epoch " + last.epoch + "/" + series.epochs +
+    (last.mAP50 !== undefined ? " · mAP50 " + fmt(last.mAP50) : "");
+  const W = 600, H = 200, pad = 24;
+  const x = (epoch) => pad + (W - 2 * pad) * (series.epochs > 1 ? (epoch - 1) / (series.epochs - 1) : 0.5);
+  const y = (v) => H - pad - (H - 2 * pad) * Math.max(0, Math.min(1, v));
+  const children = [];
+  for (const v of [0, 0.25, 0.5, 0.75, 1]) {
+    children.push(svg("line", { x1: pad, x2: W - pad, y1: y(v), y2: y(v), stroke: "#e3e6ec" }));
+    const label = svg("text", { x: 2, y: y(v) + 4, "font-size": 10, fill: "#6b7385" });
+    label.textContent = v.toFixed(2);
+    children.push(label);
+  }
+  const maxLoss = Math.max(...series.points.map((p) => p.box_loss ?? 0), 1e-9);
+  const lines = [
+    ["mAP50", (p) => p.mAP50, "#3b6fd8"],
+    ["mAP50-95", (p) => p["mAP50-95"], "#8a55c9"],
+    ["box loss", (p) => (p.box_loss ?? NaN) / maxLoss, "#d69e2e"],
+  ];
+  for (const [name, value, colour] of lines) {
+    const pts = series.points.filter((p) => Number.isFinite(value(p)));
+    if (!pts.length) continue;
+    children.push(svg("polyline", {
+      points: pts.map((p) => x(p.epoch) + "," + y(value(p))).join(" "),
+      fill: "none", stroke: colour, "stroke-width": 2, "data-series": name,
+    }));
+    for (const p of pts) children.push(svg("circle", { cx: x(p.epoch), cy: y(value(p)), r: 2.5, fill: colour }));
+  }
+  chart.replaceChildren(...children);
+}
+
+async function loadTraining() {
+  const events = await api("/api/events?kind=training.&limit=300");
+  for (const event of events) onTrainingEvent(event);
+}
+
+function onTrainingEvent(event) {
+  if (event.kind === "training.started") { startSeries(event); renderTraining(); }
+  else if (event.kind === "training.epoch") addEpoch(event);
+}
+
+// --- drift -------------------------------------------------------------------------------------
+
+async function loadDrift() {
+  const history = await api("/api/metrics/drift/history?limit=200");
+  renderDriftChart(history);
+  if (!history.points.length) return;  // not measured yet: there is no latest result
+  const latest = await api("/api/metrics/drift");
+  badge($("drift-level"), latest.level);
+  $("drift-score").textContent = "score " + fmt(latest.drift_score, 2) + " · drift share " + pct(latest.drift_share) +
+    (latest.p_value !== null ? " · p " + latest.p_value.toExponential(1) : "") + " · " + latest.stat_test;
+  const report = $("drift-report");
+  report.hidden = !latest.report_url;
+  if (latest.report_url) report.href = latest.report_url;
+  $("drift-features").replaceChildren(...latest.features.slice(0, 5).map((f) =>
+    el("li", {}, f.name + ": severity " + fmt(f.severity, 2) + (f.drifted ? " (drifted)" : ""))));
+}
+
+function renderDriftChart(history) {
+  const W = 600, H = 160, pad = 8;
+  const y = (v) => H - pad - (H - 2 * pad) * Math.max(0, Math.min(1, v));
+  const bands = [
+    [0, history.yellow, "#e9f7ef"], [history.yellow, history.red, "#fdf5e2"], [history.red, 1, "#fbe7e7"],
+  ].map(([lo, hi, fill]) => svg("rect", { x: 0, width: W, y: y(hi), height: y(lo) - y(hi), fill }));
+  const pts = history.points;
+  const x = (i) => pad + (W - 2 * pad) * (pts.length > 1 ? i / (pts.length - 1) : 0.5);
+  const colours = { green: "#1f9d55", yellow: "#d69e2e", red: "#d64545" };
+  const marks = pts.map((p, i) => {
+    const dot = svg("circle", { cx: x(i), cy: y(p.drift_score), r: 3.5, fill: colours[p.level] });
+    const title = svg("title");
+    title.textContent = when(p.created_at) + ": " + p.level + " " + fmt(p.drift_score, 2);
+    dot.append(title);
+    return dot;
+  });
+  if (!pts.length) {
+    const empty = svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", "font-size": 13, fill: "#6b7385" });
+    empty.textContent = "no drift measurements yet";
+    bands.push(empty);
+  }
+  const line = pts.length > 1
+    ? [svg("polyline", { points: pts.map((p, i) => x(i) + "," + y(p.drift_score)).join(" "), fill: "none", stroke: "#98a0b3" })]
+    : [];
+  $("drift-chart").replaceChildren(...bands, ...line, ...marks);
+}
+
+// --- queue and models ----------------------------------------------------------------------
+
+async function loadQueue() {
+  const stats = await api("/api/labeling/stats");
+  $("queue-pending").textContent = stats.pending;
+  $("queue-labeled").textContent = stats.labeled;
+  $("queue-approved").textContent = stats.approved;
+  $("queue-agreement").textContent = pct(stats.agreement);
+  const reasons = Object.entries(stats.by_reason);
+  $("queue-reasons").replaceChildren(...(reasons.length ? reasons.map(([reason, counts]) =>
+    el("li", {}, reason + ": " + Object.entries(counts).map(([s, n]) => n + " " + s).join(", ")))
+    : [el("li", {}, "nothing queued yet")]));
+  $("queue-classes").replaceChildren(...stats.classes.map((c) =>
+    el("tr", {}, el("td", {}, c.name), el("td", {}, c.predicted), el("td", {}, c.reviewed),
+      el("td", {}, c.false_positives), el("td", {}, c.missed), el("td", {}, pct(c.error_rate)))));
+}
+
+async function loadModels() {
+  const models = await api("/api/models?limit=10");
+  $("champion-version").textContent = models.champion || "none";
+  $("model-rows").replaceChildren(...models.versions.map((v) =>
+    el("tr", {},
+      el("td", {}, v.version),
+      el("td", {}, v.aliases.join(", ")),
+      el("td", {}, fmt(v.metrics.mAP50)),
+      el("td", { title: v.snapshot_hash || "" }, v.snapshot_hash ? v.snapshot_hash.slice(0, 10) : "–"),
+      el("td", {}, when(v.created_at)),
+      el("td", {}, v.aliases.includes("champion") ? "" :
+        el("button", { class: "small secondary", type: "button", onclick: () => promote(v.version) }, "promote")))));
+}
+
+async function moveChampion(path, body) {
+  const result = $("model-result");
+  result.className = "note";
+  try {
+    const change = await api(path, { method: "POST", auth: true, body });
+    result.textContent = "champion is version " + change.champion + (change.changed ? "" : " (unchanged)");
+    soon("models", loadModels, 100);
+  } catch (error) {
+    result.className = "note error";
+    result.textContent = error.message;
+  }
+}
+
+function promote(version) { return moveChampion("/api/models/" + encodeURIComponent(version) + "/promote", { reason: "dashboard" }); }
+
+// --- system ------------------------------------------------------------------------------------
+
+async function loadHealth() {
+  const health = await api("/api/system/health");
+  $("health").replaceChildren(...health.services.map((s) =>
+    el("li", { class: s.ok ? "up" : "down", title: s.ok ? s.detail : s.detail + " (check " + s.setting + ")" },
+      s.name + " ", el("span", { class: "latency" }, s.latency_ms.toFixed(0) + " ms"))));
+}
+
+async function loadResources() {
+  const r = await api("/api/system/resources");
+  $("cpu").value = r.cpu_percent;
+  $("cpu-text").textContent = r.cpu_percent.toFixed(0) + "% of " + r.cpu_count + " cores";
+  $("memory").value = r.memory_percent;
+  $("memory-text").textContent = bytes(r.memory_used_bytes) + " / " + bytes(r.memory_total_bytes);
+  $("disk").value = r.disk_percent;
+  $("disk-text").textContent = bytes(r.disk_used_bytes) + " / " + bytes(r.disk_total_bytes);
+  $("network-text").textContent = r.network_received_per_s === null ? "–"
+    : "↓ " + bytes(r.network_received_per_s) + "/s · ↑ " + bytes(r.network_sent_per_s) + "/s";
+  const a = r.api;
+  $("api-latency").textContent = a.latency_p50_ms === null ? "–" : a.latency_p50_ms.toFixed(1) + " / " + a.latency_p95_ms.toFixed(1) + " ms";
+  $("api-errors").textContent = pct(a.error_rate);
+  $("api-predictions").textContent = fmt(a.predictions_per_minute, 1);
+  $("api-requests").textContent = fmt(a.requests_per_minute, 1);
+  state.cpu.push(r.cpu_percent);
+  state.cpu = state.cpu.slice(-60);
+  const W = 300, H = 40;
+  const points = state.cpu.map((v, i) => (W * i / 59) + "," + (H - H * v / 100)).join(" ");
+  $("cpu-chart").replaceChildren(svg("polyline", { points, fill: "none", stroke: "#3b6fd8", "stroke-width": 1.5 }));
+}
+
+async function loadLinks() {
+  const info = await api("/api/system/info");
+  $("link-prefect").href = info.links.prefect_ui;
+  $("link-label-studio").href = info.links.label_studio;
+  $("link-mlflow").href = info.links.mlflow;
+  $("link-docs").href = info.links.api_docs;
+}
+
+// --- live feed -------------------------------------------------------------------------------
+
+function addToFeed(event, fresh) {
+  const item = el("li", { class: event.level + (fresh ? " new" : ""), "data-id": event.id, "data-kind": event.kind },
+    el("span", { class: "time", title: event.created_at }, clock(event.created_at)),
+    el("span", { class: "kind", title: event.kind }, event.kind),
+    el("span", { class: "message" }, event.message));
+  const feed = $("feed");
+  feed.prepend(item);
+  while (feed.children.length > FEED_MAX) feed.lastChild.remove();
+  state.events += 1;
+  $("event-count").textContent = state.events + " events";
+}
+
+// Which panels an event makes stale.
+function route(event) {
+  const kind = event.kind;
+  if (kind.startsWith("training.")) onTrainingEvent(event);
+  if (kind === "retrain.stage") showStage(event.payload.stage);
+  if (kind.startsWith("retrain.") || kind.startsWith("training.finished")) soon("status", loadStatus);
+  if (kind.startsWith("drift.")) { soon("drift", loadDrift); soon("status", loadStatus); }
+  if (kind.startsWith("queue.") || kind.startsWith("labels.")) { soon("queue", loadQueue); soon("status", loadStatus); }
+  if (kind.startsWith("model.") || kind === "training.finished") { soon("models", loadModels); soon("status", loadStatus); }
+}
+
+// The panels were loaded with everything up to the newest event at start-up: events up to it
+// are only shown in the feed (the stream replays them), later ones also update the panels.
+async function connect() {
+  const newest = await api("/api/events?limit=1").catch(() => []);
+  const seen = newest.length ? newest[0].id : 0;
+  const source = new EventSource("/api/events/stream?replay=40");
+  source.onopen = () => { $("live").className = "live on"; };
+  source.onerror = () => { $("live").className = "live off"; };  // EventSource reconnects by itself
+  source.onmessage = (message) => {
+    const event = JSON.parse(message.data);
+    addToFeed(event, event.id > seen);
+    if (event.id > seen) route(event);
+  };
+}
+
+// --- start -------------------------------------------------------------------------------------
+
+function guarded(fn) {
+  return () => fn().catch((error) => console.warn(fn.name, error));
+}
+
+function start() {
+  const saved = localStorage.getItem("visionloop.token");
+  if (saved) $("token").value = saved;
+  $("token").addEventListener("change", () => localStorage.setItem("visionloop.token", token()));
+  $("trigger").addEventListener("click", trigger);
+  $("rollback").addEventListener("click", () => moveChampion("/api/models/rollback", { reason: "dashboard" }));
+  for (const load of [loadLinks, loadStatus, loadTraining, loadDrift, loadQueue, loadModels, loadHealth, loadResources]) {
+    guarded(load)();
+  }
+  setInterval(guarded(loadResources), 5000);
+  setInterval(guarded(loadHealth), 30000);
+  setInterval(guarded(loadStatus), 30000);  // condition values (ages, cooldowns) move with time
+  guarded(connect)();
+}
+
+start();

@@ -1,0 +1,148 @@
+"""Ingest throughput: the whole ingest flow against plain ultralytics ``predict``.
+
+    .venv/bin/python -m bench.ingest [--images 500] [--imgsz 640] [--reuse]
+
+Both sides see the same synthetic JPEGs (640 px) and the same champion weights at the same
+``imgsz``. Plain predict reads the files from a local folder; the flow reads them from the
+``incoming`` bucket and does everything it does in production: hash, validate, decode,
+features, store in the images bucket, predict, write the database, select and queue in
+Label Studio. Prediction dominates on a CPU, so the flow should run at (nearly) the speed
+of prediction alone: the target is a ratio of 0.9 or better.
+
+Plain predict runs before and after the flow and the ratio uses the mean of the two, so a
+change in background load during the run shows instead of skewing the result.
+
+Without ``--reuse`` it starts its own stack on free ports in a temporary data dir (about
+two minutes) and trains a throw-away champion (one epoch); with ``--reuse`` it uses the
+stack and champion the settings point at (``visionloop up``, ``visionloop bootstrap``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from visionloop.settings import Settings, get_settings, load_settings
+from visionloop.stack import Stack, free_port
+
+
+@contextmanager
+def private_stack() -> Iterator[Settings]:
+    """A whole local stack on free ports in a temporary data dir, stopped afterwards."""
+    with tempfile.TemporaryDirectory(prefix="visionloop-bench-") as data_dir:
+        os.environ.update(
+            {
+                "VISIONLOOP_DATA_DIR": data_dir,
+                **{
+                    f"VISIONLOOP_{name}_PORT": str(free_port())
+                    for name in ("S3", "PREFECT", "MLFLOW", "LABEL_STUDIO", "API")
+                },
+            }
+        )
+        stack = Stack(load_settings(), echo=print)
+        try:
+            print("starting a private stack in", data_dir)
+            stack.up()
+            yield use_stack(stack)
+        finally:
+            stack.down()
+
+
+def use_stack(stack: Stack) -> Settings:
+    """Point this process (Prefect, MLflow, the platform's settings) at ``stack``."""
+    os.environ.update(stack.platform_env())
+    get_settings.cache_clear()
+    return get_settings()
+
+
+def write_images(settings: Settings, count: int, folder: Path, prefix: str, seed: int) -> None:
+    from visionloop.storage import ObjectStore
+    from visionloop.synthetic import encode_jpeg, iter_samples
+
+    store = ObjectStore(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, sample in enumerate(iter_samples(count, seed=seed, size=640)):
+        data = encode_jpeg(sample.image)
+        (folder / f"img_{index:05d}.jpg").write_bytes(data)
+        store.put_bytes(settings.bucket_incoming, f"{prefix}img_{index:05d}.jpg", data)
+
+
+def plain_predict(weights: Path, folder: Path, imgsz: int) -> float:
+    """Images per second of ultralytics predicting the folder, model loading included."""
+    from ultralytics import YOLO
+
+    started = time.perf_counter()
+    model = YOLO(str(weights), task="detect")
+    count = sum(
+        1 for _ in model.predict(source=str(folder), imgsz=imgsz, stream=True, verbose=False)
+    )
+    return count / (time.perf_counter() - started)
+
+
+def run(settings: Settings, images: int, imgsz: int) -> None:
+    from flows.bootstrap import bootstrap_flow
+    from flows.ingest import ingest_flow
+    from visionloop.registry import CHAMPION, download_weights, get_alias
+    from visionloop.training import configure_ultralytics
+
+    configure_ultralytics(settings.data_dir / ".ultralytics")
+    if get_alias(settings, CHAMPION) is None:
+        print("training a throw-away champion (1 epoch)")
+        bootstrap_flow(epochs=1, images=16)
+    champion = get_alias(settings, CHAMPION)
+    assert champion is not None
+    weights = download_weights(settings, champion, settings.data_dir / "bench-weights")
+
+    run_id = uuid.uuid4().hex[:8]
+    prefix = f"bench-{run_id}/"
+    with tempfile.TemporaryDirectory(prefix="visionloop-bench-images-") as tmp:
+        folder = Path(tmp)
+        print(
+            f"writing {images} synthetic 640 px JPEGs to {folder} and s3://{settings.bucket_incoming}/{prefix}"
+        )
+        # A fresh seed per run: the flow skips content it has seen before.
+        write_images(settings, images, folder, prefix, seed=int(run_id, 16) % 100_000)
+
+        before = plain_predict(weights, folder, imgsz)
+        print(f"plain ultralytics predict: {before:.2f} images/s")
+        started = time.perf_counter()
+        summary = ingest_flow(prefix=prefix, imgsz=imgsz)
+        flow_rate = summary["ingested"] / (time.perf_counter() - started)
+        print(
+            f"ingest flow:               {flow_rate:.2f} images/s "
+            f"({summary['ingested']} ingested, {summary['queued']} queued for review)"
+        )
+        after = plain_predict(weights, folder, imgsz)
+        print(f"plain ultralytics predict: {after:.2f} images/s (again)")
+
+    baseline = (before + after) / 2
+    print()
+    print(f"images {images}, imgsz {imgsz}, champion {champion.version}, {os.cpu_count()} CPUs")
+    print(f"plain predict   {baseline:6.2f} images/s (mean of {before:.2f} and {after:.2f})")
+    print(f"ingest flow     {flow_rate:6.2f} images/s")
+    print(f"ratio           {flow_rate / baseline:6.2f}  (target >= 0.90)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument(
+        "--reuse", action="store_true", help="use the running stack of the settings"
+    )
+    args = parser.parse_args()
+    if args.reuse:
+        run(use_stack(Stack(load_settings())), args.images, args.imgsz)
+        return
+    with private_stack() as settings:
+        run(settings, args.images, args.imgsz)
+
+
+if __name__ == "__main__":
+    main()

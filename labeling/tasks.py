@@ -1,0 +1,243 @@
+"""The review queue: selected images become Label Studio tasks pre-annotated by the champion.
+
+An image is queued at most once (``labeling_queue.image_id`` is unique). Queueing is two
+steps that can each be repeated safely: first the queue rows (``pending``, no task yet), then
+one Label Studio task per row without a task id. A run that dies between the two leaves
+rows without a task id; the next run looks for tasks that carry those images' ids (the
+import may have landed) before importing the rest, so no image gets a second task.
+
+Each task carries the champion's boxes as a prediction (with scores and the model version),
+so a reviewer corrects rather than draws.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from labeling.label_config import FROM_NAME, TO_NAME
+from labeling.selection import Selected
+from labeling.wiring import (
+    ReviewProject,
+    ensure_image_storage,
+    ensure_webhook,
+    image_uri,
+    review_project,
+)
+from visionloop.db import session_scope
+from visionloop.models import Image, ImageStatus, LabelingQueueItem, Prediction
+from visionloop.settings import Settings
+
+log = logging.getLogger(__name__)
+
+IMPORT_CHUNK = 100
+"""Tasks per import request."""
+IMAGE_ID_KEY = "visionloop_image_id"
+"""Task data key holding the platform's image id (finds the task of an image again)."""
+
+
+@dataclass
+class QueueReport:
+    added: list[int] = field(default_factory=list)
+    """Image ids queued by this call."""
+    already_queued: list[int] = field(default_factory=list)
+    task_ids: dict[int, int] = field(default_factory=dict)
+    """Image id -> Label Studio task id, for the rows linked by this call."""
+
+
+def prediction_regions(
+    boxes: Sequence[dict[str, Any]], width: int, height: int, class_names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The champion's boxes (normalised ``x1..y2``) as Label Studio rectangle regions (percent)."""
+    regions = []
+    for index, box in enumerate(boxes):
+        if box["name"] not in class_names:
+            # The champion knows a class the project does not: Label Studio would reject the
+            # whole task, so the box is left out (and the mismatch shows in the logs).
+            log.warning(
+                "box class %r is not a project label %s; left out", box["name"], class_names
+            )
+            continue
+        regions.append(
+            {
+                "id": f"p{index}",
+                "from_name": FROM_NAME,
+                "to_name": TO_NAME,
+                "type": "rectanglelabels",
+                "original_width": width,
+                "original_height": height,
+                "image_rotation": 0,
+                "score": box["conf"],
+                "value": {
+                    "x": box["x1"] * 100.0,
+                    "y": box["y1"] * 100.0,
+                    "width": (box["x2"] - box["x1"]) * 100.0,
+                    "height": (box["y2"] - box["y1"]) * 100.0,
+                    "rotation": 0,
+                    "rectanglelabels": [box["name"]],
+                },
+            }
+        )
+    return regions
+
+
+def build_task(
+    settings: Settings, image: Image, item: LabelingQueueItem, prediction: Prediction | None
+) -> dict[str, Any]:
+    task: dict[str, Any] = {
+        "data": {
+            "image": image_uri(settings, image.object_key),
+            IMAGE_ID_KEY: image.id,
+            "content_hash": image.content_hash,
+            "flagged_reason": item.flagged_reason,
+            "confidence_score": item.confidence_score,
+            "source": image.source_key,
+        }
+    }
+    if prediction is not None:
+        task["predictions"] = [
+            {
+                "model_version": prediction.model_version,
+                # Label Studio sorts tasks by this score: the deciding box's confidence.
+                "score": item.confidence_score if item.confidence_score is not None else 0.0,
+                "result": prediction_regions(
+                    prediction.boxes, image.width or 0, image.height or 0, settings.class_names
+                ),
+            }
+        ]
+    return task
+
+
+def _latest_predictions(session: Session, image_ids: Sequence[int]) -> dict[int, Prediction]:
+    rows = session.exec(
+        select(Prediction)
+        .where(col(Prediction.image_id).in_(image_ids))
+        .order_by(col(Prediction.id))
+    )
+    return {row.image_id: row for row in rows}  # later rows win
+
+
+def _add_rows(settings: Settings, selected: Sequence[Selected], report: QueueReport) -> None:
+    ids = [s.image_id for s in selected]
+    with session_scope() as session:
+        queued = set(
+            session.exec(
+                select(LabelingQueueItem.image_id).where(col(LabelingQueueItem.image_id).in_(ids))
+            )
+        )
+        images = {i.id: i for i in session.exec(select(Image).where(col(Image.id).in_(ids)))}
+        predictions = _latest_predictions(session, ids)
+        for choice in selected:
+            if choice.image_id in queued:
+                report.already_queued.append(choice.image_id)
+                continue
+            queued.add(choice.image_id)
+            image = images[choice.image_id]
+            prediction = predictions.get(choice.image_id)
+            session.add(
+                LabelingQueueItem(
+                    image_id=choice.image_id,
+                    prediction_id=prediction.id if prediction else None,
+                    image_path=image_uri(settings, image.object_key),
+                    confidence_score=choice.confidence,
+                    flagged_reason=choice.reason,
+                )
+            )
+            image.status = ImageStatus.queued
+            session.add(image)
+            report.added.append(choice.image_id)
+
+
+def _tasks_by_image(project: ReviewProject, wanted: set[int]) -> dict[int, int]:
+    """Existing tasks of the project for the images in ``wanted`` (image id -> task id)."""
+    found: dict[int, int] = {}
+    for task in project.ls.tasks.list(project=project.id, fields="task_only", page_size=500):
+        image_id = (task.data or {}).get(IMAGE_ID_KEY)
+        if image_id in wanted:
+            found[int(image_id)] = int(task.id)
+    return found
+
+
+def link_tasks(
+    settings: Settings, report: QueueReport, project: ReviewProject | None = None
+) -> None:
+    """Create the Label Studio task of every queue row that has none.
+
+    Label Studio is only contacted when there is such a row; its image storage and webhook
+    are ensured first, so every task it gets can be displayed and reports back.
+    """
+    with session_scope() as session:
+        items = list(
+            session.exec(
+                select(LabelingQueueItem)
+                .where(col(LabelingQueueItem.label_studio_task_id).is_(None))
+                .order_by(col(LabelingQueueItem.id))
+            )
+        )
+        if not items:
+            return
+        ids = [item.image_id for item in items]
+        images = {i.id: i for i in session.exec(select(Image).where(col(Image.id).in_(ids)))}
+        prediction_ids = [i.prediction_id for i in items if i.prediction_id is not None]
+        predictions = {
+            p.id: p
+            for p in session.exec(select(Prediction).where(col(Prediction.id).in_(prediction_ids)))
+        }
+
+    project = project or review_project(settings)
+    ensure_image_storage(settings, project)
+    ensure_webhook(settings, project)
+
+    fresh = set(report.added)
+    orphans = [item for item in items if item.image_id not in fresh]
+    linked = _tasks_by_image(project, {item.image_id for item in orphans}) if orphans else {}
+    _store_links([item for item in orphans if item.image_id in linked], linked)
+
+    to_import = [item for item in items if item.image_id not in linked]
+    for start in range(0, len(to_import), IMPORT_CHUNK):
+        chunk = to_import[start : start + IMPORT_CHUNK]
+        tasks = [
+            build_task(
+                settings,
+                images[item.image_id],
+                item,
+                predictions.get(item.prediction_id) if item.prediction_id is not None else None,
+            )
+            for item in chunk
+        ]
+        response = project.ls.projects.import_tasks(
+            id=project.id, request=tasks, return_task_ids=True
+        )
+        task_ids = list(response.task_ids or [])
+        if len(task_ids) != len(chunk):
+            raise RuntimeError(
+                f"Label Studio created {len(task_ids)} tasks for {len(chunk)} queued images"
+            )
+        # Label Studio creates a bulk import in order and returns the ids in that order.
+        linked.update((item.image_id, task_id) for item, task_id in zip(chunk, task_ids))
+        _store_links(chunk, linked)
+    report.task_ids.update(linked)
+
+
+def _store_links(items: Sequence[LabelingQueueItem], linked: dict[int, int]) -> None:
+    with session_scope() as session:
+        for item in items:
+            row = session.get(LabelingQueueItem, item.id)
+            if row is not None and row.label_studio_task_id is None:
+                row.label_studio_task_id = linked[item.image_id]
+                session.add(row)
+
+
+def queue_for_review(
+    settings: Settings, selected: Sequence[Selected], project: ReviewProject | None = None
+) -> QueueReport:
+    """Queue ``selected`` images (those not queued before) as pre-annotated review tasks."""
+    report = QueueReport()
+    if selected:
+        _add_rows(settings, selected, report)
+    link_tasks(settings, report, project)
+    return report

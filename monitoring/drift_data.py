@@ -1,0 +1,123 @@
+"""The two populations drift compares, as feature tables with one row per image.
+
+Columns: the image-quality features (``monitoring.features``) plus prediction statistics of
+the champion: mean and max confidence, boxes per image and the class mix (share of each class
+among an image's boxes; empty when it has none).
+
+* **reference**: the champion's training snapshot (MLflow run tag → snapshot manifest). Image
+  features come from every snapshot image; prediction statistics only from the images the
+  model did not train on, since a model is over-confident on its own training images. The
+  table is built once per model version and cached in the reports bucket.
+* **current**: recent production images (the last ``drift_window_hours``, at most
+  ``drift_window_size``), with the predictions this same model version made at ingest.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import pandas as pd
+from sqlmodel import select
+
+from monitoring.drift import DriftError
+from monitoring.features import FEATURE_NAMES, extract_features
+from visionloop.db import session_scope
+from visionloop.images import decode_image
+from visionloop.models import Image, ImageStatus, Prediction
+from visionloop.registry import ModelRef
+from visionloop.settings import Settings
+from visionloop.storage import ObjectStore, StorageError
+
+_BATCH = 32
+
+
+def prediction_stats(boxes: Sequence[dict[str, Any]], class_names: Sequence[str]) -> dict[str, float]:
+    confidences = [float(b["conf"]) for b in boxes]
+    stats: dict[str, float] = {
+        "pred_boxes": float(len(boxes)),
+        "pred_mean_conf": sum(confidences) / len(confidences) if confidences else float("nan"),
+        "pred_max_conf": max(confidences) if confidences else 0.0,
+    }
+    for index, name in enumerate(class_names):
+        hits = sum(1 for b in boxes if int(b["cls"]) == index)
+        stats[f"pred_share_{name}"] = hits / len(boxes) if boxes else float("nan")
+    return stats
+
+
+def reference_key(settings: Settings, ref: ModelRef) -> str:
+    return f"drift/reference/{settings.model_name}/v{ref.version}.parquet"
+
+
+def reference_frame(settings: Settings, ref: ModelRef, store: ObjectStore | None = None) -> pd.DataFrame:
+    """The champion's reference table, from the cache or built from its training snapshot."""
+    from visionloop.predictor import ChampionPredictor
+    from visionloop.snapshots import read_manifest, training_snapshot_of
+
+    store = store or ObjectStore(settings)
+    key = reference_key(settings, ref)
+    try:
+        return pd.read_parquet(io.BytesIO(store.get_bytes(settings.bucket_reports, key)))
+    except StorageError:
+        pass  # not built yet for this version
+
+    snapshot = training_snapshot_of(settings, ref)
+    if snapshot is None:
+        raise DriftError(
+            f"model version {ref.version} has no training snapshot recorded in MLflow, so there is "
+            "no reference to compare production with"
+        )
+    manifest = read_manifest(settings, snapshot, store)
+    # The reference is only ever built for the current champion; a fresh predictor resolves it.
+    predictor = ChampionPredictor(settings, recheck_s=float("inf"))
+    if predictor.model_version() != ref.version:
+        raise DriftError(f"the champion moved away from version {ref.version} while building its reference")
+
+    rows: list[dict[str, Any]] = []
+    items = manifest["images"]
+    for start in range(0, len(items), _BATCH):
+        batch = items[start:start + _BATCH]
+        blobs = [store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + i["image"]) for i in batch]
+        unseen = [k for k, item in enumerate(batch) if "/train/" not in f"/{item['image']}"]
+        predictions = predictor.predict_batch([decode_image(blobs[k]).rgb for k in unseen]) if unseen else []
+        by_index = dict(zip(unseen, predictions))
+        for k, blob in enumerate(blobs):
+            row: dict[str, Any] = dict(extract_features(blob))
+            if k in by_index:
+                row.update(prediction_stats(by_index[k].boxes, manifest["class_names"]))
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    store.put_bytes(settings.bucket_reports, key, buffer.getvalue(), "application/vnd.apache.parquet")
+    return frame
+
+
+def current_frame(settings: Settings, model_version: str, now: datetime) -> pd.DataFrame:
+    """Recent production images with their features and this model version's predictions."""
+    since = now - timedelta(hours=settings.drift_window_hours)
+    with session_scope() as session:
+        rows = session.exec(
+            select(Image, Prediction)
+            .join(
+                Prediction,
+                (Prediction.image_id == Image.id) & (Prediction.model_version == model_version),
+                isouter=True,
+            )
+            .where(
+                Image.status != ImageStatus.quarantined,
+                Image.features.is_not(None),
+                Image.created_at >= since,
+            )
+            .order_by(Image.created_at.desc())
+            .limit(settings.drift_window_size)
+        ).all()
+    table = []
+    for image, prediction in rows:
+        row: dict[str, Any] = {name: image.features.get(name) for name in FEATURE_NAMES}
+        if prediction is not None:
+            row.update(prediction_stats(prediction.boxes, settings.class_names))
+        table.append(row)
+    return pd.DataFrame(table)

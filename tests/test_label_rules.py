@@ -1,0 +1,124 @@
+"""Annotation validation, the reviewer's verdict and webhook parsing (no servers needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from api.routes.labeling import affected_tasks
+from labeling.label_config import FROM_NAME, TO_NAME
+from labeling.sync import InvalidAnnotation, decisive_annotation, judge, validate_regions
+from labeling.tasks import prediction_regions
+from visionloop.models import Verdict
+
+CLASSES = ["scratch", "dent", "stain"]
+
+
+def region(
+    x: float, y: float, w: float, h: float, label: str = "dent", **extra: Any
+) -> dict[str, Any]:
+    value = {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": [label]}
+    value.update(extra.pop("value", {}))
+    return {
+        "from_name": FROM_NAME,
+        "to_name": TO_NAME,
+        "type": "rectanglelabels",
+        "original_width": 200,
+        "original_height": 100,
+        "value": value,
+        **extra,
+    }
+
+
+def box(name: str, x1: float, y1: float, x2: float, y2: float, conf: float = 0.5) -> dict[str, Any]:
+    return {
+        "cls": CLASSES.index(name),
+        "name": name,
+        "conf": conf,
+        "x1": x1,
+        "y1": y1,
+        "x2": x2,
+        "y2": y2,
+    }
+
+
+def test_valid_regions_become_yolo_boxes() -> None:
+    boxes = validate_regions([region(10, 20, 30, 40, "stain")], CLASSES, 200, 100)
+    assert boxes == [{"cls": 2, "name": "stain", "cx": 0.25, "cy": 0.4, "w": 0.3, "h": 0.4}]
+
+
+def test_a_box_drawn_a_hair_past_the_edge_is_clipped() -> None:
+    [b] = validate_regions([region(-0.2, 90, 50, 10.3)], CLASSES, 200, 100)
+    assert b["cx"] - b["w"] / 2 == pytest.approx(0.0) and b["cy"] + b["h"] / 2 == pytest.approx(1.0)
+
+
+def test_every_problem_of_an_annotation_is_reported() -> None:
+    result = [
+        region(10, 10, 20, 20, "crack"),
+        region(90, 10, 30, 20),
+        region(10, 10, 0.2, 20),
+        region(10, 10, 20, 20, value={"rotation": 30}),
+        region(10, 10, 20, 20, value={"rectanglelabels": ["dent", "stain"]}),
+        {**region(10, 10, 20, 20), "original_width": 100, "original_height": 200},
+        {**region(10, 10, 20, 20), "type": "polygonlabels"},
+        region(10, 10, 20, 20),  # the one good region does not rescue the annotation
+    ]
+    with pytest.raises(InvalidAnnotation) as caught:
+        validate_regions(result, CLASSES, 200, 100)
+    problems = caught.value.problems
+    assert len(problems) == 7
+    assert "region 1: unknown label 'crack'" in problems[0]
+    assert "region 2: outside the image" in problems[1]
+    assert "region 3: degenerate box (0.4x20.0 px)" in problems[2]
+    assert "region 4: rotated" in problems[3]
+    assert "region 5: needs exactly one label" in problems[4]
+    assert "region 6: drawn on a 100x200 image, but it is 200x100" in problems[5]
+    assert "region 7: not a 'label' rectangle" in problems[6]
+
+
+def test_verdicts() -> None:
+    predicted = [box("dent", 0.1, 0.1, 0.3, 0.3), box("stain", 0.5, 0.5, 0.9, 0.9)]
+    as_is = validate_regions(prediction_regions(predicted, 200, 100, CLASSES), CLASSES, 200, 100)
+    assert judge(predicted, as_is) == Verdict.accepted
+    assert (
+        judge(predicted, as_is + [{"name": "dent", "cx": 0.7, "cy": 0.2, "w": 0.1, "h": 0.1}])
+        == Verdict.corrected
+    )
+    nudged = [dict(as_is[0], cx=as_is[0]["cx"] + 0.02), as_is[1]]
+    assert judge(predicted, nudged) == Verdict.corrected
+    relabelled = [dict(b, name="scratch") for b in as_is]
+    assert judge(predicted, relabelled) == Verdict.rejected
+    assert judge(predicted, []) == Verdict.rejected  # nothing was there
+    assert judge([], as_is) == Verdict.rejected  # the model missed everything
+    assert judge([], []) == Verdict.accepted
+
+
+def test_the_annotation_that_counts() -> None:
+    skip = {"id": 1, "was_cancelled": True, "updated_at": "2026-01-03T00:00:00Z"}
+    old = {"id": 2, "was_cancelled": False, "updated_at": "2026-01-01T00:00:00Z"}
+    new = {"id": 3, "was_cancelled": False, "updated_at": "2026-01-02T00:00:00Z"}
+    truth = {
+        "id": 4,
+        "was_cancelled": False,
+        "ground_truth": True,
+        "updated_at": "2025-12-01T00:00:00Z",
+    }
+    assert decisive_annotation([]) is None
+    assert decisive_annotation([skip])["id"] == 1
+    assert decisive_annotation([old, skip, new])["id"] == 3
+    assert decisive_annotation([old, truth, new])["id"] == 4
+
+
+def test_webhook_events_name_their_tasks() -> None:
+    assert affected_tasks(
+        {"action": "ANNOTATION_CREATED", "task": {"id": 7}, "annotation": {"id": 1, "task": 7}}
+    ) == [7]
+    assert affected_tasks({"action": "ANNOTATION_UPDATED", "annotation": {"id": 1, "task": 8}}) == [
+        8
+    ]
+    assert affected_tasks(
+        {"action": "ANNOTATIONS_CREATED", "annotation": [{"task": 3}, {"task": 2}, {"task": 3}]}
+    ) == [2, 3]
+    assert affected_tasks({"action": "TASKS_DELETED", "tasks": [{"id": 4}, {"id": 5}]}) == [4, 5]
+    assert affected_tasks({"action": "PROJECT_UPDATED", "project": {"id": 1}}) == []

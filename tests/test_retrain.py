@@ -1,0 +1,307 @@
+"""From reviewed labels to a better model on the real stack: export, train, evaluate, promote.
+
+Trainings stay tiny (imgsz from settings, 60 images, batch 4) because the CPU is shared: a
+1-epoch baseline champion, a 25-epoch challenger that must beat it, a 1-epoch challenger
+that must not. Batch 4 matters: ultralytics accumulates gradients up to 64 images, so with
+batch 16 a 35-image train split would step the optimizer once every two epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from uuid import UUID
+
+import psutil
+import pytest
+from sqlmodel import select
+
+from visionloop.db import session_scope
+from visionloop.models import ActivityEvent, Image, RetrainingRun, RetrainStatus, ReviewedLabel
+from visionloop.registry import CHALLENGER, CHAMPION, PREVIOUS, client, get_alias
+from visionloop.settings import Settings
+from visionloop.stack import Stack
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+IMAGES = 60
+BATCH = 4
+STRONG_EPOCHS = 25
+
+
+@pytest.fixture(scope="module")
+def reviewed(stack: Stack) -> list[str]:
+    """Sixty reviewed images with exact boxes (other tests may add more)."""
+    from visionloop.settings import get_settings
+    from visionloop.synthetic_labels import add_reviewed_samples
+
+    return add_reviewed_samples(get_settings(), IMAGES, seed=7)
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        _Hook.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook() -> Iterator[str]:
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/notify"
+    server.shutdown()
+
+
+def _run(run_id: int) -> RetrainingRun:
+    with session_scope() as session:
+        return session.get(RetrainingRun, run_id)
+
+
+def _events(kind: str, run_id: int) -> list[ActivityEvent]:
+    with session_scope() as session:
+        rows = session.exec(
+            select(ActivityEvent).where(ActivityEvent.kind == kind).order_by(ActivityEvent.id)
+        )
+        return [e for e in rows if e.payload.get("retraining_run_id") == run_id]
+
+
+def test_retrain_promotes_a_better_challenger_and_keeps_the_champion_against_a_weak_one(
+    settings: Settings, reviewed: list[str], webhook: str
+) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.export import export_flow
+    from flows.retrain import RETRAIN_CONCURRENCY, retrain_flow
+    from flows.train import train_flow
+    from visionloop.promotion import promote, rollback
+
+    # A baseline champion of one epoch: any real training must beat it.
+    exported = export_flow()
+    baseline = train_flow(
+        snapshot_id=exported["snapshot_id"], epochs=1, batch=BATCH, from_scratch=True
+    )
+    promote(settings, baseline["version"], reason="test baseline")
+
+    strong = retrain_flow(
+        trigger="manual",
+        reason="test",
+        epochs=STRONG_EPOCHS,
+        batch=BATCH,
+        notify_webhook_url=webhook,
+    )
+    assert strong["promoted"] is True, strong["reasons"]
+    assert get_alias(settings, CHAMPION).version == strong["challenger_version"]
+    assert get_alias(settings, PREVIOUS).version == baseline["version"]
+    assert get_alias(settings, CHALLENGER).version == strong["challenger_version"]
+
+    run = _run(strong["retraining_run_id"])
+    assert (
+        run.status == RetrainStatus.succeeded and run.promoted is True and run.active_lock is None
+    )
+    assert (
+        run.model_version == strong["challenger_version"]
+        and run.snapshot_id == exported["snapshot_id"]
+    )
+    assert run.metrics["holdout_hash"] == exported["holdout_hash"]
+    assert (
+        run.metrics["challenger"]["metrics"]["mAP50-95"]
+        > run.metrics["champion"]["metrics"]["mAP50-95"]
+    )
+    assert set(run.metrics["challenger"]["per_class"]) <= set(settings.class_names)
+    assert (
+        "met." in run.decision_reasons[0]
+        and run.decision_reasons[-1] == "Verdict: promote the challenger."
+    )
+
+    # In MLflow: parameters, per-epoch metrics, weights, snapshot, code version, decision.
+    mlflow = client(settings)
+    tracked = mlflow.get_run(run.mlflow_run_id)
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.params["epochs"] == str(STRONG_EPOCHS) and tracked.data.params[
+        "batch"
+    ] == str(BATCH)
+    assert tracked.data.params["base_version"] == baseline["version"]
+    tags = tracked.data.tags
+    assert tags["visionloop.snapshot_hash"] == exported["snapshot_hash"]
+    assert tags["visionloop.holdout_hash"] == exported["holdout_hash"]
+    assert tags["visionloop.code_version"] and tags["visionloop.gate.decision"] == "promote"
+    assert [m.step for m in mlflow.get_metric_history(run.mlflow_run_id, "mAP50")] == list(
+        range(1, STRONG_EPOCHS + 1)
+    )
+    assert (
+        "holdout_mAP50-95" in tracked.data.metrics
+        and "champion_holdout_mAP50-95" in tracked.data.metrics
+    )
+    assert {a.path for a in mlflow.list_artifacts(run.mlflow_run_id)} >= {"weights", "evaluation"}
+
+    # Progress by stage and epoch, and the notification (event + webhook).
+    stages = [e.payload["stage"] for e in _events("retrain.stage", run.id)]
+    assert stages == ["export", "train", "evaluate", "promote", "notify"]
+    epochs = _events("training.epoch", run.id)
+    assert [e.payload["epoch"] for e in epochs] == list(range(1, STRONG_EPOCHS + 1))
+    assert {"box_loss", "cls_loss", "mAP50", "mAP50-95"} <= set(epochs[-1].payload)
+    finished = _events("retrain.finished", run.id)
+    assert len(finished) == 1 and "promoted to champion" in finished[0].message
+    hook = [m for m in _Hook.received if m["payload"].get("retraining_run_id") == run.id]
+    assert (
+        hook and hook[-1]["kind"] == "retrain.finished" and hook[-1]["payload"]["promoted"] is True
+    )
+    with session_scope() as session:
+        used = session.exec(
+            select(ReviewedLabel.used_for_training)
+            .join(Image)
+            .where(Image.content_hash.in_(reviewed))
+        ).all()
+    assert len(used) == IMAGES and all(used)
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_global_concurrency_limit_by_name(RETRAIN_CONCURRENCY).limit == 1
+
+    # A deliberately weak challenger (one epoch from scratch) is judged and kept out.
+    champion_before = get_alias(settings, CHAMPION).version
+    weak = retrain_flow(
+        trigger="manual", reason="weak on purpose", epochs=1, batch=BATCH, from_scratch=True
+    )
+    assert weak["promoted"] is False
+    assert get_alias(settings, CHAMPION).version == champion_before
+    assert get_alias(settings, CHALLENGER).version == weak["challenger_version"]
+    kept = _run(weak["retraining_run_id"])
+    assert kept.status == RetrainStatus.succeeded and kept.promoted is False
+    assert kept.metrics["holdout_hash"] == exported["holdout_hash"]  # judged on the same frozen set
+    assert "not met" in kept.decision_reasons[0] and "challenger" in kept.decision_reasons[0]
+    assert kept.decision_reasons[-1] == "Verdict: keep the champion."
+    assert (
+        mlflow.get_run(kept.mlflow_run_id).data.tags["visionloop.gate.decision"] == "keep champion"
+    )
+
+    # Rollback moves the champion back, and can itself be undone.
+    back = rollback(settings, reason="test")
+    assert (
+        back.champion == baseline["version"]
+        and get_alias(settings, PREVIOUS).version == champion_before
+    )
+    assert rollback(settings).champion == champion_before
+
+
+def _flow_run_process(stack: Stack, flow_run_id: str) -> psutil.Process | None:
+    worker = stack.running_pid("worker")
+    for proc in psutil.Process(worker).children(recursive=True):
+        try:
+            if proc.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
+                return proc
+        except psutil.Error:
+            continue
+    return None
+
+
+def _wait(what: str, check, timeout: float):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _final_state(flow_run_id: str):  # noqa: ANN202 - a Prefect State, or None while running
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        state = prefect.read_flow_run(UUID(flow_run_id)).state
+    return state if state is not None and state.is_final() else None
+
+
+def _deployed_retrain_in_training(reason: str) -> tuple[str, RetrainingRun]:
+    """Start the retrain deployment `up` registered and wait for its first training epoch."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(
+        "retrain/retrain",
+        parameters={"trigger": "manual", "reason": reason, "epochs": 60, "batch": BATCH},
+        timeout=0,
+    )
+    flow_run_id = str(flow_run.id)
+
+    def training_run() -> RetrainingRun | None:
+        with session_scope() as session:
+            run = session.exec(
+                select(RetrainingRun).where(RetrainingRun.prefect_flow_run_id == flow_run_id)
+            ).first()
+        return run if run is not None and _events("training.epoch", run.id) else None
+
+    return flow_run_id, _wait(f"the first epoch of {reason!r}", training_run, timeout=420)
+
+
+def test_a_cancelled_retrain_is_marked_failed_and_releases_the_guard(
+    settings: Settings, reviewed: list[str]
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    from visionloop.retrain_guard import current_holder
+
+    champion = get_alias(settings, CHAMPION)
+    flow_run_id, run = _deployed_retrain_in_training("to be cancelled")
+    with get_client(sync_client=True) as prefect:
+        prefect.set_flow_run_state(UUID(flow_run_id), Cancelling(), force=True)
+    state = _wait("Prefect to cancel the flow run", lambda: _final_state(flow_run_id), timeout=180)
+    assert state.is_cancelled(), state
+
+    # The worker stopped it with SIGTERM; the flow itself recorded why and let go.
+    run = _run(run.id)
+    assert run.status == RetrainStatus.failed and run.active_lock is None and run.promoted is False
+    assert "SIGTERM" in run.error
+    assert current_holder() is None
+    assert client(settings).get_run(run.mlflow_run_id).info.status == "FAILED"
+    assert get_alias(settings, CHAMPION) == champion
+    assert _events("retrain.failed", run.id)
+
+
+def test_a_retrain_killed_midway_fails_releases_the_guard_and_keeps_the_champion(
+    settings: Settings, stack: Stack, reviewed: list[str]
+) -> None:
+    from prefect.concurrency.sync import concurrency
+
+    from flows.retrain import RETRAIN_CONCURRENCY
+    from visionloop.retrain_guard import acquire, current_holder, reconcile, release
+
+    champion = get_alias(settings, CHAMPION)
+    flow_run_id, run = _deployed_retrain_in_training("to be killed")
+    assert run.status == RetrainStatus.running and current_holder().id == run.id
+    assert run.mlflow_run_id  # recorded while the run is live, so it can be ended for it
+    # Prefect's limit is taken too: nobody else gets the retrain slot while it trains.
+    with pytest.raises(TimeoutError):
+        with concurrency(RETRAIN_CONCURRENCY, occupy=1, timeout_seconds=3, strict=True):
+            pass
+
+    process = _flow_run_process(stack, flow_run_id)
+    assert process is not None, "the worker's flow-run process was not found"
+    process.send_signal(signal.SIGKILL)  # no chance to clean up: the real-world case
+    state = _wait("Prefect to mark the flow run crashed", lambda: _final_state(flow_run_id), 120)
+    assert state.is_crashed(), state
+    assert _run(run.id).active_lock == "retrain"  # a dead process cannot let go by itself
+
+    failed = reconcile(settings)
+    assert failed is not None and failed.id == run.id
+    run = _run(run.id)
+    assert run.status == RetrainStatus.failed and run.active_lock is None and run.promoted is False
+    assert "Crashed" in run.error and flow_run_id in run.error
+    assert client(settings).get_run(run.mlflow_run_id).info.status == "FAILED"
+    assert get_alias(settings, CHAMPION) == champion
+
+    # The guard is free again: a later retrain takes it at once...
+    later = acquire(settings, trigger="manual", reason="after the kill", flow_run_id=None)
+    release(later.id, status=RetrainStatus.cancelled, error="test only")
+    # ...and Prefect hands the killed run's slot back once its lease lapses.
+    with concurrency(RETRAIN_CONCURRENCY, occupy=1, timeout_seconds=150, strict=True):
+        pass

@@ -1,0 +1,218 @@
+"""The synthetic defect generator: determinism, label sanity, drift knobs, YOLO layout."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from visionloop.synthetic import (
+    DEFAULT_CLASS_NAMES,
+    DriftParams,
+    SyntheticSample,
+    apply_drift,
+    encode_jpeg,
+    generate_sample,
+    iter_samples,
+    write_yolo_dataset,
+)
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+def _stack(samples: list[SyntheticSample]) -> np.ndarray:
+    return np.stack([s.image for s in samples]).astype(np.float64)
+
+
+def _laplacian_var(images: np.ndarray) -> float:
+    return float(
+        np.mean([cv2.Laplacian(cv2.cvtColor(im.astype(np.uint8), cv2.COLOR_RGB2GRAY), cv2.CV_64F).var() for im in images])
+    )
+
+
+def _high_freq_energy(images: np.ndarray) -> float:
+    """Mean squared residual after a 3x3 box blur: what is left is pixel-scale detail."""
+    return float(np.mean([np.mean((im - cv2.blur(im, (3, 3))) ** 2) for im in images]))
+
+
+# --- determinism -------------------------------------------------------------------------
+
+
+def test_same_seed_gives_identical_bytes() -> None:
+    drift = DriftParams(brightness=0.05, blur=0.8, noise=0.03, color_cast=(1.1, 1.0, 0.9))
+    for index in range(5):
+        a = generate_sample(index, seed=7, drift=drift)
+        b = generate_sample(index, seed=7, drift=drift)
+        assert a.image.tobytes() == b.image.tobytes()
+        assert a.boxes == b.boxes
+        assert encode_jpeg(a.image) == encode_jpeg(b.image)
+
+
+def test_different_seed_or_index_differs() -> None:
+    base = generate_sample(3, seed=0)
+    assert base.image.tobytes() != generate_sample(3, seed=1).image.tobytes()
+    assert base.image.tobytes() != generate_sample(4, seed=0).image.tobytes()
+
+
+def test_image_depends_only_on_seed_and_index() -> None:
+    stream = list(iter_samples(6, seed=5, size=96))
+    tail = list(iter_samples(2, seed=5, size=96, start=4))
+    assert [s.image.tobytes() for s in stream[4:]] == [s.image.tobytes() for s in tail]
+    alone = generate_sample(2, seed=5, size=96)
+    assert alone.image.tobytes() == stream[2].image.tobytes()
+    assert alone.boxes == stream[2].boxes
+
+
+def test_drift_keeps_the_scene() -> None:
+    plain = generate_sample(1, seed=0)
+    drifted = generate_sample(1, seed=0, drift=DriftParams(brightness=0.1, noise=0.05))
+    assert drifted.boxes == plain.boxes
+    assert drifted.image.tobytes() != plain.image.tobytes()
+    assert generate_sample(1, seed=0, drift=DriftParams()).image.tobytes() == plain.image.tobytes()
+
+
+# --- images and boxes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [64, 160, 320])
+def test_image_format(size: int) -> None:
+    sample = generate_sample(0, size=size)
+    assert sample.image.shape == (size, size, 3)
+    assert sample.image.dtype == np.uint8
+
+
+@pytest.mark.parametrize("class_names", [list(DEFAULT_CLASS_NAMES), ["defect"], [f"c{i}" for i in range(8)]])
+def test_boxes_are_valid_and_every_class_appears(class_names: list[str]) -> None:
+    n = 60 if len(class_names) <= 3 else 150
+    samples = list(iter_samples(n, seed=11, class_names=class_names))
+    counts: Counter[int] = Counter()
+    per_image = []
+    for s in samples:
+        per_image.append(len(s.boxes))
+        for cls, cx, cy, w, h in s.boxes:
+            assert isinstance(cls, int) and 0 <= cls < len(class_names)
+            assert 0 <= cx - w / 2 and cx + w / 2 <= 1
+            assert 0 <= cy - h / 2 and cy + h / 2 <= 1
+            # At least ~2 px each way and never the whole frame.
+            assert 2 / 160 <= w < 0.9 and 2 / 160 <= h < 0.9
+            counts[cls] += 1
+    assert set(counts) == set(range(len(class_names))), counts
+    assert max(per_image) <= 3
+    assert sum(1 for k in per_image if k == 0) <= n // 6  # empty images stay rare
+
+
+def test_boxes_are_tight_around_the_defect() -> None:
+    """Every box edge touches its defect: a loose box would have plain surface at its border."""
+    size = 160
+    for s in iter_samples(40, seed=3, size=size, class_names=[f"c{i}" for i in range(8)]):
+        image = s.image.astype(np.float64)
+        for _, cx, cy, w, h in s.boxes:
+            x0, y0 = round((cx - w / 2) * size), round((cy - h / 2) * size)
+            x1, y1 = round((cx + w / 2) * size), round((cy + h / 2) * size)
+            around = np.concatenate(
+                [
+                    image[max(0, y0 - 8) : y0].reshape(-1, 3),
+                    image[y1 : y1 + 8].reshape(-1, 3),
+                    image[y0:y1, max(0, x0 - 8) : x0].reshape(-1, 3),
+                    image[y0:y1, x1 : x1 + 8].reshape(-1, 3),
+                ]
+            )
+            distance = np.linalg.norm(image[y0:y1, x0:x1] - np.median(around, axis=0), axis=2)
+            # Each 2 px band along an edge holds a pixel far (in RGB) from the surroundings.
+            for band in (distance[:2], distance[-2:], distance[:, :2], distance[:, -2:]):
+                assert band.max() > 40
+
+
+# --- drift knobs -----------------------------------------------------------------------------
+
+N_DRIFT = 12
+
+
+@pytest.fixture(scope="module")
+def plain_images() -> np.ndarray:
+    return _stack(list(iter_samples(N_DRIFT, seed=21)))
+
+
+def _drifted(**kwargs: object) -> np.ndarray:
+    return _stack(list(iter_samples(N_DRIFT, seed=21, drift=DriftParams(**kwargs))))
+
+
+def test_brightness_shifts_the_mean(plain_images: np.ndarray) -> None:
+    brighter = _drifted(brightness=0.15).mean() - plain_images.mean()
+    darker = _drifted(brightness=-0.15).mean() - plain_images.mean()
+    assert brighter > 0.8 * 0.15 * 255  # ~38 levels minus a little clipping
+    assert darker < -0.8 * 0.15 * 255
+
+
+def test_blur_lowers_laplacian_variance(plain_images: np.ndarray) -> None:
+    sharp = _laplacian_var(plain_images)
+    assert _laplacian_var(_drifted(blur=1.5)) < 0.3 * sharp
+
+
+def test_noise_raises_high_frequency_energy(plain_images: np.ndarray) -> None:
+    clean = _high_freq_energy(plain_images)
+    noisy = _high_freq_energy(_drifted(noise=0.05))
+    assert noisy > 3 * clean
+    # The mean is untouched: noise is zero-centred.
+    assert abs(_drifted(noise=0.05).mean() - plain_images.mean()) < 1.0
+
+
+def test_color_cast_shifts_channel_means(plain_images: np.ndarray) -> None:
+    cast = _drifted(color_cast=(1.2, 1.0, 0.8))
+    before, after = plain_images.mean(axis=(0, 1, 2)), cast.mean(axis=(0, 1, 2))
+    assert after[0] > before[0] * 1.15
+    assert abs(after[1] - before[1]) < 0.5
+    assert after[2] < before[2] * 0.85
+
+
+def test_drift_params_validate_and_apply_to_any_image() -> None:
+    with pytest.raises(ValueError):
+        DriftParams(blur=-1)
+    with pytest.raises(ValueError):
+        DriftParams(color_cast=(1.0, 1.0))  # type: ignore[arg-type]
+    image = generate_sample(0).image
+    out = apply_drift(image, DriftParams(brightness=0.1), seed=1)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert out.astype(float).mean() > image.astype(float).mean() + 20
+
+
+# --- the YOLO dataset -------------------------------------------------------------------------
+
+
+def test_written_dataset_loads_in_ultralytics(tmp_path: Path) -> None:
+    from ultralytics.data.dataset import YOLODataset
+    from ultralytics.data.utils import check_det_dataset
+
+    names = ["scratch", "dent", "stain", "chip"]
+    seen: list[int] = []
+    data_yaml = write_yolo_dataset(
+        tmp_path / "ds", n_train=10, n_val=4, seed=2, size=96, class_names=names, progress=seen.append
+    )
+    assert seen == list(range(1, 15))
+
+    # A second call replaces the first rather than leaving extra images behind.
+    data_yaml = write_yolo_dataset(tmp_path / "ds", n_train=8, n_val=4, seed=2, size=96, class_names=names)
+
+    data = check_det_dataset(str(data_yaml))
+    assert data["names"] == dict(enumerate(names))
+    assert data["nc"] == len(names)
+
+    expected = list(iter_samples(12, seed=2, size=96, class_names=names))
+    for split, samples in (("train", expected[:8]), ("val", expected[8:])):
+        dataset = YOLODataset(img_path=data[split], imgsz=96, augment=False, data=data, task="detect")
+        assert len(dataset) == len(samples)
+        loaded = sorted(dataset.labels, key=lambda label: label["im_file"])
+        for label, sample in zip(loaded, samples):
+            assert label["cls"].ravel().astype(int).tolist() == [b[0] for b in sample.boxes]
+            np.testing.assert_allclose(
+                label["bboxes"], np.array([b[1:] for b in sample.boxes]).reshape(-1, 4), atol=1e-6
+            )
+
+    train_names = sorted(p.name for p in (tmp_path / "ds" / "images" / "train").iterdir())
+    val_names = sorted(p.name for p in (tmp_path / "ds" / "images" / "val").iterdir())
+    assert train_names == [f"img_{i:06d}.jpg" for i in range(8)]
+    assert val_names == [f"img_{i:06d}.jpg" for i in range(8, 12)]

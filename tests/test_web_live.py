@@ -1,0 +1,179 @@
+"""The API process the stack started, as its users meet it: over HTTP, through the live event
+stream, and in a real browser (headless Chromium) showing the dashboard.
+
+The browser test needs Debian's ``chromium`` and ``chromium-driver`` (``/usr/bin/chromium``,
+``/usr/bin/chromedriver``); it installs nothing itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from monitoring.events import emit
+from visionloop.settings import get_settings
+from visionloop.stack import Stack
+
+pytestmark = [pytest.mark.stack]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+SCREENSHOT = Path("/tmp/dashboard.png")
+
+
+@pytest.fixture(scope="module")
+def api_url(stack: Stack) -> str:
+    return stack.settings.api_url
+
+
+def test_the_running_api_answers_with_the_platform_state(api_url: str) -> None:
+    health = httpx.get(f"{api_url}/api/system/health", timeout=60).json()
+    assert health["healthy"] is True, health
+    conditions = httpx.get(f"{api_url}/api/retraining/conditions", timeout=60).json()
+    assert len(conditions["conditions"]) == 6
+    refused = httpx.post(f"{api_url}/api/retraining/trigger", timeout=30)
+    assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
+
+
+class SseReader:
+    """Reads a server-sent event stream on a thread; ``wait_for`` blocks until an event matches."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.ids: list[int] = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url, headers or {}), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, headers: dict[str, str]) -> None:
+        # Reads block for at most the server's heartbeat interval and a bit.
+        with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(30.0)) as response:
+            event_id = None
+            for line in response.iter_lines():
+                if self._stop.is_set():
+                    return
+                if line.startswith("id: "):
+                    event_id = int(line[4:])
+                elif line.startswith("data: "):
+                    with self._cond:
+                        self.events.append(json.loads(line[6:]))
+                        self.ids.append(event_id if event_id is not None else -1)
+                        self._cond.notify_all()
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = next((e for e in self.events if predicate(e)), None)
+                if found is not None:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no matching event within {timeout} s; got {self.events[-5:]}")
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def test_the_event_stream_replays_then_goes_live_and_resumes(api_url: str) -> None:
+    kind = f"livetest{uuid.uuid4().hex[:6]}"
+    old = emit(f"{kind}.before", "emitted before connecting")
+    reader = SseReader(f"{api_url}/api/events/stream?replay=5")
+    try:
+        reader.wait_for(lambda e: e["id"] == old.id)  # replayed on connect
+        live = emit(f"{kind}.during", "emitted while connected", {"n": 1})
+        seen = reader.wait_for(lambda e: e["id"] == live.id, timeout=20)
+        assert seen["kind"] == f"{kind}.during" and seen["payload"] == {"n": 1}
+        assert reader.ids == sorted(reader.ids) and reader.ids[-1] == live.id  # ids let a client resume
+    finally:
+        reader.close()
+
+    # A reconnecting EventSource sends Last-Event-ID and gets exactly what it missed.
+    missed = [emit(f"{kind}.missed", f"missed {i}") for i in range(3)]
+    resumed = SseReader(f"{api_url}/api/events/stream?kind={kind}", headers={"Last-Event-ID": str(live.id)})
+    try:
+        resumed.wait_for(lambda e: e["id"] == missed[-1].id)
+        assert [e["id"] for e in resumed.events] == [m.id for m in missed]
+    finally:
+        resumed.close()
+    bad = httpx.get(f"{api_url}/api/events/stream", headers={"Last-Event-ID": "x"}, timeout=30)
+    assert bad.status_code == 422 and bad.json()["error"] == "validation_error"
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.fail(
+            f"{CHROMIUM} and {CHROMEDRIVER} are needed for the dashboard test: "
+            "apt-get install -y chromium chromium-driver"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="visionloop-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1400,1600",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+def test_the_dashboard_shows_an_emitted_event_live(api_url: str, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60, poll_frequency=0.25)
+    text = lambda element_id: browser.find_element(By.ID, element_id).text  # noqa: E731
+
+    browser.get(f"{api_url}/dashboard")
+    wait.until(lambda _: "on" in browser.find_element(By.ID, "live").get_attribute("class"))
+    wait.until(lambda _: text("retrain-state") not in ("", "–"))  # the panels loaded from the API
+    wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#health li"))
+    settings = get_settings()
+    assert browser.find_element(By.ID, "link-mlflow").get_attribute("href").rstrip("/") == settings.mlflow_uri
+
+    # The training panel and the feed change when a flow (here: this process) emits events.
+    run = -int(time.time())  # no real retraining run has a negative id
+    before = text("training-epoch")
+    emit("training.started", "training a challenger (browser test)", {"retraining_run_id": run, "epochs": 7})
+    marker = f"browser test {uuid.uuid4().hex[:8]}"
+    emit("training.epoch", marker, {"retraining_run_id": run, "epoch": 3, "epochs": 7, "mAP50": 0.42,
+                                    "mAP50-95": 0.2, "box_loss": 1.25})
+    wait.until(lambda _: text("training-epoch") == "epoch 3/7 · mAP50 0.420")
+    assert text("training-epoch") != before
+    assert browser.find_elements(By.CSS_SELECTOR, '#training-chart polyline[data-series="mAP50"]')
+    wait.until(lambda _: marker in text("feed"))
+    newest = browser.find_element(By.CSS_SELECTOR, "#feed li")
+    assert newest.get_attribute("data-kind") == "training.epoch" and marker in newest.text
+
+    # A refused action shows the API's own explanation.
+    browser.find_element(By.ID, "token").clear()
+    browser.find_element(By.ID, "trigger").click()
+    wait.until(lambda _: "VISIONLOOP_API_TOKEN" in text("trigger-result"))
+
+    browser.save_screenshot(str(SCREENSHOT))
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "401" not in e["message"]]
+    assert not errors, errors

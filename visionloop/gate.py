@@ -1,0 +1,105 @@
+"""The promotion gate: is the challenger measurably better than the champion on the same test?
+
+A pure function over two evaluations of the same held-out set, so every rule is easy to test
+and the reasons a person reads are exactly the ones the decision was made on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+DEFAULT_PRIMARY_METRIC = "mAP50-95"
+"""The metric the challenger must improve (one of visionloop.evaluation.METRICS)."""
+
+# The per-class AP the tolerance applies to, following the primary metric's IoU range.
+_CLASS_METRIC = {
+    "mAP50": "AP50",
+    "mAP50-95": "AP50-95",
+    "precision": "AP50-95",
+    "recall": "AP50-95",
+}
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reasons: list[str]
+    primary_metric: str
+    challenger_value: float
+    champion_value: float | None = None
+    delta: float | None = None
+    class_drops: dict[str, float] = field(default_factory=dict)  # class -> drop beyond tolerance
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(
+    challenger: Mapping[str, Any],
+    champion: Mapping[str, Any] | None,
+    *,
+    margin: float,
+    tolerance: float,
+    primary_metric: str = DEFAULT_PRIMARY_METRIC,
+    class_names: Sequence[str] = (),
+) -> GateDecision:
+    """Promote only if the challenger beats the champion on ``primary_metric`` by at least
+    ``margin`` (and by more than nothing: a tie keeps the champion), and no class's AP falls
+    by more than ``tolerance``.
+
+    ``challenger`` and ``champion`` are ``EvalResult.as_dict()`` of the same held-out set;
+    ``champion`` is None when there is no champion yet. ``class_names`` only adds a note for
+    classes the held-out set has no example of.
+    """
+    if primary_metric not in _CLASS_METRIC:
+        raise ValueError(
+            f"unknown primary metric {primary_metric!r}; use one of {sorted(_CLASS_METRIC)}"
+        )
+    new = float(challenger["metrics"][primary_metric])
+    if champion is None:
+        return GateDecision(
+            True,
+            [
+                f"There is no champion yet, so the challenger ({primary_metric} {new:.3f} on the "
+                "held-out set) becomes the first one."
+            ],
+            primary_metric,
+            new,
+        )
+
+    old = float(champion["metrics"][primary_metric])
+    delta = new - old
+    reasons: list[str] = []
+    better = delta > 0 and delta >= margin
+    need = f"an improvement of at least {margin:.3f}" if margin > 0 else "an improvement"
+    reasons.append(
+        f"{primary_metric} on the held-out set: challenger {new:.3f} vs champion {old:.3f} "
+        f"({delta:+.3f}); promotion needs {need}: {'met' if better else 'not met'}."
+    )
+
+    class_metric = _CLASS_METRIC[primary_metric]
+    drops: dict[str, float] = {}
+    for name, old_class in sorted(champion.get("per_class", {}).items()):
+        before = float(old_class[class_metric])
+        after = float(challenger.get("per_class", {}).get(name, {}).get(class_metric, 0.0))
+        if before - after > tolerance:
+            drops[name] = round(before - after, 6)
+            reasons.append(
+                f"Class {name!r} {class_metric} fell by {before - after:.3f} ({before:.3f} to "
+                f"{after:.3f}), more than the {tolerance:.3f} tolerance."
+            )
+    if not drops:
+        reasons.append(f"No class {class_metric} fell by more than the {tolerance:.3f} tolerance.")
+    unseen = [
+        n
+        for n in class_names
+        if n not in champion.get("per_class", {}) and n not in challenger.get("per_class", {})
+    ]
+    if unseen:
+        reasons.append(f"Not judged per class, no held-out examples: {', '.join(unseen)}.")
+
+    promote = better and not drops
+    reasons.append("Verdict: promote the challenger." if promote else "Verdict: keep the champion.")
+    return GateDecision(promote, reasons, primary_metric, new, old, round(delta, 6), drops)

@@ -1,0 +1,169 @@
+"""Retraining as a person sees it: what runs now, what ran before, and asking for a retrain by hand.
+
+A run blocks a new request while it holds the retrain guard, and also while it is launched
+but still queued in Prefect (pending, with a flow run): a second click on "retrain" must not
+queue a second retrain behind the first. Both are reconciled with Prefect first, so a run
+whose flow run died never blocks anyone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlmodel import col, func, select
+
+from monitoring.events import emit
+from visionloop.db import get_engine, session_scope
+from visionloop.models import ActivityEvent, RetrainingRun, RetrainStatus
+from visionloop.retrain_guard import RetrainBusy, create_run, current_holder, reconcile, update_run
+from visionloop.retrain_launcher import LaunchedRetrain
+from visionloop.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MANUAL = "manual"
+FINISHED = (RetrainStatus.succeeded, RetrainStatus.failed, RetrainStatus.cancelled)
+_request_lock = threading.Lock()  # one check-then-launch at a time per process (double clicks)
+
+
+class LaunchFailed(RuntimeError):
+    """The retrain deployment could not be started; the request was recorded as cancelled."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: str | None  # export | train | evaluate | promote | notify
+    epoch: int | None
+    epochs: int | None
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class RetrainingStatus:
+    state: str  # idle | queued | running
+    current: RetrainingRun | None
+    progress: Progress | None
+    last_finished: RetrainingRun | None
+    reconcile_error: str | None  # Prefect could not be asked; the state may be stale
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def launched_pending(engine: Engine | None = None) -> RetrainingRun | None:
+    """The oldest request handed to Prefect that has not taken the guard yet."""
+    with session_scope(engine) as session:
+        return session.exec(
+            select(RetrainingRun)
+            .where(RetrainingRun.status == RetrainStatus.pending, col(RetrainingRun.prefect_flow_run_id).is_not(None))
+            .order_by(col(RetrainingRun.id))
+            .limit(1)
+        ).first()
+
+
+def blocking_run(settings: Settings, engine: Engine | None = None) -> RetrainingRun | None:
+    """The run that keeps a new retrain from starting, after reconciling with Prefect."""
+    reconcile(settings, engine)
+    return current_holder(engine) or launched_pending(engine)
+
+
+def request_retrain(
+    settings: Settings, reason: str, launcher: Callable[..., LaunchedRetrain]
+) -> LaunchedRetrain:
+    """Record a manual request and start the retrain deployment for it; ``RetrainBusy`` if one runs."""
+    with _request_lock:
+        busy = blocking_run(settings)
+        if busy is not None:
+            raise RetrainBusy(busy)
+        run = create_run(MANUAL, reason)
+        assert run.id is not None
+        try:
+            launched = launcher(settings, trigger=MANUAL, reason=reason, retraining_run_id=run.id)
+        except Exception as exc:
+            # Cancelled, not failed: a request that never started must not start the cooldown.
+            error = f"could not start the Prefect deployment retrain/retrain: {type(exc).__name__}: {exc}"
+            update_run(run.id, status=RetrainStatus.cancelled, finished_at=_now(), error=error)
+            raise LaunchFailed(error) from exc
+    emit(
+        "retrain.requested",
+        f"retrain requested by hand (run {launched.retraining_run_id})" + (f": {reason}" if reason else ""),
+        {"retraining_run_id": launched.retraining_run_id, "flow_run_id": launched.flow_run_id, "reason": reason},
+    )
+    return launched
+
+
+def _progress(run_id: int, engine: Engine | None = None, scan: int = 500) -> Progress:
+    """The run's latest stage and epoch, from its activity events (the newest ``scan`` of each kind)."""
+    stage: str | None = None
+    epoch: dict[str, Any] | None = None
+    with session_scope(engine) as session:
+        for kind in ("retrain.stage", "training.epoch"):
+            rows = session.exec(
+                select(ActivityEvent)
+                .where(ActivityEvent.kind == kind)
+                .order_by(col(ActivityEvent.id).desc())
+                .limit(scan)
+            )
+            for event in rows:
+                if event.payload.get("retraining_run_id") != run_id:
+                    continue
+                if kind == "retrain.stage":
+                    stage = event.payload.get("stage")
+                else:
+                    epoch = event.payload
+                break
+    not_metrics = ("epoch", "epochs", "retraining_run_id", "snapshot_id")
+    metrics = {
+        k: float(v) for k, v in (epoch or {}).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in not_metrics
+    }
+    return Progress(
+        stage=stage,
+        epoch=int(epoch["epoch"]) if epoch else None,
+        epochs=int(epoch["epochs"]) if epoch else None,
+        metrics=metrics,
+    )
+
+
+def retraining_status(settings: Settings, engine: Engine | None = None) -> RetrainingStatus:
+    reconcile_error = None
+    try:
+        reconcile(settings, engine)
+    except Exception as exc:  # noqa: BLE001 - Prefect down must not hide what the database knows
+        reconcile_error = f"could not reconcile with Prefect: {type(exc).__name__}: {exc}"
+        log.warning(reconcile_error)
+    holder = current_holder(engine)
+    current = holder or launched_pending(engine)
+    with session_scope(engine) as session:
+        last = session.exec(
+            select(RetrainingRun)
+            .where(col(RetrainingRun.status).in_(FINISHED), col(RetrainingRun.finished_at).is_not(None))
+            .order_by(col(RetrainingRun.finished_at).desc(), col(RetrainingRun.id).desc())
+            .limit(1)
+        ).first()
+    state = "running" if holder else "queued" if current else "idle"
+    progress = _progress(current.id, engine) if current is not None and current.id is not None else None
+    return RetrainingStatus(state, current, progress, last, reconcile_error)
+
+
+def retraining_history(
+    *, limit: int, offset: int, status: str | None = None, trigger: str | None = None,
+    engine: Engine | None = None,
+) -> tuple[int, list[RetrainingRun]]:
+    """A page of retraining runs, newest first, and how many match in all."""
+    with session_scope(engine or get_engine()) as session:
+        query = select(RetrainingRun)
+        if status:
+            query = query.where(RetrainingRun.status == status)
+        if trigger:
+            query = query.where(RetrainingRun.trigger == trigger)
+        total = session.exec(select(func.count()).select_from(query.subquery())).one()
+        rows = session.exec(query.order_by(col(RetrainingRun.id).desc()).offset(offset).limit(limit)).all()
+    return int(total), list(rows)

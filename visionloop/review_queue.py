@@ -1,0 +1,187 @@
+"""The review queue as people look at it: filtered pages, and what the reviews say about the model.
+
+Reviewer agreement is the share of reviewed pre-annotations the reviewer accepted unchanged
+(``Verdict.accepted``). Per-class error rates come from the corrections themselves: the boxes
+the model predicted for a reviewed image are matched one-to-one against the reviewed boxes
+of the same class (IoU at least 0.5, best overlaps first); an unmatched predicted box is a
+false positive, an unmatched reviewed box a miss (seed 001's "where the model does badly").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Session, col, func, select
+
+from visionloop.models import LabelingQueueItem, Prediction, QueueStatus, ReviewedLabel, Verdict
+
+MATCH_IOU = 0.5
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 normalised to 0..1
+
+
+@dataclass(frozen=True)
+class QueueFilter:
+    status: QueueStatus | None = None
+    flagged_reason: str | None = None
+    min_confidence: float | None = None
+    max_confidence: float | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+def queue_page(
+    session: Session, where: QueueFilter, *, limit: int, offset: int, newest_first: bool = True
+) -> tuple[int, list[LabelingQueueItem]]:
+    """One page of queue items matching ``where``, and how many match in all."""
+    query = select(LabelingQueueItem)
+    if where.status is not None:
+        query = query.where(LabelingQueueItem.status == where.status)
+    if where.flagged_reason:
+        query = query.where(LabelingQueueItem.flagged_reason == where.flagged_reason)
+    if where.min_confidence is not None:
+        query = query.where(col(LabelingQueueItem.confidence_score) >= where.min_confidence)
+    if where.max_confidence is not None:
+        query = query.where(col(LabelingQueueItem.confidence_score) <= where.max_confidence)
+    if where.created_after is not None:
+        query = query.where(col(LabelingQueueItem.created_at) >= where.created_after)
+    if where.created_before is not None:
+        query = query.where(col(LabelingQueueItem.created_at) < where.created_before)
+    total = session.exec(select(func.count()).select_from(query.subquery())).one()
+    order = col(LabelingQueueItem.id).desc() if newest_first else col(LabelingQueueItem.id)
+    return int(total), list(session.exec(query.order_by(order).offset(offset).limit(limit)))
+
+
+@dataclass
+class ClassErrors:
+    name: str
+    predicted: int = 0
+    reviewed: int = 0
+    matched: int = 0
+
+    @property
+    def false_positives(self) -> int:
+        return self.predicted - self.matched
+
+    @property
+    def missed(self) -> int:
+        return self.reviewed - self.matched
+
+    @property
+    def error_rate(self) -> float | None:
+        """Wrong boxes (false positives and misses) per box involved; None without any box."""
+        involved = self.matched + self.false_positives + self.missed
+        return round((self.false_positives + self.missed) / involved, 4) if involved else None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    total: int
+    by_status: dict[str, int]
+    by_reason: dict[str, dict[str, int]]  # flagged reason -> status -> count
+    sync_errors: int  # items whose last annotation was rejected
+    verdicts: dict[str, int]
+    agreement: float | None  # accepted / reviewed
+    compared_images: int  # reviewed images whose prediction is known (the class rates' basis)
+    classes: list[ClassErrors] = field(default_factory=list)
+
+
+def _predicted_box(box: Mapping[str, Any]) -> Box:
+    return float(box["x1"]), float(box["y1"]), float(box["x2"]), float(box["y2"])
+
+
+def _reviewed_box(box: Mapping[str, Any]) -> Box:
+    cx, cy, w, h = (float(box[k]) for k in ("cx", "cy", "w", "h"))
+    return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+
+
+def _class_name(box: Mapping[str, Any], class_names: Sequence[str]) -> str:
+    name = box.get("name") or box.get("label")
+    if name:
+        return str(name)
+    cls = int(box.get("cls", -1))
+    return class_names[cls] if 0 <= cls < len(class_names) else f"cls {cls}"
+
+
+def _iou(a: Box, b: Box) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def match_count(predicted: Sequence[Box], reviewed: Sequence[Box], min_iou: float = MATCH_IOU) -> int:
+    """Greedy one-to-one matches (best overlaps first) with IoU of at least ``min_iou``."""
+    pairs = sorted(
+        ((_iou(p, r), i, j) for i, p in enumerate(predicted) for j, r in enumerate(reviewed)), reverse=True
+    )
+    used_p: set[int] = set()
+    used_r: set[int] = set()
+    for iou, i, j in pairs:
+        if iou < min_iou:
+            break
+        if i not in used_p and j not in used_r:
+            used_p.add(i)
+            used_r.add(j)
+    return len(used_p)
+
+
+def class_errors(
+    pairs: Iterable[tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]],
+    class_names: Sequence[str],
+) -> list[ClassErrors]:
+    """Per-class box errors over (predicted boxes, reviewed boxes) of each reviewed image."""
+    table = {name: ClassErrors(name) for name in class_names}
+    for predicted, reviewed in pairs:
+        names = {_class_name(b, class_names) for b in (*predicted, *reviewed)}
+        for name in names:
+            p = [_predicted_box(b) for b in predicted if _class_name(b, class_names) == name]
+            r = [_reviewed_box(b) for b in reviewed if _class_name(b, class_names) == name]
+            row = table.setdefault(name, ClassErrors(name))
+            row.predicted += len(p)
+            row.reviewed += len(r)
+            row.matched += match_count(p, r)
+    return list(table.values())
+
+
+def queue_stats(session: Session, class_names: Sequence[str]) -> QueueStats:
+    by_status = {status.value: 0 for status in QueueStatus}
+    by_reason: dict[str, dict[str, int]] = {}
+    rows = session.exec(
+        select(LabelingQueueItem.flagged_reason, LabelingQueueItem.status, func.count())
+        .group_by(LabelingQueueItem.flagged_reason, LabelingQueueItem.status)
+    )
+    for reason, status, count in rows:
+        status = QueueStatus(status).value
+        by_status[status] = by_status.get(status, 0) + count
+        by_reason.setdefault(reason, {})[status] = count
+    sync_errors = session.exec(
+        select(func.count()).select_from(LabelingQueueItem).where(col(LabelingQueueItem.sync_error).is_not(None))
+    ).one()
+
+    verdicts = {verdict.value: 0 for verdict in Verdict}
+    for verdict, count in session.exec(select(ReviewedLabel.verdict, func.count()).group_by(ReviewedLabel.verdict)):
+        verdicts[Verdict(verdict).value] = count
+    reviewed = sum(verdicts.values())
+
+    # The prediction the reviewer judged is the one of the model version recorded on the label.
+    compared = session.exec(
+        select(Prediction.boxes, ReviewedLabel.boxes).join(
+            Prediction,
+            (Prediction.image_id == ReviewedLabel.image_id)
+            & (Prediction.model_version == ReviewedLabel.prediction_model_version),
+        )
+    ).all()
+    return QueueStats(
+        total=sum(by_status.values()),
+        by_status=by_status,
+        by_reason=by_reason,
+        sync_errors=int(sync_errors),
+        verdicts=verdicts,
+        agreement=round(verdicts[Verdict.accepted.value] / reviewed, 4) if reviewed else None,
+        compared_images=len(compared),
+        classes=class_errors(((p or [], r or []) for p, r in compared), class_names),
+    )

@@ -1,0 +1,502 @@
+"""Versioned dataset snapshots in the object store, one ``DatasetSnapshot`` row each.
+
+A snapshot lives under ``s3://<datasets>/snapshots/<manifest hash>/``::
+
+    images/{train,val,test}/<image sha256>.<ext>   labels/{train,val,test}/<image sha256>.txt
+    data.yaml   coco.json   label-studio.json   profile.json   manifest.json
+
+``manifest.json`` is written last, so a snapshot whose manifest exists is complete. The same
+labels give the same manifest hash, and exporting them again reuses the snapshot as it is.
+
+Each training snapshot has a held-out companion (kind ``holdout``): its test split, with a
+manifest and hash of its own. Champion and challenger are always judged on one holdout row,
+and because splits follow image hashes, the held-out images of one export stay held out in
+every later one; new test-split images join it, which gives a new holdout hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from PIL import Image as PILImage
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
+
+from labeling.export import (
+    Entry,
+    LabeledImage,
+    LabelError,
+    SplitPolicy,
+    assign_splits,
+    build_manifest,
+    data_yaml,
+    manifest_hash,
+    normalise_boxes,
+    to_coco,
+    to_label_studio,
+)
+from monitoring.events import emit
+from visionloop.db import get_engine, session_scope
+from visionloop.models import DatasetSnapshot, Image, ReviewedLabel
+from visionloop.profile import dhash, profile_entries
+from visionloop.registry import ModelRef, client
+from visionloop.settings import Settings
+from visionloop.storage import ObjectStore, StorageError, sha256_hex
+
+SNAPSHOT_ROOT = "snapshots"
+MANIFEST_FILE = "manifest.json"
+HOLDOUT_MANIFEST_FILE = "holdout-manifest.json"
+SNAPSHOT_HASH_TAG = "visionloop.snapshot_hash"
+HOLDOUT_HASH_TAG = "visionloop.holdout_hash"
+_IO_THREADS = 8  # object-store round trips dominate; the S3 server handles these in parallel
+
+# Which splits each kind trains or evaluates on: a training download never even holds the
+# held-out images, so they cannot leak into training by a wrong path.
+_LOCAL_SPLITS = {
+    "training": {"train": "images/train", "val": "images/val"},
+    "bootstrap": {"train": "images/train", "val": "images/val"},
+    "holdout": {"train": "images/test", "val": "images/test"},
+}
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot cannot be made or read; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """An image to put in a snapshot, how to read its bytes and whether they are still there."""
+
+    image: LabeledImage
+    read: Callable[[], bytes]
+    available: Callable[[], bool] = lambda: True
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    training: DatasetSnapshot
+    holdout: DatasetSnapshot
+    created: bool  # False: the same labels were exported before, the snapshot is reused
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+
+def _size_of(data: bytes) -> tuple[int, int]:
+    with PILImage.open(io.BytesIO(data)) as img:
+        return img.size
+
+
+def reviewed_sources(
+    settings: Settings, store: ObjectStore, engine: Engine
+) -> tuple[list[Source], list[str], dict[str, str]]:
+    """Every reviewed label as a snapshot source; also the box labels the class map dropped
+    and the images left out, with why (one bad row must not block every retrain).
+
+    All verdicts are exported: the reviewed boxes are the truth whether the champion's
+    pre-annotation was accepted, corrected or rejected (no boxes means background).
+    """
+    with session_scope(engine) as session:
+        rows = session.exec(
+            select(ReviewedLabel, Image).join(Image, ReviewedLabel.image_id == Image.id)
+        ).all()
+    sources: list[Source] = []
+    dropped: list[str] = []
+    skipped: dict[str, str] = {}
+    for label, image in rows:
+        bucket, key = settings.bucket_images, image.object_key
+        read = _reader(store, bucket, key)
+        try:
+            boxes, lost = normalise_boxes(label.boxes or [], settings.class_names)
+            width, height = image.width, image.height
+            if not width or not height:
+                width, height = _size_of(read())
+        except (LabelError, StorageError, OSError) as exc:
+            skipped[image.content_hash] = f"{type(exc).__name__}: {exc}"
+            continue
+        dropped.extend(lost)
+        suffix = Path(key).suffix.lower() or ".jpg"
+        image_ref = LabeledImage(image.content_hash, suffix, width, height, boxes)
+        sources.append(Source(image_ref, read, lambda b=bucket, k=key: store.exists(b, k)))
+    return sources, dropped, skipped
+
+
+def _reader(store: ObjectStore, bucket: str, key: str) -> Callable[[], bytes]:
+    return lambda: store.get_bytes(bucket, key)
+
+
+def yolo_folder_sources(data_yaml_path: Path, class_names: Sequence[str]) -> list[Source]:
+    """The images of a local YOLO dataset, its train and val splits kept as they are."""
+    spec = yaml.safe_load(data_yaml_path.read_text())
+    root = Path(spec.get("path") or data_yaml_path.parent)
+    sources: list[Source] = []
+    for split in ("train", "val"):
+        for path in sorted((root / spec[split]).iterdir()):
+            if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+                continue
+            data = path.read_bytes()
+            # ultralytics' rule: the label path is the image path, last /images/ made /labels/.
+            label_path = Path("/labels/".join(str(path).rsplit("/images/", 1))).with_suffix(".txt")
+            lines = label_path.read_text().splitlines() if label_path.exists() else []
+            raw = [
+                dict(zip(("cls", "cx", "cy", "w", "h"), line.split()))
+                for line in lines
+                if line.strip()
+            ]
+            boxes, _ = normalise_boxes(raw, class_names)
+            width, height = _size_of(data)
+            image = LabeledImage(sha256_hex(data), path.suffix.lower(), width, height, boxes, split)
+            sources.append(Source(image, lambda d=data: d))
+    return sources
+
+
+# --- writing snapshots ------------------------------------------------------------------------
+
+
+def _prefix(digest: str) -> str:
+    return f"{SNAPSHOT_ROOT}/{digest}/"
+
+
+def _find(engine: Engine, digest: str) -> DatasetSnapshot | None:
+    with session_scope(engine) as session:
+        return session.exec(
+            select(DatasetSnapshot).where(DatasetSnapshot.manifest_hash == digest)
+        ).first()
+
+
+def _insert(engine: Engine, row: DatasetSnapshot) -> DatasetSnapshot:
+    """Insert ``row`` unless another exporter of the same content got there first."""
+    try:
+        with session_scope(engine) as session:
+            session.add(row)
+        return row
+    except IntegrityError:
+        existing = _find(engine, row.manifest_hash)
+        if existing is None:
+            raise
+        return existing
+
+
+def _counts(entries: Sequence[Entry]) -> dict[str, int]:
+    return {
+        f"num_{split}": sum(1 for e in entries if e.split == split)
+        for split in ("train", "val", "test")
+    }
+
+
+def materialise(
+    settings: Settings,
+    sources: Sequence[Source],
+    *,
+    kind: str,
+    policy: SplitPolicy = SplitPolicy(),
+    dropped: Iterable[str] = (),
+    skipped: Mapping[str, str] | None = None,
+    store: ObjectStore | None = None,
+    engine: Engine | None = None,
+) -> tuple[DatasetSnapshot, list[Entry], bool]:
+    """Write ``sources`` as a snapshot (or find the identical one); returns row, entries, created.
+
+    ``dropped`` (box labels outside the class map) and ``skipped`` (image hash: why it was
+    left out) only go into the profile.
+    """
+    store = store or ObjectStore(settings)
+    engine = engine or get_engine()
+    class_names = list(settings.class_names)
+
+    def describe(chosen: Sequence[Source]) -> tuple[list[Entry], dict[str, Any], str]:
+        entries = assign_splits([s.image for s in chosen], policy)
+        given = bool(chosen) and all(s.image.split for s in chosen)
+        manifest = build_manifest(
+            entries,
+            class_names,
+            kind=kind,
+            split_method={"method": "given"} if given else policy.as_dict(),
+        )
+        return entries, manifest, manifest_hash(manifest)
+
+    entries, manifest, digest = describe(sources)
+    existing = _find(engine, digest)
+    if existing is not None:
+        return existing, entries, False
+    # An image whose object is gone (deleted by hand, lost with a bucket) must not stop every
+    # future retrain: leave it out and say so in the profile.
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        present = list(pool.map(lambda s: s.available(), sources))
+    missing = [s.image.image_hash for s, ok in zip(sources, present) if not ok]
+    skipped = {
+        **(skipped or {}),
+        **{h: "the image object is missing from the store" for h in missing},
+    }
+    if missing:
+        sources = [s for s, ok in zip(sources, present) if ok]
+        entries, manifest, digest = describe(sources)
+        existing = _find(engine, digest)
+        if existing is not None:
+            return existing, entries, False
+
+    bucket, prefix = settings.bucket_datasets, _prefix(digest)
+    by_hash = {s.image.image_hash: s for s in sources}
+
+    def upload(entry: Entry) -> str:
+        data = by_hash[entry.image.image_hash].read()
+        if sha256_hex(data) != entry.image.image_hash:
+            raise SnapshotError(
+                f"image {entry.image.image_hash} changed in the object store (its bytes no longer "
+                "match the hash it was ingested with)"
+            )
+        store.put_bytes(bucket, prefix + entry.image_file, data, _content_type(entry.image.suffix))
+        store.put_bytes(
+            bucket, prefix + entry.label_file, entry.image.label_text.encode(), "text/plain"
+        )
+        return dhash(data)
+
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        dhashes = dict(zip((e.image.image_hash for e in entries), pool.map(upload, entries)))
+
+    profile = profile_entries(entries, class_names, dhashes, dropped) | {"skipped_images": skipped}
+    splits = {"train": "images/train", "val": "images/val", "test": "images/test"}
+    documents: dict[str, tuple[bytes, str]] = {
+        "data.yaml": (data_yaml(class_names, splits).encode(), "application/x-yaml"),
+        "coco.json": (json.dumps(to_coco(entries, class_names)).encode(), "application/json"),
+        "label-studio.json": (
+            json.dumps(
+                to_label_studio(
+                    entries, class_names, lambda e: f"s3://{bucket}/{prefix}{e.image_file}"
+                )
+            ).encode(),
+            "application/json",
+        ),
+        "profile.json": (json.dumps(profile, indent=1).encode(), "application/json"),
+    }
+    for name, (data, content_type) in documents.items():
+        store.put_bytes(bucket, prefix + name, data, content_type)
+    # Last: a manifest in the store means every file it lists is there.
+    store.put_bytes(
+        bucket, prefix + MANIFEST_FILE, json.dumps(manifest, indent=1).encode(), "application/json"
+    )
+
+    row = _insert(
+        engine,
+        DatasetSnapshot(
+            manifest_hash=digest,
+            kind=kind,
+            object_prefix=prefix,
+            manifest_key=prefix + MANIFEST_FILE,
+            num_images=len(entries),
+            class_names=class_names,
+            profile=profile,
+            **_counts(entries),
+        ),
+    )
+    emit(
+        "snapshot.created",
+        f"{kind} snapshot {digest[:12]}: {len(entries)} images "
+        f"({row.num_train} train, {row.num_val} val, {row.num_test} test), "
+        f"{profile['boxes']} boxes",
+        {"snapshot_id": row.id, "manifest_hash": digest, "kind": kind, "images": len(entries)},
+        engine=engine,
+    )
+    return row, entries, True
+
+
+def _content_type(suffix: str) -> str:
+    return {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}.get(
+        suffix, "application/octet-stream"
+    )
+
+
+def _holdout(
+    settings: Settings,
+    training: DatasetSnapshot,
+    entries: Sequence[Entry],
+    policy: SplitPolicy,
+    store: ObjectStore,
+    engine: Engine,
+) -> DatasetSnapshot:
+    """The training snapshot's test split as a snapshot of its own (files shared, not copied)."""
+    test = [e for e in entries if e.split == "test"]
+    manifest = build_manifest(
+        test, training.class_names, kind="holdout", split_method=policy.as_dict() | {"of": "test"}
+    )
+    digest = manifest_hash(manifest)
+    existing = _find(engine, digest)
+    if existing is not None:
+        return existing  # same held-out content as an earlier export: judged on the same set
+    key = training.object_prefix + HOLDOUT_MANIFEST_FILE
+    store.put_bytes(
+        settings.bucket_datasets, key, json.dumps(manifest, indent=1).encode(), "application/json"
+    )
+    return _insert(
+        engine,
+        DatasetSnapshot(
+            manifest_hash=digest,
+            kind="holdout",
+            object_prefix=training.object_prefix,
+            manifest_key=key,
+            num_images=len(test),
+            num_test=len(test),
+            class_names=list(training.class_names),
+            profile=profile_entries(test, training.class_names, {}),
+        ),
+    )
+
+
+def _require_every_split(total: int, splits: Sequence[str]) -> None:
+    empty = [split for split in ("train", "val", "test") if split not in splits]
+    if empty:
+        counts = {split: splits.count(split) for split in ("train", "val", "test")}
+        raise SnapshotError(
+            f"cannot train on {total} reviewed labels: no image falls in the "
+            f"{' and '.join(empty)} split ({counts}); review more images first"
+        )
+
+
+def export_reviewed_labels(
+    settings: Settings,
+    *,
+    policy: SplitPolicy = SplitPolicy(),
+    store: ObjectStore | None = None,
+    engine: Engine | None = None,
+) -> ExportResult:
+    """Reviewed labels to a training snapshot and its held-out companion.
+
+    Refuses (``SnapshotError``) a dataset with an empty train, val or test split: ultralytics
+    needs the first two, and a challenger cannot be judged without the third.
+    """
+    store = store or ObjectStore(settings)
+    engine = engine or get_engine()
+    sources, dropped, skipped = reviewed_sources(settings, store, engine)
+    _require_every_split(len(sources), [policy.split_of(s.image.image_hash) for s in sources])
+    training, entries, created = materialise(
+        settings,
+        sources,
+        kind="training",
+        policy=policy,
+        dropped=dropped,
+        skipped=skipped,
+        store=store,
+        engine=engine,
+    )
+    _require_every_split(len(entries), [e.split for e in entries])  # images may have gone missing
+    return ExportResult(
+        training, _holdout(settings, training, entries, policy, store, engine), created
+    )
+
+
+# --- reading snapshots ------------------------------------------------------------------------
+
+
+def get_snapshot(snapshot_id: int, engine: Engine | None = None) -> DatasetSnapshot:
+    with session_scope(engine) as session:
+        row = session.get(DatasetSnapshot, snapshot_id)
+    if row is None:
+        raise SnapshotError(f"no dataset snapshot with id {snapshot_id}")
+    return row
+
+
+def read_manifest(
+    settings: Settings, snapshot: DatasetSnapshot, store: ObjectStore | None = None
+) -> dict[str, Any]:
+    store = store or ObjectStore(settings)
+    key = snapshot.manifest_key or snapshot.object_prefix + MANIFEST_FILE
+    try:
+        return json.loads(store.get_bytes(settings.bucket_datasets, key))
+    except StorageError as exc:
+        raise SnapshotError(
+            f"snapshot {snapshot.manifest_hash[:12]} has no manifest in the store: {exc}"
+        ) from exc
+
+
+def download_snapshot(
+    settings: Settings,
+    snapshot: DatasetSnapshot,
+    dest_root: Path | None = None,
+    store: ObjectStore | None = None,
+) -> Path:
+    """A local copy of the snapshot's files for its kind; returns the local ``data.yaml``.
+
+    Every file is checked against the manifest's hashes. Copies are cached by manifest hash
+    under ``<data_dir>/datasets``; ``data.yaml`` is written last, so a folder that has one is
+    complete.
+    """
+    store = store or ObjectStore(settings)
+    local = (dest_root or settings.data_dir / "datasets") / snapshot.manifest_hash
+    target = local / "data.yaml"
+    if target.exists():
+        return target
+    manifest = read_manifest(settings, snapshot, store)
+    splits = _LOCAL_SPLITS.get(snapshot.kind, _LOCAL_SPLITS["training"])
+    wanted_dirs = set(splits.values())
+    partial = local.with_name(f"{local.name}.partial-{uuid.uuid4().hex[:8]}")
+    for folder in wanted_dirs:
+        (partial / folder).mkdir(parents=True, exist_ok=True)
+        (partial / folder.replace("images/", "labels/", 1)).mkdir(parents=True, exist_ok=True)
+
+    def fetch(item: dict[str, Any]) -> None:
+        image = store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + item["image"])
+        label = store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + item["label"])
+        if (
+            sha256_hex(image) != item["image_hash"]
+            or hashlib.sha256(label).hexdigest() != item["label_hash"]
+        ):
+            raise SnapshotError(
+                f"snapshot {snapshot.manifest_hash[:12]}: {item['image']} does not match its "
+                "manifest"
+            )
+        (partial / item["image"]).write_bytes(image)
+        (partial / item["label"]).write_bytes(label)
+
+    items = [i for i in manifest["images"] if str(Path(i["image"]).parent) in wanted_dirs]
+    try:
+        with ThreadPoolExecutor(_IO_THREADS) as pool:
+            list(pool.map(fetch, items))
+        (partial / "data.yaml").write_text(data_yaml(manifest["class_names"], splits))
+        try:
+            partial.rename(local)
+        except OSError:
+            if not target.exists():  # not a concurrent download of the same snapshot: a real error
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def image_hashes(manifest: dict[str, Any]) -> list[str]:
+    return [item["image_hash"] for item in manifest["images"]]
+
+
+def mark_labels_used(engine: Engine, hashes: Sequence[str]) -> int:
+    """Flag these images' reviewed labels as consumed by a retrain (no longer "new" labels)."""
+    if not hashes:
+        return 0
+    with session_scope(engine) as session:
+        ids = select(Image.id).where(Image.content_hash.in_(list(hashes)))
+        result = session.exec(  # type: ignore[call-overload]
+            update(ReviewedLabel)
+            .where(ReviewedLabel.image_id.in_(ids))
+            .values(used_for_training=True)
+        )
+        return result.rowcount or 0
+
+
+def training_snapshot_of(
+    settings: Settings, ref: ModelRef, engine: Engine | None = None
+) -> DatasetSnapshot | None:
+    """The snapshot a model version was trained on (drift's reference), from its run's tag."""
+    if not ref.run_id:
+        return None
+    digest = client(settings).get_run(ref.run_id).data.tags.get(SNAPSHOT_HASH_TAG)
+    return _find(engine or get_engine(), digest) if digest else None
