@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
+from fastapi import Query
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 
@@ -24,13 +25,15 @@ def _iso(value: object) -> object:
     return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
-IsoDatetime = Annotated[datetime, BeforeValidator(_iso)]
-"""A date-time query parameter: ISO 8601 only (``2026-01-31T12:00:00Z``)."""
+IsoDatetime = Annotated[datetime, BeforeValidator(_iso), AfterValidator(_utc)]
+"""A date-time query parameter: ISO 8601 only (``2026-01-31T12:00:00Z``), in UTC (naive: UTC)."""
 
 VERSION_PATTERN = r"^[1-9][0-9]{0,8}$"
 """A registry version number (MLflow's registry answers 500 past its integer range)."""
 MAX_ID = 2**31 - 1
 """Row ids are 32-bit integers in PostgreSQL: larger ids cannot exist (and would overflow)."""
+Offset = Annotated[int, Query(ge=0, le=MAX_ID, description="Rows to skip.")]
+"""Bounded: the database refuses an OFFSET past its integer range."""
 
 T = TypeVar("T")
 

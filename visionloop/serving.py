@@ -13,8 +13,9 @@ validated first so the caller hears at once about a file ingest would quarantine
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
@@ -39,6 +40,7 @@ VALIDATE_SIDE = 640
 _SOURCE_KEY_MAX = 1024
 
 log = logging.getLogger(__name__)
+Row = TypeVar("Row", Image, Prediction)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def _prediction(image_id: int, version: str) -> Prediction | None:
         ).first()
 
 
-def _insert_or_existing(row: Image | Prediction, existing: Any) -> tuple[Any, bool]:
+def _insert_or_existing(row: Row, existing: Callable[[], Row | None]) -> tuple[Row, bool]:
     """Insert ``row``; if a concurrent request inserted the same one first, return theirs."""
     try:
         with session_scope() as session:
@@ -122,7 +124,7 @@ def predict_upload(
     if prediction is None:
         prediction, _ = _insert_or_existing(
             prediction_row(image.id, result, source=API_SOURCE),
-            lambda: _prediction(image.id, result.model_version),  # type: ignore[arg-type]
+            lambda: _prediction(image.id, result.model_version),  # type: ignore[arg-type] # id set above
         )
     assert prediction.id is not None
 

@@ -13,7 +13,7 @@ from sqlmodel import col, func, select
 
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.errors import responses
-from api.schemas import MAX_ID, IsoDatetime, Page, QueueItemOut, QueueStatsOut, SnapshotOut
+from api.schemas import MAX_ID, IsoDatetime, Offset, Page, QueueItemOut, QueueStatsOut, SnapshotOut
 from visionloop.models import DatasetSnapshot, QueueStatus
 from visionloop.review_queue import QueueFilter, queue_page, queue_stats
 from visionloop.snapshot_export import ExportFormat, export_snapshot, snapshot_for_export
@@ -32,7 +32,7 @@ def queue(
     created_before: IsoDatetime | None = None,
     order: Annotated[str, Query(pattern="^(newest|oldest)$")] = "newest",
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> Page[QueueItemOut]:
     """Queue items matching every filter given, newest first unless ``order=oldest``."""
     where = QueueFilter(status, flagged_reason, min_confidence, max_confidence, created_after, created_before)
@@ -66,7 +66,7 @@ def snapshots(
     session: SessionDep,
     kind: Annotated[str | None, Query(pattern="^(training|holdout|bootstrap)$")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> Page[SnapshotOut]:
     """Dataset snapshots, newest first: what ``/export`` can hand out."""
     query = select(DatasetSnapshot)

@@ -11,6 +11,7 @@ from api.errors import AUTH, BODY, BusyErrorBody, NotFound, ServiceUnavailable, 
 from api.schemas import (
     MAX_ID,
     ConditionsOut,
+    Offset,
     Page,
     RetrainingRunOut,
     RetrainingStatusOut,
@@ -54,7 +55,7 @@ def conditions(settings: SettingsDep) -> ConditionsOut:
 @router.get("/history", response_model=Page[RetrainingRunOut], responses=responses(422))
 def history(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
     status: RetrainStatus | None = None,
     trigger: Annotated[str | None, Query(max_length=32)] = None,
 ) -> Page[RetrainingRunOut]:
