@@ -345,6 +345,9 @@ class Stack:
                     # Lets tasks point at images served by the platform's S3 endpoint.
                     "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
                     "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+                    # Its SSRF guard bans loopback and private addresses, which is exactly where
+                    # a self-hosted object store (review images) and the API (webhook) live.
+                    "USE_DEFAULT_BANNED_SUBNETS": "false",
                     "SENTRY_DSN": "",
                     "FRONTEND_SENTRY_DSN": "",
                 },
