@@ -28,7 +28,7 @@ def generate_seed_set(images: int, seed: int) -> str:
 
 @task
 def snapshot_seed_set(data_yaml: str) -> str:
-    """The seed set as a `bootstrap` snapshot: the first champion's training reference for drift."""
+    """The seed set as a `bootstrap` snapshot: the first champion's training reference (drift)."""
     settings = get_settings()
     snapshot, _, _ = materialise(
         settings, yolo_folder_sources(Path(data_yaml), settings.class_names), kind="bootstrap"
@@ -37,7 +37,9 @@ def snapshot_seed_set(data_yaml: str) -> str:
 
 
 @task
-def train_seed_model(data_yaml: str, epochs: int, snapshot_hash: str) -> tuple[str, dict[str, float]]:
+def train_seed_model(
+    data_yaml: str, epochs: int, snapshot_hash: str
+) -> tuple[str, dict[str, float]]:
     settings = get_settings()
     logger = get_run_logger()
     source = settings.initial_weights or settings.model_yaml

@@ -11,9 +11,9 @@ their content is known, counted as duplicates. Each file ends as exactly one of
 - ``duplicate``: its bytes are already known under another name (nothing is written).
 
 ``ingest_batch`` overlaps the work: a small thread pool reads, hashes, validates, decodes
-and measures a few files ahead, and uploads the new ones, while the calling thread predicts. On a
-CPU ultralytics runs inference in one thread (``OMP_NUM_THREADS`` defaults to 1 there), so
-the rest of the pipeline runs on the otherwise idle cores instead of adding to the time.
+and measures a few files ahead, and uploads the new ones, while the calling thread predicts.
+On a CPU ultralytics gives inference ``cpu_count - 1`` threads (one on two cores), so the
+rest of the pipeline runs beside prediction instead of adding to its time.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ WORKERS = 2
 LOOKAHEAD = 16
 """Files prepared ahead of prediction at most: bounds memory whatever the batch size."""
 PREDICT_CHUNK = 4
-"""Images per ultralytics call; on a CPU larger batches are not faster, only later."""
+"""Images per ultralytics call: on a CPU bigger batches are no faster, only later to start."""
 _QUERY_CHUNK = 500  # keys per IN (...) query, well under every database's parameter limit
 
 

@@ -98,7 +98,9 @@ def get_version(settings: Settings, version: str) -> ModelRef:
     try:
         return _ref(client(settings).get_model_version(settings.model_name, str(version)))
     except RestException as exc:
-        raise RegistryError(f"model {settings.model_name} has no version {version}: {exc.message}") from exc
+        raise RegistryError(
+            f"model {settings.model_name} has no version {version}: {exc.message}"
+        ) from exc
 
 
 def set_alias(settings: Settings, alias: str, version: str) -> None:

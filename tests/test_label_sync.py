@@ -1,0 +1,259 @@
+"""Reviewers' annotations, made through Label Studio's API, arriving as reviewed labels.
+
+Every annotation below reaches the platform through Label Studio's webhook to the API; the
+label-sync flow then finds nothing left to do, and picks up what happens while the
+webhook is switched off.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from samples import good_jpegs
+from sqlmodel import col, select
+
+from labeling.label_config import FROM_NAME, TO_NAME
+from labeling.selection import SelectionPolicy
+from labeling.wiring import ReviewProject, ensure_webhook, review_project, webhook_url
+from monitoring.events import recent
+from visionloop.db import session_scope
+from visionloop.models import Image, LabelingQueueItem, QueueStatus, ReviewedLabel, Verdict
+from visionloop.settings import Settings, get_settings
+from visionloop.stack import Stack
+from visionloop.storage import ObjectStore
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+PREFIX = "sync-test/"
+IMAGES = 8
+
+
+@pytest.fixture(scope="module")
+def queued(stack: Stack) -> dict[int, LabelingQueueItem]:
+    """Eight images queued for review (band 0..1 plus a full audit: every image qualifies)."""
+    from flows.bootstrap import bootstrap_flow
+    from flows.ingest import ingest_flow
+
+    settings = get_settings()
+    bootstrap_flow(epochs=2, images=16)
+    store = ObjectStore(settings)
+    for name, data in good_jpegs(IMAGES, seed=201).items():
+        store.put_bytes(settings.bucket_incoming, PREFIX + name, data)
+    policy = SelectionPolicy(low=0.0, high=1.0, budget=IMAGES, audit_rate=1.0)
+    summary = ingest_flow(prefix=PREFIX, conf=0.001, selection=policy)
+    assert summary["queued"] == IMAGES
+    with session_scope() as session:
+        items = session.exec(
+            select(LabelingQueueItem).where(
+                col(LabelingQueueItem.image_id).in_(summary["queued_images"])
+            )
+        )
+        return {item.label_studio_task_id: item for item in items}
+
+
+@pytest.fixture(scope="module")
+def project(stack: Stack) -> ReviewProject:
+    return review_project(get_settings())
+
+
+def row(task_id: int) -> LabelingQueueItem:
+    with session_scope() as session:
+        return session.exec(
+            select(LabelingQueueItem).where(LabelingQueueItem.label_studio_task_id == task_id)
+        ).one()
+
+
+def label_of(task_id: int) -> ReviewedLabel | None:
+    with session_scope() as session:
+        return session.exec(
+            select(ReviewedLabel).where(ReviewedLabel.label_studio_task_id == task_id)
+        ).first()
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.5)
+
+
+def predicted_result(project: ReviewProject, task_id: int) -> list[dict[str, Any]]:
+    [prediction] = project.ls.tasks.get(id=task_id).predictions
+    return [{k: v for k, v in r.items() if k != "score"} for r in prediction.result]
+
+
+def rect(
+    x: float, y: float, w: float, h: float, label: str, size: tuple[int, int]
+) -> dict[str, Any]:
+    return {
+        "from_name": FROM_NAME,
+        "to_name": TO_NAME,
+        "type": "rectanglelabels",
+        "original_width": size[0],
+        "original_height": size[1],
+        "value": {
+            "x": x,
+            "y": y,
+            "width": w,
+            "height": h,
+            "rotation": 0,
+            "rectanglelabels": [label],
+        },
+    }
+
+
+def image_size(task_id: int) -> tuple[int, int]:
+    with session_scope() as session:
+        image = session.get(Image, row(task_id).image_id)
+        return image.width, image.height
+
+
+@pytest.fixture(scope="module")
+def reviewed(queued: dict[int, LabelingQueueItem], project: ReviewProject) -> dict[str, int]:
+    """One task per reviewer action, annotated through Label Studio's API."""
+    tasks = sorted(queued)
+    roles = dict(
+        zip(
+            ["accept", "correct", "reject", "invalid", "skip", "delete", "later", "untouched"],
+            tasks,
+        )
+    )
+    ls = project.ls
+    size = image_size(roles["accept"])
+    assert predicted_result(project, roles["accept"]) and predicted_result(
+        project, roles["correct"]
+    )
+    ls.annotations.create(id=roles["accept"], result=predicted_result(project, roles["accept"]))
+    ls.annotations.create(
+        id=roles["correct"],
+        result=predicted_result(project, roles["correct"])[:1]
+        + [rect(70, 70, 20, 20, "stain", size)],
+    )
+    ls.annotations.create(id=roles["reject"], result=[])  # "there is nothing here"
+    ls.annotations.create(
+        id=roles["invalid"],
+        result=[
+            rect(10, 10, 20, 20, "crack", size),
+            rect(90, 10, 30, 20, "dent", size),
+            rect(10, 10, 0.1, 20, "dent", size),
+        ],
+    )
+    ls.annotations.create(id=roles["skip"], result=[], was_cancelled=True)
+    ls.tasks.delete(id=roles["delete"])
+    return roles
+
+
+def test_the_webhook_needs_the_api_token(settings: Settings) -> None:
+    event = {"action": "TASKS_DELETED", "tasks": [{"id": 1}]}
+    assert httpx.post(webhook_url(settings), json=event, timeout=10).status_code == 401
+    wrong = {"Authorization": "Bearer wrong"}
+    assert (
+        httpx.post(webhook_url(settings), json=event, headers=wrong, timeout=10).status_code == 401
+    )
+
+
+def test_submitted_annotations_arrive_as_reviewed_labels(reviewed: dict[str, int]) -> None:
+    for role in ("accept", "correct", "reject"):
+        eventually(
+            lambda r=role: label_of(reviewed[r]) is not None, f"the {role} annotation is synced"
+        )
+    verdicts = {role: label_of(reviewed[role]).verdict for role in ("accept", "correct", "reject")}
+    assert verdicts == {
+        "accept": Verdict.accepted,
+        "correct": Verdict.corrected,
+        "reject": Verdict.rejected,
+    }
+
+    accepted = label_of(reviewed["accept"])
+    item = row(reviewed["accept"])
+    assert (
+        item.status == QueueStatus.labeled
+        and item.labeled_at is not None
+        and item.sync_error is None
+    )
+    assert accepted.reviewer == get_settings().label_studio_username
+    assert accepted.prediction_model_version is not None
+    assert accepted.label_studio_annotation_id is not None
+    assert all(0 <= b["cx"] <= 1 and 0 < b["w"] <= 1 for b in accepted.boxes)
+    assert len(label_of(reviewed["correct"]).boxes) == 2
+    assert label_of(reviewed["reject"]).boxes == [] and row(reviewed["reject"]).human_label is None
+    with session_scope() as session:
+        assert session.get(Image, item.image_id).status == "labeled"
+
+
+def test_invalid_annotations_are_rejected_with_reasons(reviewed: dict[str, int]) -> None:
+    task = reviewed["invalid"]
+    eventually(lambda: row(task).sync_error is not None, "the invalid annotation is judged")
+    item = row(task)
+    assert item.status == QueueStatus.pending
+    assert "unknown label 'crack'" in item.sync_error
+    assert "region 2: outside the image" in item.sync_error
+    assert "region 3: degenerate box" in item.sync_error
+    assert label_of(task) is None
+
+
+def test_skipped_and_deleted_tasks_are_recorded(reviewed: dict[str, int]) -> None:
+    eventually(lambda: row(reviewed["skip"]).status == QueueStatus.skipped, "the skip is recorded")
+    eventually(
+        lambda: row(reviewed["delete"]).status == QueueStatus.cancelled, "the deletion is recorded"
+    )
+    assert label_of(reviewed["skip"]) is None
+
+
+def test_the_sync_flow_finds_nothing_left_then_catches_up(
+    reviewed: dict[str, int], project: ReviewProject, settings: Settings
+) -> None:
+    from flows.label_sync import label_sync_flow
+
+    eventually(
+        lambda: row(reviewed["delete"]).status == QueueStatus.cancelled, "webhooks are through"
+    )
+    summary = label_sync_flow()
+    assert (summary["labeled"], summary["rejected"], summary["skipped"], summary["reopened"]) == (
+        0,
+        {},
+        0,
+        0,
+    )
+
+    hook = next(
+        h
+        for h in project.ls.webhooks.list(project=str(project.id))
+        if h.url == webhook_url(settings)
+    )
+    project.ls.webhooks.update(id=hook.id, is_active=False)
+    try:
+        project.ls.annotations.create(
+            id=reviewed["later"], result=predicted_result(project, reviewed["later"])
+        )
+        [bad] = project.ls.annotations.list(id=reviewed["invalid"])
+        project.ls.annotations.update(
+            id=bad.id, result=[rect(10, 10, 20, 20, "dent", image_size(reviewed["invalid"]))]
+        )
+        [good] = project.ls.annotations.list(id=reviewed["accept"])
+        project.ls.annotations.delete(id=good.id)
+        time.sleep(2)
+        assert row(reviewed["later"]).status == QueueStatus.pending  # nobody told the platform
+
+        summary = label_sync_flow()
+        assert summary["labeled"] == 2 and summary["reopened"] == 1 and summary["rejected"] == {}
+    finally:
+        ensure_webhook(settings, project)  # switches it back on
+    assert label_of(reviewed["later"]).verdict == Verdict.accepted
+    fixed = row(reviewed["invalid"])
+    assert fixed.status == QueueStatus.labeled and fixed.sync_error is None
+    assert [b["name"] for b in label_of(reviewed["invalid"]).boxes] == ["dent"]
+    assert (
+        row(reviewed["accept"]).status == QueueStatus.pending
+        and label_of(reviewed["accept"]) is None
+    )
+    assert row(reviewed["untouched"]).status == QueueStatus.pending
+    assert label_sync_flow()["labeled"] == 0  # and again nothing to do
+    assert any(
+        e.payload.get("via") == "flow" for e in recent(limit=50, kind_prefix="labels.synced")
+    )
