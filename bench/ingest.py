@@ -10,7 +10,9 @@ Label Studio. Prediction dominates on a CPU, so the flow should run at (nearly) 
 of prediction alone: the target is a ratio of 0.9 or better.
 
 Plain predict runs before and after the flow and the ratio uses the mean of the two, so a
-change in background load during the run shows instead of skewing the result.
+change in background load during the run shows instead of skewing the result. The CPU time
+per image of each side is printed too: unlike the rates, it hardly depends on what else the
+machine is doing, and the run warns when the load average says other processes competed.
 
 Without ``--reuse`` it starts its own stack on free ports in a temporary data dir (about
 two minutes) and trains a throw-away champion (one epoch); with ``--reuse`` it uses the
@@ -26,6 +28,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from visionloop.settings import Settings, get_settings, load_settings
@@ -73,16 +76,43 @@ def write_images(settings: Settings, count: int, folder: Path, prefix: str, seed
         store.put_bytes(settings.bucket_incoming, f"{prefix}img_{index:05d}.jpg", data)
 
 
-def plain_predict(weights: Path, folder: Path, imgsz: int) -> float:
-    """Images per second of ultralytics predicting the folder, model loading included."""
+@dataclass(frozen=True)
+class Measured:
+    images: int
+    seconds: float
+    cpu_seconds: float
+    """CPU time of this whole process (all its threads)."""
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def cpu_ms(self) -> float:
+        return 1000 * self.cpu_seconds / self.images
+
+    def __str__(self) -> str:
+        return f"{self.rate:6.2f} images/s, {self.cpu_ms:5.0f} CPU ms/image"
+
+
+@contextmanager
+def measure() -> Iterator[list[float]]:
+    """Wall and CPU seconds of the block, appended to the yielded list on exit."""
+    spent: list[float] = []
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield spent
+    spent += [time.perf_counter() - wall, time.process_time() - cpu]
+
+
+def plain_predict(weights: Path, folder: Path, imgsz: int) -> Measured:
+    """Ultralytics predicting the folder, model loading included."""
     from ultralytics import YOLO
 
-    started = time.perf_counter()
-    model = YOLO(str(weights), task="detect")
-    count = sum(
-        1 for _ in model.predict(source=str(folder), imgsz=imgsz, stream=True, verbose=False)
-    )
-    return count / (time.perf_counter() - started)
+    with measure() as spent:
+        model = YOLO(str(weights), task="detect")
+        results = model.predict(source=str(folder), imgsz=imgsz, stream=True, verbose=False)
+        count = sum(1 for _ in results)
+    return Measured(count, *spent)
 
 
 def run(settings: Settings, images: int, imgsz: int) -> None:
@@ -92,6 +122,8 @@ def run(settings: Settings, images: int, imgsz: int) -> None:
     from visionloop.training import configure_ultralytics
 
     configure_ultralytics(settings.data_dir / ".ultralytics")
+    import ultralytics  # noqa: F401 - imported before any timing: start-up is not throughput
+
     if get_alias(settings, CHAMPION) is None:
         print("training a throw-away champion (1 epoch)")
         bootstrap_flow(epochs=1, images=16)
@@ -103,30 +135,39 @@ def run(settings: Settings, images: int, imgsz: int) -> None:
     prefix = f"bench-{run_id}/"
     with tempfile.TemporaryDirectory(prefix="visionloop-bench-images-") as tmp:
         folder = Path(tmp)
-        print(
-            f"writing {images} synthetic 640 px JPEGs to {folder} and s3://{settings.bucket_incoming}/{prefix}"
-        )
+        print(f"writing {images} synthetic 640 px JPEGs to {folder} and {prefix} in the bucket")
         # A fresh seed per run: the flow skips content it has seen before.
         write_images(settings, images, folder, prefix, seed=int(run_id, 16) % 100_000)
 
+        load_before = os.getloadavg()[0]
         before = plain_predict(weights, folder, imgsz)
-        print(f"plain ultralytics predict: {before:.2f} images/s")
-        started = time.perf_counter()
-        summary = ingest_flow(prefix=prefix, imgsz=imgsz)
-        flow_rate = summary["ingested"] / (time.perf_counter() - started)
-        print(
-            f"ingest flow:               {flow_rate:.2f} images/s "
-            f"({summary['ingested']} ingested, {summary['queued']} queued for review)"
-        )
+        print(f"plain ultralytics predict: {before}")
+        with measure() as spent:
+            summary = ingest_flow(prefix=prefix, imgsz=imgsz)
+        flow = Measured(summary["ingested"], *spent)
+        print(f"ingest flow:               {flow} ({summary['queued']} queued for review)")
         after = plain_predict(weights, folder, imgsz)
-        print(f"plain ultralytics predict: {after:.2f} images/s (again)")
+        print(f"plain ultralytics predict: {after}")
+        load_after = os.getloadavg()[0]
 
-    baseline = (before + after) / 2
+    baseline = (before.rate + after.rate) / 2
+    cpus = os.cpu_count() or 1
     print()
-    print(f"images {images}, imgsz {imgsz}, champion {champion.version}, {os.cpu_count()} CPUs")
-    print(f"plain predict   {baseline:6.2f} images/s (mean of {before:.2f} and {after:.2f})")
-    print(f"ingest flow     {flow_rate:6.2f} images/s")
-    print(f"ratio           {flow_rate / baseline:6.2f}  (target >= 0.90)")
+    print(f"images {images}, imgsz {imgsz}, champion {champion.version}, {cpus} CPUs")
+    print(
+        f"plain predict   {baseline:6.2f} images/s (mean of {before.rate:.2f} and {after.rate:.2f})"
+    )
+    print(f"ingest flow     {flow.rate:6.2f} images/s")
+    print(f"ratio           {flow.rate / baseline:6.2f}  (target >= 0.90)")
+    print(
+        f"CPU per image   {flow.cpu_ms:.0f} ms in the flow's process against "
+        f"{(before.cpu_ms + after.cpu_ms) / 2:.0f} ms for plain predict"
+    )
+    if max(load_before, load_after) > cpus:
+        print(
+            f"warning: load average {max(load_before, load_after):.1f} on {cpus} CPUs: other "
+            "processes competed for the CPUs, so the rates above are not a clean measurement"
+        )
 
 
 def main() -> None:

@@ -1,10 +1,25 @@
 """Ingest flow: new images in the object store -> validated, measured, predicted, and the
 uncertain ones queued for review in Label Studio.
 
-    find_new_files ─► ingest_files (one task per batch of files) ─► queue_uncertain
+    find_new_files ─► ingest_files (one task per batch, submitted to the task runner) ─► queue_uncertain
 
 Re-running it is safe and cheap: files whose source key or content is known are skipped,
 and nothing is written twice (see ``visionloop.ingest``).
+
+The batches fan out through the flow's task runner, chosen from the settings when a run
+starts (``VISIONLOOP_TASK_RUNNER``, see ``ingest_task_runner``):
+
+- ``threads`` (default): one batch at a time on a worker thread of the flow's process, as
+  before: prediction already uses every core, and the other stages overlap inside a batch.
+- ``dask``: batches run in parallel on the workers of a Dask cluster (``prefect-dask``), a
+  local one of ``VISIONLOOP_DASK_WORKERS`` processes or the scheduler at
+  ``VISIONLOOP_DASK_ADDRESS``. A worker needs only the project installed and the same
+  ``VISIONLOOP_*`` / ``PREFECT_API_URL`` environment: a task gets its settings from there,
+  its arguments (file names) and result (per-file outcomes) are small picklable dataclasses.
+
+Either way a batch that finishes is counted at once (log line, progress artifact,
+``ingest.progress`` event), and the results are gathered in batch order, so the summary
+does not depend on which batch finished first.
 """
 
 from __future__ import annotations
@@ -20,25 +35,84 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from labeling.selection import Candidate, SelectionPolicy, select
 from labeling.tasks import QueueReport, queue_for_review
 from monitoring.events import emit
+from monitoring.drift_state import latest_drift_level
 from visionloop.db import session_scope
 from visionloop.ingest import (
     BatchReport,
     SourceFile,
-    ingest_batch,
+    ingest_sources,
     list_bucket,
     list_folder,
+    plan_batches,
     unseen,
 )
-from visionloop.predictor import PREDICT_CONF, ChampionPredictor, NoChampionError, get_predictor
-from visionloop.settings import get_settings
+from visionloop.predictor import PREDICT_CONF
+from visionloop.settings import Settings, get_settings
 from visionloop.storage import ObjectStore
 
 BATCH_SIZE = 64
 """Files per task: large enough that task overhead vanishes, small enough to show progress."""
+
+
+def ingest_task_runner(settings: Settings) -> TaskRunner:
+    """The task runner ``settings`` ask for (not started)."""
+    if settings.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if settings.dask_address:
+            return DaskTaskRunner(address=settings.dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": settings.dask_workers,
+                # One batch per process: prediction uses the process's cores itself.
+                "threads_per_worker": 1,
+                # No dashboard: it needs bokeh, which is not installed.
+                "dashboard_address": None,
+            }
+        )
+    # One batch at a time, as when batches were called in turn: a second thread would only
+    # compete for the cores prediction already uses.
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+class SettingsTaskRunner(TaskRunner):
+    """Runs tasks on ``ingest_task_runner(get_settings())``, chosen when a flow run starts.
+
+    The flow object (and so the deployment entrypoint ``flows/ingest.py:ingest_flow``) stays
+    the same whatever the settings say; Prefect duplicates this runner and enters it at the
+    start of every run, which is when the settings are read.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._runner: TaskRunner | None = None
+
+    def duplicate(self) -> "SettingsTaskRunner":
+        return type(self)()
+
+    def __enter__(self) -> "SettingsTaskRunner":
+        self._runner = ingest_task_runner(get_settings()).__enter__()
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            if self._runner is not None:
+                self._runner.__exit__(*exc_info)
+        finally:
+            self._runner = None
+            super().__exit__(*exc_info)
+
+    def submit(self, task, parameters, wait_for=None, dependencies=None):  # noqa: ANN001, ANN201
+        if self._runner is None:
+            raise RuntimeError("The task runner must be started before submitting work.")
+        return self._runner.submit(task, parameters, wait_for, dependencies)
 
 
 @task(cache_policy=NO_CACHE)
@@ -54,23 +128,17 @@ def find_new_files(prefix: str, folder: str | None) -> list[SourceFile]:
     return new
 
 
-def _champion() -> ChampionPredictor | None:
-    predictor = get_predictor(get_settings())
-    try:
-        predictor.model_version()
-    except NoChampionError as exc:
-        get_run_logger().warning("ingesting without predictions: %s", exc)
-        return None
-    return predictor
-
-
+# A batch is ``visionloop.ingest.ingest_sources``, importable by name on any worker (this file
+# is loaded by Prefect from its path, under a module name a Dask worker could not import).
 # Results stay in memory (NO_CACHE): a batch is never worth re-running from a cache, and
 # hashing its inputs would cost more than the work.
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def ingest_files(files: list[SourceFile], imgsz: int | None, conf: float) -> BatchReport:
-    settings = get_settings()
-    store = ObjectStore(settings)
-    return ingest_batch(settings, store, files, predictor=_champion(), imgsz=imgsz, conf=conf)
+ingest_files = task(
+    ingest_sources,
+    name="ingest_files",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=5,
+)
 
 
 @task(cache_policy=NO_CACHE)
@@ -116,7 +184,7 @@ def _summary_markdown(summary: dict[str, Any], quarantined: dict[str, str]) -> s
     return "\n".join(lines)
 
 
-@flow(name="ingest", log_prints=True)
+@flow(name="ingest", log_prints=True, task_runner=SettingsTaskRunner())
 def ingest_flow(
     prefix: str = "",
     folder: str | None = None,
@@ -133,26 +201,31 @@ def ingest_flow(
     """
     settings = get_settings()
     logger = get_run_logger()
-    policy = selection or SelectionPolicy.from_settings(settings)
+    # While drift is red the champion's confidence cannot be trusted to pick images: widen the audit.
+    policy = selection or SelectionPolicy.from_settings(settings, drift_level=latest_drift_level())
     started = time.perf_counter()
 
     files = find_new_files(prefix, folder)
+    batches = plan_batches(files, batch_size)
     progress = create_progress_artifact(0.0, key="ingest-progress", description="files processed")
+    futures: dict[PrefectFuture[BatchReport], int] = {
+        ingest_files.submit(batch, imgsz, conf): index for index, batch in enumerate(batches)
+    }
+    reports: list[BatchReport | None] = [None] * len(batches)
+    failures: list[BaseException] = []
     totals = {"ingested": 0, "quarantined": 0, "duplicate": 0}
-    quarantined: dict[str, str] = {}
-    candidates: list[Candidate] = []
-    model_version = None
     done = 0
-    for start in range(0, len(files), max(1, batch_size)):
-        batch = files[start : start + batch_size]
-        report = ingest_files(batch, imgsz, conf)
-        done += len(batch)
-        model_version = report.model_version or model_version
-        candidates += report.candidates
+    for future in as_completed(list(futures)):
+        index = futures[future]
+        done += len(batches[index])
+        try:
+            report = reports[index] = future.result()
+        except Exception as exc:  # the other batches still finish and are counted
+            failures.append(exc)
+            logger.error("batch %d of %d failed: %s", index + 1, len(batches), exc)
+            continue
         for outcome in report.files:
             totals[outcome.status] += 1
-            if outcome.status == "quarantined":
-                quarantined[outcome.uri] = outcome.reason or ""
         rate = done / (time.perf_counter() - started)
         percent = 100.0 * done / len(files)
         message = (
@@ -168,8 +241,29 @@ def ingest_flow(
             {"done": done, "total": len(files), **totals, "files_per_second": rate},
         )
 
-    # Always: it also gives a task to queue rows a failed run left without one.
+    # Gathered in batch order: the same summary whichever batch finished first.
+    quarantined: dict[str, str] = {}
+    candidates: list[Candidate] = []
+    model_version = None
+    unpredicted = None
+    for report in reports:
+        if report is None:
+            continue
+        model_version = model_version or report.model_version
+        unpredicted = unpredicted or report.unpredicted
+        candidates += report.candidates
+        for outcome in report.files:
+            if outcome.status == "quarantined":
+                quarantined[outcome.uri] = outcome.reason or ""
+
+    if unpredicted:
+        logger.warning("ingested without predictions: %s", unpredicted)
+
+    # Always: it also gives a task to queue rows a failed run left without one (and the
+    # images of the batches that did finish are queued even when another failed).
     queued = queue_uncertain(candidates, policy)
+    if failures:
+        raise failures[0]
     update_progress_artifact(progress, 100.0)
     seconds = time.perf_counter() - started
     summary = {
@@ -183,6 +277,8 @@ def ingest_flow(
         "quarantine": quarantined,
         "seconds": round(seconds, 2),
         "images_per_second": len(files) / seconds if seconds > 0 else 0.0,
+        # host:pid of every process that ran a batch (the flow's own with threads).
+        "workers": sorted({r.worker for r in reports if r is not None}),
     }
     create_markdown_artifact(_summary_markdown(summary, quarantined), key="ingest-summary")
     emit(

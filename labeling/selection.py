@@ -52,13 +52,20 @@ class SelectionPolicy(BaseModel):
         return self
 
     @classmethod
-    def from_settings(cls, settings: Settings, **overrides: object) -> "SelectionPolicy":
+    def from_settings(
+        cls, settings: Settings, *, drift_level: str | None = None, **overrides: object
+    ) -> "SelectionPolicy":
+        """The settings' policy; while drift is yellow or red, confident images are audited at
+        ``drift_audit_rate``: under drift the model misses defects with confidence (it finds
+        no box), so uncertainty alone would starve the queue of the new conditions."""
         values: dict[str, object] = {
             "low": settings.uncertainty_low,
             "high": settings.uncertainty_high,
             "budget": settings.labeling_budget,
             "seed": settings.seed,
         }
+        if drift_level in ("yellow", "red"):
+            values["audit_rate"] = max(DEFAULT_AUDIT_RATE, settings.drift_audit_rate)
         values.update(overrides)
         return cls(**values)
 

@@ -6,8 +6,9 @@ value, its threshold, whether it fired, and a plain sentence.
 
 Triggers (any one suffices): drift level red, enough new reviewed labels, a manual request,
 a champion past its maximum age (or no champion at all). Blockers (any one stops it): a retrain
-already running, the cooldown since the last retrain (a manual request overrides the cooldown,
-never a running retrain).
+already running, too few new labels to learn from (a drifted model can only learn the new
+conditions from labels taken under them), the cooldown since the last retrain (a manual request
+overrides the last two, never a running retrain).
 """
 
 from __future__ import annotations
@@ -127,6 +128,25 @@ def evaluate(state: LoopState, settings: Settings) -> RetrainDecision:
             "retrain_running", "blocker", running, False, running,
             f"Retraining run {state.running_run_id} is still running; only one runs at a time."
             if running else "No retrain is running.",
+        )
+    )
+
+    few = state.new_labels < settings.min_labels_to_retrain
+    if not few:
+        few_reason = (
+            f"{_plural(state.new_labels, 'new reviewed label')} to learn from; automatic "
+            f"retrains need {settings.min_labels_to_retrain}."
+        )
+    else:
+        few_reason = (
+            f"Only {_plural(state.new_labels, 'new reviewed label')} to learn from; automatic "
+            f"retrains wait for {settings.min_labels_to_retrain}"
+            + (", but a manual request overrides that." if manual else ".")
+        )
+    conditions.append(
+        Condition(
+            "too_few_labels", "blocker", state.new_labels, settings.min_labels_to_retrain,
+            few and not manual, few_reason,
         )
     )
 

@@ -13,14 +13,17 @@ from visionloop.models import DriftResult, RetrainingRun, RetrainStatus, Reviewe
 from visionloop.settings import Settings
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
-SETTINGS = Settings(min_new_labels=100, retrain_cooldown_hours=6, max_champion_age_hours=168, drift_red=0.7)
+SETTINGS = Settings(
+    min_new_labels=100, min_labels_to_retrain=20, retrain_cooldown_hours=6,
+    max_champion_age_hours=168, drift_red=0.7,
+)
 
-# A quiet loop: a fresh champion, green drift, few labels, nothing running, cooldown long past.
+# A quiet loop: a fresh champion, green drift, some labels, nothing running, cooldown long past.
 QUIET = LoopState(
     now=NOW,
     drift_level="green",
     drift_score=0.1,
-    new_labels=3,
+    new_labels=40,
     last_retrain_finished=NOW - timedelta(hours=48),
     champion_created=NOW - timedelta(hours=48),
     champion_version="4",
@@ -53,6 +56,17 @@ CASES = {
         {"manual_request"},
     ),
     "first retrain has no cooldown": ({"new_labels": 100, "last_retrain_finished": None}, True, "new_labels", {"new_labels"}),
+    "drift red, too few labels to learn from": (
+        {"drift_level": "red", "new_labels": 19}, False, None, {"drift", "too_few_labels"}
+    ),
+    "drift red, just enough labels": ({"drift_level": "red", "new_labels": 20}, True, "drift", {"drift"}),
+    "old champion, no new labels": (
+        {"champion_created": NOW - timedelta(hours=200), "new_labels": 0}, False, None,
+        {"champion_age", "too_few_labels"},
+    ),
+    "manual overrides too few labels": (
+        {"manual_request_id": 7, "new_labels": 0}, True, "manual_request", {"manual_request"}
+    ),
     "several triggers": (
         {"drift_level": "red", "new_labels": 150, "manual_request_id": 1}, True, "drift",
         {"drift", "new_labels", "manual_request"},
@@ -72,7 +86,8 @@ def test_conditions_table(name: str) -> None:
     assert decision.trigger == trigger
     assert {c.name for c in decision.conditions if c.fired} == fired
     assert [c.name for c in decision.conditions] == [
-        "drift", "new_labels", "manual_request", "champion_age", "retrain_running", "cooldown"
+        "drift", "new_labels", "manual_request", "champion_age", "retrain_running",
+        "too_few_labels", "cooldown",
     ]
     for condition in decision.conditions:
         # Plain sentences: a capital letter or a number first, a full stop, no Python reprs.
@@ -101,6 +116,11 @@ def test_reasons_carry_values_and_thresholds() -> None:
     )
     one = evaluate(replace(QUIET, new_labels=1), SETTINGS)
     assert one.conditions[1].reason.startswith("1 new reviewed label since")
+    few = {c.name: c for c in evaluate(replace(QUIET, new_labels=7, drift_level="red"), SETTINGS).conditions}
+    assert few["too_few_labels"].reason == (
+        "Only 7 new reviewed labels to learn from; automatic retrains wait for 20."
+    )
+    assert (few["too_few_labels"].value, few["too_few_labels"].threshold) == (7, 20)
 
 
 def test_state_is_gathered_from_the_database(sqlite_url: str) -> None:

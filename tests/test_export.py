@@ -10,8 +10,10 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
+from PIL import Image as PILImage
 
 from labeling.export import (
     LabeledImage,
@@ -305,19 +307,25 @@ def test_export_writes_a_content_addressed_snapshot(settings: Settings, tmp_path
 
 def test_profile_counts_classes_sizes_and_near_duplicates_across_splits() -> None:
     from labeling.export import Entry
-    from visionloop.profile import dhash
-    from visionloop.synthetic import encode_jpeg
+    from visionloop.profile import fingerprint
 
-    sample = generate_sample(3, seed=5, size=160)
-    # The same scene saved twice at different qualities is a near-duplicate, not a new image.
-    groups = near_duplicate_groups(
-        {
-            "q95": dhash(encode_jpeg(sample.image, quality=95)),
-            "q40": dhash(encode_jpeg(sample.image, quality=40)),
-            "other": dhash(encode_jpeg(generate_sample(4, seed=5).image)),
-        }
+    def jpeg(image, quality: int = 85, size: int | None = None) -> bytes:  # noqa: ANN001
+        buffer = io.BytesIO()
+        picture = PILImage.fromarray(image)
+        (picture.resize((size, size)) if size else picture).save(buffer, "JPEG", quality=quality)
+        return buffer.getvalue()
+
+    # Re-encoded, resized or brightened, a scene is a near-duplicate of itself; other scenes
+    # of the same surfaces, under the same kind of lighting, are not.
+    images = {f"scene{i}": generate_sample(i, seed=5, size=160).image for i in range(40)}
+    prints = {key: fingerprint(jpeg(image)) for key, image in images.items()}
+    scene = images["scene3"]
+    prints["scene3 q95"] = fingerprint(jpeg(scene, quality=95))
+    prints["scene3 x2"] = fingerprint(jpeg(scene, size=320))
+    prints["scene3 bright"] = fingerprint(
+        jpeg(np.clip(scene.astype(int) + 25, 0, 255).astype(np.uint8))
     )
-    assert groups == [["q40", "q95"]]
+    assert near_duplicate_groups(prints) == [["scene3", "scene3 bright", "scene3 q95", "scene3 x2"]]
 
     box = YoloBox(1, 0.5, 0.5, 0.25, 0.25)
     entries = [
@@ -325,12 +333,13 @@ def test_profile_counts_classes_sizes_and_near_duplicates_across_splits() -> Non
         Entry(_image(2, (YoloBox(0, 0.5, 0.5, 0.5, 0.5),), 640, 480), "test"),
         Entry(_image(3, (), 160, 160), "val"),
     ]
-    dhashes = {
-        entries[0].image.image_hash: "00000000000000ff",
-        entries[1].image.image_hash: "00000000000000fe",  # one bit away
-        entries[2].image.image_hash: "ffffffff00000000",
+    twin = fingerprint(jpeg(scene))
+    fingerprints = {
+        entries[0].image.image_hash: twin,
+        entries[1].image.image_hash: fingerprint(jpeg(scene, quality=95)),
+        entries[2].image.image_hash: prints["scene7"],
     }
-    profile = profile_entries(entries, CLASSES, dhashes, dropped_labels=["rust", "rust"])
+    profile = profile_entries(entries, CLASSES, fingerprints, dropped_labels=["rust", "rust"])
     assert profile["boxes"] == 3 and profile["background_images"] == 1
     assert profile["class_balance"]["dent"] == {
         "boxes": 2,

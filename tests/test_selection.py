@@ -33,6 +33,24 @@ def test_policy_defaults_come_from_the_settings() -> None:
     )
 
 
+def test_drift_widens_the_audit_of_confident_images() -> None:
+    settings = Settings(labeling_budget=40, drift_audit_rate=0.5)
+    # A drifted model sees nothing with confidence: only the audit can bring these to review.
+    blind = [_c(i) for i in range(200)]
+    calm = SelectionPolicy.from_settings(settings, drift_level="green")
+    drifted = SelectionPolicy.from_settings(settings, drift_level="red")
+    assert calm.audit_rate == 0.02 and drifted.audit_rate == 0.5
+    assert SelectionPolicy.from_settings(settings, drift_level="yellow").audit_rate == 0.5
+    assert SelectionPolicy.from_settings(settings).audit_rate == 0.02  # never measured
+    assert len(select(blind, calm)) == 1  # ceil(40 * 0.02)
+    picked = select(blind, drifted)
+    assert len(picked) == 20  # the audit's share of the budget: ceil(40 * 0.5)
+    assert {s.reason for s in picked} == {AUDIT_REASON}
+    # Uncertain images still fill the rest of the budget.
+    mixed = select(blind + [_c(1000 + i, 0.55) for i in range(30)], drifted)
+    assert len(mixed) == 40 and sum(s.reason != AUDIT_REASON for s in mixed) == 20
+
+
 def test_policy_rejects_nonsense() -> None:
     with pytest.raises(ValidationError):
         SelectionPolicy(low=0.8, high=0.4)

@@ -201,7 +201,10 @@ def test_info_links_to_the_other_user_interfaces(client: TestClient) -> None:
 def test_conditions_explain_every_condition(client: TestClient, champion: str) -> None:
     body = client.get("/api/retraining/conditions").json()
     names = [c["name"] for c in body["conditions"]]
-    assert names == ["drift", "new_labels", "manual_request", "champion_age", "retrain_running", "cooldown"]
+    assert names == [
+        "drift", "new_labels", "manual_request", "champion_age", "retrain_running",
+        "too_few_labels", "cooldown",
+    ]
     assert all(c["reason"] and c["kind"] in ("trigger", "blocker") for c in body["conditions"])
     age = next(c for c in body["conditions"] if c["name"] == "champion_age")
     assert f"version {champion}" in age["reason"]

@@ -190,11 +190,83 @@ def bootstrap(
         console.print(f"champion exists already: version {result['version']} (use --force to retrain)")
 
 
+class _RichStoryUI:
+    def say(self, message: str) -> None:
+        console.print(f"[cyan]demo[/cyan] {message}")
+
+    def bar(self, label: str, total: int) -> _bar:
+        return _bar(label, total)
+
+
+def _print_report(report: dict) -> None:  # noqa: C901
+    images = report["images"]
+    table = Table(title=f"demo report ({report['run_tag']})")
+    for column in ("files", "ingested", "quarantined", "queued", "labelled"):
+        table.add_column(column, justify="right")
+    table.add_row(*(str(images[k]) for k in ("files", "ingested", "quarantined", "queued", "labelled")))
+    console.print(table)
+    for name, reason in images["quarantine_reasons"].items():
+        console.print(f"  quarantined {name}: {reason}")
+    rounds = Table(title="rounds")
+    for column in ("round", "lighting", "queued", "labelled", "drift", "decision"):
+        rounds.add_column(column)
+    for r in report["rounds"]:
+        drift = "-" if r["drift_level"] is None else f"{r['drift_level']} ({r['drift_score']:.2f})"
+        rounds.add_row(
+            str(r["round"]), "changed" if r["drifted"] else "normal", str(r["queued"]),
+            str(r["labelled"]), drift, r["decision"],
+        )
+    console.print(rounds)
+    for run in report["retrains"]:
+        verdict = {True: "promoted", False: "not promoted"}.get(run["promoted"], run["status"])
+        console.print(f"[bold]retraining run {run['id']}[/bold] ({run['trigger']}): {verdict}")
+        for reason in run["reasons"]:
+            console.print(f"  - {reason}")
+        if run["error"]:
+            console.print(f"  [red]{run['error']}[/red]")
+    comparison = report["comparison"]
+    if comparison:
+        table = Table(
+            title=f"champion before and after, same held-out set "
+            f"({comparison['holdout_images']} images, {comparison['holdout_hash'][:12]})"
+        )
+        for column in ("", "version", "mAP50", "mAP50-95"):
+            table.add_column(column)
+        for role in ("before", "after"):
+            m = comparison[role]
+            table.add_row(role, m["version"], f"{m['metrics']['mAP50']:.3f}", f"{m['metrics']['mAP50-95']:.3f}")
+        console.print(table)
+    else:
+        console.print("[yellow]no retrain finished, so there is no before/after comparison[/yellow]")
+    console.print(f"report: {report['paths']['markdown']} (and .json)")
+
+
 @app.command()
-def demo() -> None:
-    """The main job on embedded defaults: bring the stack up and bootstrap a champion."""
+def demo(
+    rounds: Annotated[int, typer.Option(help="Rounds of camera images.")] = 6,
+    images_per_round: Annotated[int, typer.Option(help="Camera images per round.")] = 40,
+    shift_round: Annotated[int, typer.Option(help="First round under the changed lighting.")] = 2,
+    story: Annotated[bool, typer.Option(help="Tell the story; --no-story stops after bootstrap.")] = True,
+) -> None:
+    """The main job on embedded defaults: the stack, a first champion, then one turn of the loop
+    (camera images with a lighting change, review queue, drift, retrain, promotion) and its report."""
+    from visionloop.demo import DemoError, run_story
+    from visionloop.production_stream import StreamPlan
+
+    try:
+        plan = StreamPlan(rounds=rounds, images_per_round=images_per_round, shift_round=shift_round)
+    except ValueError as exc:
+        _fail(exc)
     up(only=None)
     bootstrap(epochs=None, images=None, force=False)
+    if story:
+        settings = _settings()
+        _use_stack_env(settings)
+        try:
+            report = run_story(settings, plan, _RichStoryUI())
+        except DemoError as exc:
+            _fail(exc)
+        _print_report(report)
     status()
 
 

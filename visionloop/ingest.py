@@ -10,6 +10,12 @@ their content is known, counted as duplicates. Each file ends as exactly one of
   and an ``images`` row with status ``quarantined`` and the precise reason;
 - ``duplicate``: its bytes are already known under another name (nothing is written).
 
+Batches may run at the same time (the ingest flow fans them out over threads or a Dask
+cluster): ``plan_batches`` keeps files that could be identical (equal sizes) in one batch,
+and a batch that still meets content another writer committed since it looked (a run of
+equal sizes longer than a batch, or two runs at once) turns those files into duplicates
+when the database's unique content hash refuses its rows, so identical bytes stay one image.
+
 ``ingest_batch`` overlaps the work: a small thread pool reads, hashes, validates, decodes
 and measures a few files ahead, and uploads the new ones, while the calling thread predicts.
 On a CPU ultralytics gives inference ``cpu_count - 1`` threads (one on two cores), so the
@@ -18,6 +24,11 @@ rest of the pipeline runs beside prediction instead of adding to its time.
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import socket
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from labeling.selection import Candidate, uncertainty
@@ -33,9 +45,17 @@ from monitoring.features import extract_features
 from visionloop.db import session_scope
 from visionloop.images import DecodedImage, ImageRejected, decode_image
 from visionloop.models import Image, ImageStatus, Prediction
-from visionloop.predictor import PREDICT_CONF, ChampionPredictor, PredictionResult
-from visionloop.settings import Settings
+from visionloop.predictor import (
+    PREDICT_CONF,
+    ChampionPredictor,
+    NoChampionError,
+    PredictionResult,
+    get_predictor,
+)
+from visionloop.settings import Settings, get_settings
 from visionloop.storage import ObjectStore, content_key, sha256_hex
+
+log = logging.getLogger(__name__)
 
 QUARANTINE_PREFIX = "ingest/"
 WORKERS = 2
@@ -69,6 +89,10 @@ class BatchReport:
     candidates: list[Candidate] = field(default_factory=list)
     """Newly ingested images with a prediction: what selection chooses from."""
     model_version: str | None = None
+    unpredicted: str | None = None
+    """Why nothing was predicted (no champion yet), for the flow to say once."""
+    worker: str = ""
+    """Where the batch ran: ``host:pid`` of the process (``ingest_sources``)."""
 
     def count(self, status: str) -> int:
         return sum(1 for f in self.files if f.status == status)
@@ -118,6 +142,39 @@ def unseen(sources: Iterable[SourceFile], session: Session) -> list[SourceFile]:
     for chunk in _chunks([s.uri for s in sources], _QUERY_CHUNK):
         known.update(session.exec(select(Image.source_key).where(col(Image.source_key).in_(chunk))))
     return [s for s in sources if s.uri not in known]
+
+
+def plan_batches(sources: Sequence[SourceFile], batch_size: int) -> list[list[SourceFile]]:
+    """``sources`` in ``ceil(n / batch_size)`` batches that may run concurrently.
+
+    Identical bytes have equal sizes, so files are grouped by size (the groups in the order
+    of their first file, each group in listing order: with distinct sizes, exactly the
+    listing order) and every cut between batches moves to the nearest change of size that
+    leaves no batch empty. Would-be duplicates then share a batch, where the first name in
+    listing order is ingested and the others are its duplicates, just as when batches ran
+    one after another. Only a run of equal sizes that no cut can avoid is split; the
+    database's unique content hash settles that race (``ingest_batch``).
+    """
+    size = max(1, batch_size)
+    groups: dict[int, list[SourceFile]] = {}
+    for source in sources:
+        groups.setdefault(source.size, []).append(source)
+    ordered = [source for group in groups.values() for source in group]
+    total = len(ordered)
+    if not total:
+        return []
+    count = math.ceil(total / size)
+    # Positions where the size changes: cutting there separates no equal sizes.
+    changes = [i for i in range(1, total) if ordered[i - 1].size != ordered[i].size]
+    cuts = [0]
+    for i in range(1, count):
+        low, high = cuts[-1] + 1, total - (count - i)  # every batch keeps at least one file
+        target = min(max(i * size, low), high)
+        at = bisect_left(changes, target)
+        options = [c for c in changes[max(at - 1, 0) : at + 1] if low <= c <= high]
+        cuts.append(min(options, key=lambda c: (abs(c - target), c)) if options else target)
+    cuts.append(total)
+    return [ordered[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 # --- one file ------------------------------------------------------------------------------
@@ -238,6 +295,46 @@ def _known_hashes(session: Session, hashes: Sequence[str]) -> dict[str, Image]:
     return {row.content_hash: row for row in rows}
 
 
+def _write_rows(
+    new: dict[str, Image], known: dict[str, Image], predictions: dict[str, PredictionResult]
+) -> tuple[dict[str, Image], list[Candidate]]:
+    """Insert the new rows and their predictions in one transaction; returns the written
+    rows (ids assigned) and the candidates for selection.
+
+    Another writer (a concurrent batch, another run) may have committed some of the same
+    content since ``settle`` looked: the unique content hash then refuses the insert, the
+    transaction rolls back, those hashes move to ``known`` (their files become duplicates of
+    the other writer's rows) and the rest is written again. What was uploaded meanwhile is
+    the same bytes under the same content keys, so nothing is left behind.
+    """
+    while True:
+        # Fresh objects every attempt: a rolled-back flush leaves ids on the old ones.
+        rows = {h: Image(**template.model_dump(exclude={"id"})) for h, template in new.items()}
+        candidates: list[Candidate] = []
+        try:
+            with session_scope() as session:
+                for content_hash, row in rows.items():
+                    if content_hash in predictions:
+                        row.status = ImageStatus.predicted
+                session.add_all(rows.values())
+                session.flush()  # assigns the ids the predictions refer to
+                for content_hash, row in rows.items():
+                    result = predictions.get(content_hash)
+                    if result is None:
+                        continue
+                    session.add(prediction_row(row.id, result))  # type: ignore[arg-type]
+                    candidates.append(Candidate(row.id, content_hash, result.confidences))  # type: ignore[arg-type]
+            return rows, candidates
+        except IntegrityError:
+            with session_scope() as session:
+                raced = _known_hashes(session, list(new))
+            if not raced:
+                raise  # not a content race: a real error
+            log.info("%d images were committed concurrently by another writer", len(raced))
+            known.update(raced)
+            new = {h: row for h, row in new.items() if h not in raced}
+
+
 # --- a batch -------------------------------------------------------------------------------
 
 
@@ -302,16 +399,7 @@ def ingest_batch(
         for upload in uploads:  # rows only for content that is stored
             upload.result()
 
-    with session_scope() as session:
-        session.add_all(new.values())
-        session.flush()  # assigns the ids the predictions refer to
-        for content_hash, row in new.items():
-            result = predictions.get(content_hash)
-            if result is None:
-                continue
-            row.status = ImageStatus.predicted
-            session.add(prediction_row(row.id, result))  # type: ignore[arg-type]
-            report.candidates.append(Candidate(row.id, content_hash, result.confidences))  # type: ignore[arg-type]
+    new, report.candidates = _write_rows(new, known, predictions)
 
     reported: set[str] = set()
     for uri, content_hash in order:
@@ -323,4 +411,30 @@ def ingest_batch(
             row = new.get(content_hash) or known[content_hash]
             status = "duplicate"
         report.files.append(FileOutcome(uri, status, row.id, row.quarantine_reason))
+    return report
+
+
+def ingest_sources(
+    files: Sequence[SourceFile], imgsz: int | None = None, conf: float = PREDICT_CONF
+) -> BatchReport:
+    """One batch as a self-contained unit of work: the ingest flow's task, on whatever
+    thread, process or Dask worker runs it.
+
+    Settings, object store and champion come from this process's environment, and the
+    arguments and result are plain picklable dataclasses. It lives here rather than in
+    ``flows/ingest.py`` so that a worker imports it by name wherever the project is
+    installed (Prefect loads a deployment's flow file under a module name of its own).
+    """
+    settings = get_settings()
+    predictor: ChampionPredictor | None = get_predictor(settings)
+    unpredicted = None
+    try:
+        predictor.model_version()  # type: ignore[union-attr]
+    except NoChampionError as exc:
+        predictor, unpredicted = None, str(exc)
+    report = ingest_batch(
+        settings, ObjectStore(settings), files, predictor=predictor, imgsz=imgsz, conf=conf
+    )
+    report.unpredicted = unpredicted
+    report.worker = f"{socket.gethostname()}:{os.getpid()}"
     return report

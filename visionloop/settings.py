@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing import Annotated
+from typing import Annotated, Literal
 
 
 class Settings(BaseSettings):
@@ -112,6 +112,13 @@ class Settings(BaseSettings):
     uncertainty_low: float = Field(default=0.4)
     uncertainty_high: float = Field(default=0.7)
     labeling_budget: int = Field(default=50)
+    drift_audit_rate: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Share of confident images sent for review while drift is yellow or red: a drifted "
+        "model is often confidently blind (no box at all), so its confidence cannot choose.",
+    )
     drift_yellow: float = Field(default=0.3)
     drift_red: float = Field(default=0.7)
     drift_stat_test: str = Field(
@@ -121,12 +128,29 @@ class Settings(BaseSettings):
     drift_window_size: int = Field(default=500, description="...or at most the last N images.")
     drift_min_window: int = Field(default=30, description="Fewer images than this: no verdict.")
     min_new_labels: int = Field(default=100)
+    min_labels_to_retrain: int = Field(
+        default=30,
+        ge=0,
+        description="Automatic retrains wait for at least this many new reviewed labels: after "
+        "drift, the model can only learn the new conditions from labels taken under them.",
+    )
     retrain_cooldown_hours: float = Field(default=6.0)
     max_champion_age_hours: float = Field(
         default=24.0 * 7, description="A champion older than this is retrained on a schedule."
     )
     promotion_margin: float = Field(default=0.0)
     class_drop_tolerance: float = Field(default=0.05)
+
+    # --- scale-out ---------------------------------------------------------------------------
+    task_runner: Literal["threads", "dask"] = Field(
+        default="threads",
+        description="How the ingest flow fans its batches out: a thread pool in the flow's "
+        "process, or a Dask cluster (prefect-dask).",
+    )
+    dask_address: str = Field(
+        default="", description="Scheduler of an existing Dask cluster; empty starts a local one."
+    )
+    dask_workers: int = Field(default=2, ge=1, description="Workers of the local Dask cluster.")
 
     @field_validator("class_names", "cors_origins", mode="before")
     @classmethod

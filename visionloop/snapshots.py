@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from PIL import Image as PILImage
 from sqlalchemy import update
@@ -50,7 +51,7 @@ from labeling.export import (
 from monitoring.events import emit
 from visionloop.db import get_engine, session_scope
 from visionloop.models import DatasetSnapshot, Image, ReviewedLabel
-from visionloop.profile import dhash, profile_entries
+from visionloop.profile import fingerprint, profile_entries
 from visionloop.registry import ModelRef, client
 from visionloop.settings import Settings
 from visionloop.storage import ObjectStore, StorageError, sha256_hex
@@ -250,7 +251,7 @@ def materialise(
     bucket, prefix = settings.bucket_datasets, _prefix(digest)
     by_hash = {s.image.image_hash: s for s in sources}
 
-    def upload(entry: Entry) -> str:
+    def upload(entry: Entry) -> np.ndarray:
         data = by_hash[entry.image.image_hash].read()
         if sha256_hex(data) != entry.image.image_hash:
             raise SnapshotError(
@@ -261,12 +262,14 @@ def materialise(
         store.put_bytes(
             bucket, prefix + entry.label_file, entry.image.label_text.encode(), "text/plain"
         )
-        return dhash(data)
+        return fingerprint(data)
 
     with ThreadPoolExecutor(_IO_THREADS) as pool:
-        dhashes = dict(zip((e.image.image_hash for e in entries), pool.map(upload, entries)))
+        fingerprints = dict(zip((e.image.image_hash for e in entries), pool.map(upload, entries)))
 
-    profile = profile_entries(entries, class_names, dhashes, dropped) | {"skipped_images": skipped}
+    profile = profile_entries(entries, class_names, fingerprints, dropped) | {
+        "skipped_images": skipped
+    }
     splits = {"train": "images/train", "val": "images/val", "test": "images/test"}
     documents: dict[str, tuple[bytes, str]] = {
         "data.yaml": (data_yaml(class_names, splits).encode(), "application/x-yaml"),

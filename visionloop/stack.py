@@ -582,6 +582,7 @@ class Stack:
             "Prefect UI": s.prefect_api.removesuffix("/api"),
             "MLflow": s.mlflow_uri,
             "Label Studio": s.label_studio,
+            "Dashboard": f"{s.api_url}/dashboard",
             "API docs": f"{s.api_url}/docs",
             "S3 API": s.s3_url,
         }

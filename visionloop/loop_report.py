@@ -1,0 +1,186 @@
+"""What one turn of the loop did, read back from the platform's own records.
+
+The demo ends with this report, and the end-to-end test asserts on it: images ingested,
+quarantined (with reasons), queued and labelled; drift levels over time; every retrain
+decision with its reasons; and the champion's mAP before and after on one held-out set.
+Everything comes from the database and MLflow, not from what the demo believes it did.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlmodel import col, select
+
+from visionloop.db import session_scope
+from visionloop.models import (
+    DriftResult,
+    Image,
+    ImageStatus,
+    LabelingQueueItem,
+    RetrainingRun,
+    ReviewedLabel,
+)
+
+T = TypeVar("T")
+
+
+def image_counts(source_prefix: str) -> dict[str, Any]:
+    """Images whose source key contains ``source_prefix``: by fate, with quarantine reasons."""
+    with session_scope() as session:
+        images = list(
+            session.exec(select(Image).where(col(Image.source_key).contains(source_prefix)))
+        )
+        ids = [i.id for i in images if i.id is not None]
+        queue = list(
+            session.exec(select(LabelingQueueItem).where(col(LabelingQueueItem.image_id).in_(ids)))
+        ) if ids else []
+        labels = list(
+            session.exec(select(ReviewedLabel).where(col(ReviewedLabel.image_id).in_(ids)))
+        ) if ids else []
+    quarantined = [i for i in images if i.status == ImageStatus.quarantined]
+    return {
+        "files": len(images),
+        "ingested": len(images) - len(quarantined),
+        "quarantined": len(quarantined),
+        "quarantine_reasons": {
+            (i.source_key or "").rsplit("/", 1)[-1]: i.quarantine_reason for i in quarantined
+        },
+        "queued": len(queue),
+        "queued_by_reason": dict(Counter(q.flagged_reason for q in queue)),
+        "labelled": len(labels),
+        "reviewers": dict(Counter(label.reviewer or "unknown" for label in labels)),
+    }
+
+
+def rows_since(model: type[T], since: datetime) -> list[T]:
+    """Rows of ``model`` created at or after ``since``, oldest first."""
+    with session_scope() as session:
+        return list(
+            session.exec(
+                select(model).where(model.created_at >= since).order_by(col(model.id))  # type: ignore[attr-defined]
+            )
+        )
+
+
+def drift_timeline(since: datetime) -> list[dict[str, Any]]:
+    timeline = []
+    for row in rows_since(DriftResult, since):
+        per_feature = {
+            name: f for name, f in (row.features or {}).items() if isinstance(f, dict)
+        }  # besides the features, the row keeps a few scalars (the adjusted p-value)
+        drifted = [
+            name
+            for name, f in sorted(per_feature.items(), key=lambda kv: -kv[1].get("severity", 0.0))
+            if f.get("drifted")
+        ]
+        timeline.append(
+            {
+                "at": row.created_at.isoformat(),
+                "level": str(getattr(row.level, "value", row.level)),
+                "score": round(row.drift_score, 3),
+                "window": row.window_size,
+                "model_version": row.model_version,
+                "drifted_features": drifted,
+            }
+        )
+    return timeline
+
+
+def retrain_runs(since: datetime) -> list[dict[str, Any]]:
+    runs = []
+    for row in rows_since(RetrainingRun, since):
+        metrics = row.metrics or {}
+        primary = metrics.get("primary_metric", "mAP50-95")
+        runs.append(
+            {
+                "id": row.id,
+                "trigger": row.trigger,
+                "reason": row.reason,
+                "status": str(getattr(row.status, "value", row.status)),
+                "promoted": row.promoted,
+                "challenger_version": row.model_version,
+                "champion_version": metrics.get("champion_version"),
+                "primary_metric": primary,
+                "challenger": (metrics.get("challenger") or {}).get("metrics"),
+                "champion": (metrics.get("champion") or {}).get("metrics"),
+                "holdout_snapshot_id": metrics.get("holdout_snapshot_id"),
+                "holdout_hash": metrics.get("holdout_hash"),
+                "reasons": list(row.decision_reasons or []),
+                "error": row.error,
+            }
+        )
+    return runs
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown (saved next to the JSON, readable in any viewer)."""
+    images = report["images"]
+    lines = [
+        "# visionloop demo report",
+        "",
+        f"Run `{report['run_tag']}`, {report['started_at']} to {report['finished_at']}.",
+        "",
+        "## Images",
+        "",
+        "| files | ingested | quarantined | queued | labelled |",
+        "| --- | --- | --- | --- | --- |",
+        f"| {images['files']} | {images['ingested']} | {images['quarantined']} | "
+        f"{images['queued']} | {images['labelled']} |",
+        "",
+    ]
+    if images["quarantine_reasons"]:
+        lines += ["Quarantined:", ""]
+        lines += [f"- `{name}`: {reason}" for name, reason in images["quarantine_reasons"].items()]
+        lines.append("")
+    if images["queued_by_reason"]:
+        lines += ["Queued because: " + ", ".join(
+            f"{reason} {n}" for reason, n in sorted(images["queued_by_reason"].items())
+        ), ""]
+    lines += ["## Rounds", "", "| round | drifted | uploaded | queued | labelled | drift | decision |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["rounds"]:
+        lines.append(
+            f"| {r['round']} | {'yes' if r['drifted'] else 'no'} | {r['uploaded']} | {r['queued']} | "
+            f"{r['labelled']} | {r['drift_level'] or '-'} | {r['decision']} |"
+        )
+    lines += ["", "## Drift over time", "", "| at | level | score | drifted features |",
+              "| --- | --- | --- | --- |"]
+    for d in report["drift"]:
+        lines.append(
+            f"| {d['at'][:19]} | {d['level']} | {d['score']:.2f} | {', '.join(d['drifted_features']) or '-'} |"
+        )
+    lines += ["", "## Retrains", ""]
+    if not report["retrains"]:
+        lines.append("No retrain ran.")
+    for run in report["retrains"]:
+        verdict = {True: "promoted", False: "not promoted"}.get(run["promoted"], run["status"])
+        lines += [
+            f"### Retraining run {run['id']} ({run['trigger']}): {verdict}",
+            "",
+            f"Why it started: {run['reason'] or '-'}",
+            "",
+        ]
+        if run["error"]:
+            lines += [f"Error: {run['error']}", ""]
+        lines += [f"- {reason}" for reason in run["reasons"]]
+        lines.append("")
+    comparison = report.get("comparison")
+    lines += ["## Champion before and after, same held-out set", ""]
+    if comparison:
+        lines += [
+            f"Held-out snapshot {comparison['holdout_hash'][:12]} ({comparison['holdout_images']} images).",
+            "",
+            "| model | version | mAP50 | mAP50-95 |",
+            "| --- | --- | --- | --- |",
+        ]
+        for role in ("before", "after"):
+            m = comparison[role]
+            lines.append(
+                f"| {role} | {m['version']} | {m['metrics']['mAP50']:.3f} | {m['metrics']['mAP50-95']:.3f} |"
+            )
+    else:
+        lines.append("No held-out comparison: no retrain produced a held-out set.")
+    return "\n".join(lines) + "\n"
