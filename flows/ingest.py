@@ -40,8 +40,8 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from labeling.selection import Candidate, SelectionPolicy, select
 from labeling.tasks import QueueReport, queue_for_review
-from monitoring.events import emit
 from monitoring.drift_state import latest_drift_level
+from monitoring.events import emit
 from visionloop.db import session_scope
 from visionloop.ingest import (
     BatchReport,
@@ -201,7 +201,8 @@ def ingest_flow(
     """
     settings = get_settings()
     logger = get_run_logger()
-    # While drift is red the champion's confidence cannot be trusted to pick images: widen the audit.
+    # Under drift (yellow or red) the champion's confidence cannot be trusted to pick images:
+    # the review audit widens (see SelectionPolicy.from_settings).
     policy = selection or SelectionPolicy.from_settings(settings, drift_level=latest_drift_level())
     started = time.perf_counter()
 

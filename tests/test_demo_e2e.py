@@ -20,7 +20,9 @@ import pytest
 from labeling.simulated_reviewer import SIMULATED_REVIEWER_EMAIL
 from visionloop.stack import free_port
 
-pytestmark = [pytest.mark.slow]
+# The whole story takes about 10 minutes on two quiet cores; the suite's 15-minute default
+# per test is too tight on a busy machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
 
 VISIONLOOP = str(Path(sys.executable).with_name("visionloop"))
 ROUNDS, PER_ROUND, SHIFT = 4, 30, 1
