@@ -90,6 +90,14 @@ def run_deployment_and_wait(name: str, parameters: dict[str, Any], timeout: floa
     return str(flow_run.id)
 
 
+def run_step(ui: StoryUI, label: str, name: str, parameters: dict[str, Any], timeout: float) -> str:
+    """One deployment run, shown as a one-step bar whose clock runs while the worker works."""
+    with ui.bar(label, 1) as advance:
+        flow_run_id = run_deployment_and_wait(name, parameters, timeout)
+        advance(1)
+    return flow_run_id
+
+
 def _events_since(kind: str, since: datetime) -> list[ActivityEvent]:
     return [e for e in loop_report.rows_since(ActivityEvent, since) if e.kind == kind]
 
@@ -179,22 +187,23 @@ def run_story(
         record = RoundRecord(index, upload.drifted, len(upload.image_keys), len(upload.broken_keys))
         rounds.append(record)
 
-        ui.say(f"round {index}: ingest deployment on {upload.prefix}")
-        run_deployment_and_wait("ingest/ingest", {"prefix": upload.prefix}, flow_timeout)
+        run_step(ui, f"round {index}: ingest {upload.prefix}", "ingest/ingest",
+                 {"prefix": upload.prefix}, flow_timeout)
         counts = loop_report.image_counts(upload.prefix)
         record.queued = counts["queued"]
 
         with ui.bar(f"round {index}: simulated reviewer", max(1, counts["queued"])) as advance:
             review_open_tasks(settings, truth, progress=lambda n, _total: advance(n))
-        run_deployment_and_wait("label-sync/label-sync", {}, flow_timeout)
+        run_step(ui, f"round {index}: label-sync", "label-sync/label-sync", {}, flow_timeout)
         record.labelled = loop_report.image_counts(upload.prefix)["labelled"]
 
-        run_deployment_and_wait("drift/drift", {}, flow_timeout)
+        run_step(ui, f"round {index}: drift", "drift/drift", {}, flow_timeout)
         drift = loop_report.drift_timeline(round_started)
         if drift:
             record.drift_level, record.drift_score = drift[-1]["level"], drift[-1]["score"]
 
-        run_deployment_and_wait("check-and-retrain/check-and-retrain", {}, flow_timeout)
+        run_step(ui, f"round {index}: check-and-retrain", "check-and-retrain/check-and-retrain",
+                 {}, flow_timeout)
         decisions = _events_since("retrain.conditions", round_started)
         record.decision = decisions[-1].message if decisions else "(no decision recorded)"
         ui.say(
