@@ -183,7 +183,10 @@ def select(candidates: Sequence[Candidate], policy: SelectionPolicy) -> list[Sel
                 Selected(candidate.image_id, policy.strategy, flag.score, flag.confidence)
             )
     audit_share = min(policy.budget, math.ceil(policy.budget * policy.audit_rate))
-    audit.sort(key=lambda s: (-s.score, s.image_id))
-    uncertain.sort(key=lambda s: (-s.score, s.image_id))
+    # Exact ties go by content hash, not by id: ids follow commit order, which differs
+    # between runs (batches fanned out over Dask commit in any order), content does not.
+    content = {c.image_id: c.content_hash for c in candidates}
+    audit.sort(key=lambda s: (-s.score, content[s.image_id]))
+    uncertain.sort(key=lambda s: (-s.score, content[s.image_id]))
     audit = audit[:audit_share]
     return audit + uncertain[: policy.budget - len(audit)]

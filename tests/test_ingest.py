@@ -191,16 +191,21 @@ def test_each_image_is_predicted_once_by_the_champion(
 
 
 def expected_queue(settings: Settings) -> list[int]:
-    """Least confidence, recomputed from the stored predictions: the weakest boxes first."""
-    ids = [i.id for i in run_images(settings) if i.status != ImageStatus.quarantined]
+    """Least confidence, recomputed from the stored predictions: the weakest boxes first,
+    exact ties by content hash."""
+    content = {
+        i.id: i.content_hash for i in run_images(settings) if i.status != ImageStatus.quarantined
+    }
     with session_scope() as session:
-        predictions = session.exec(select(Prediction).where(col(Prediction.image_id).in_(ids)))
+        predictions = session.exec(
+            select(Prediction).where(col(Prediction.image_id).in_(list(content)))
+        )
         uncertain = [
-            (p.min_confidence, p.image_id)
+            (p.min_confidence, content[p.image_id], p.image_id)
             for p in predictions
             if p.min_confidence is not None and p.min_confidence < POLICY.high
         ]
-    return [image_id for _, image_id in sorted(uncertain)[:BUDGET]]
+    return [image_id for *_, image_id in sorted(uncertain)[:BUDGET]]
 
 
 def test_uncertain_images_become_label_studio_tasks_with_predictions(

@@ -86,8 +86,23 @@ def test_ranking_strategies_order_by_their_own_uncertainty() -> None:
 def test_budget_caps_the_queue_most_uncertain_first() -> None:
     candidates = [_c(i, 0.4 + i / 100) for i in range(20)]
     chosen = select(candidates, SelectionPolicy(strategy="margin", budget=3, audit_rate=0))
-    assert [s.image_id for s in chosen] == [10, 9, 11]
+    # 0.49 and 0.51 are equally far from a coin flip: the tie goes by content hash
+    # ("hash-11" < "hash-9"), whatever order the ids say.
+    assert [s.image_id for s in chosen] == [10, 11, 9]
     assert select(candidates, SelectionPolicy(budget=0)) == []
+
+
+def test_ties_follow_content_not_ids() -> None:
+    """The same images under other ids (another commit order) give the same queue."""
+    policy = SelectionPolicy(strategy="margin", budget=3, audit_rate=0.5, seed=1)
+    hashes = [f"{i:02d}-image" for i in range(12)]
+    confs = [[0.5] if i % 2 else [] for i in range(12)]  # six exact ties, six confident
+    first = select([Candidate(i, h, c) for i, (h, c) in enumerate(zip(hashes, confs))], policy)
+    ids = {i: 100 - i for i in range(12)}  # reversed id order
+    second = select([Candidate(ids[i], h, c) for i, (h, c) in enumerate(zip(hashes, confs))], policy)
+    content = {i: h for i, h in enumerate(hashes)} | {ids[i]: h for i, h in enumerate(hashes)}
+    assert [content[s.image_id] for s in first] == [content[s.image_id] for s in second]
+    assert [s.reason for s in first].count("margin") >= 1
 
 
 def test_audit_samples_confident_images_reproducibly_within_its_share() -> None:
