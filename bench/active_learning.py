@@ -140,7 +140,7 @@ def pick_uncertain(
     """The ``k`` candidates the platform's selection ranks most uncertain.
 
     ``labeling.selection.select`` (``policy``'s strategy and band, no audit share, budget
-    ``k``) decides and orders, most uncertain first, ties by image id. Images it does not
+    ``k``) decides and orders, most uncertain first, ties by content hash. Images it does not
     flag (confident ones, or outside the band) fill any remaining places at random (seeded).
     """
     k = min(max(k, 0), len(candidates))
