@@ -158,6 +158,9 @@ def test_concurrent_batches_with_identical_bytes_make_one_image(
             barrier.wait()
         return found
 
+    # Not a mock: the real lookup runs against the real database; the wrapper only holds both
+    # batches at the point between looking and writing, an interleaving that two real batches
+    # reach only by chance and that no input can cause on demand.
     monkeypatch.setattr(ingest_module, "_known_hashes", known_then_wait)
     settings = get_settings()
     reports: dict[str, Any] = {}
