@@ -21,11 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visionloop.images import ImageRejected
-from visionloop.model_catalog import UnknownModelVersion
-from visionloop.predictor import NoChampionError
+from training.model_catalog import UnknownModelVersion
+from serving.predictor import NoChampionError
 from visionloop.registry import RegistryError
-from visionloop.retrain_guard import RetrainBusy
-from visionloop.snapshot_export import UnknownSnapshot
+from training.retrain_guard import RetrainBusy
+from training.snapshot_export import UnknownSnapshot
 from visionloop.storage import StorageError
 
 log = logging.getLogger(__name__)

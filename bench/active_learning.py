@@ -13,10 +13,10 @@ The set-up is the loop the platform runs, with the generator standing in for the
   truth, a mixture of easy (undrifted) images and hard ones (``--hard-fraction`` of them,
   under one of four acquisition drifts: dark and grainy, blurred, noisy, colour cast);
 - a fixed held-out test set of ``--test`` images from another seed, same mixture, used for
-  every evaluation (``visionloop.evaluation.evaluate_weights``: ultralytics' validator);
+  every evaluation (``training.evaluation.evaluate_weights``: ultralytics' validator);
 - an initial labelled set of ``--initial`` pool images (seeded, the same for both
   strategies) on which a yolov8n is trained from ``yolov8n.yaml`` (``--initial-epochs``,
-  ``visionloop.training.train_yolo`` with ``nbs=batch`` so tiny sets take real steps).
+  ``training.trainer.train_yolo`` with ``nbs=batch`` so tiny sets take real steps).
 
 Then, for each strategy in the same run, starting from that same model, ``--cycles`` times:
 pick ``--per-cycle`` unlabelled pool images, add their ground truth, fine-tune the previous
@@ -328,7 +328,7 @@ def _data_yaml(run_dir: Path, train: Sequence[Path], val: Sequence[Path]) -> Pat
 
 class Experiment:
     def __init__(self, config: Config, workdir: Path) -> None:
-        from visionloop.training import configure_ultralytics
+        from training.trainer import configure_ultralytics
 
         self.c = config
         self.work = workdir
@@ -351,7 +351,7 @@ class Experiment:
     def _train(
         self, name: str, labelled: Sequence[int], source: str, epochs: int
     ) -> tuple[Path, float]:
-        from visionloop.training import train_yolo
+        from training.trainer import train_yolo
 
         run_dir = self.work / "runs" / name
         train = [self.pool_images[i] for i in labelled]
@@ -372,7 +372,7 @@ class Experiment:
         return result.last_weights, clock.wall
 
     def _evaluate(self, name: str, weights: Path) -> tuple[dict[str, float], float]:
-        from visionloop.evaluation import evaluate_weights
+        from training.evaluation import evaluate_weights
 
         with _Clock() as clock:
             result = evaluate_weights(
@@ -603,7 +603,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
     if args.conf is None:
-        from visionloop.predictor import PREDICT_CONF
+        from serving.predictor import PREDICT_CONF
 
         args.conf = PREDICT_CONF
     if args.initial < 1 or args.per_cycle < 1 or args.cycles < 1:

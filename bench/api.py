@@ -36,7 +36,7 @@ import httpx
 from api.telemetry import percentile
 from bench.ingest import private_stack, use_stack
 from visionloop.settings import Settings, load_settings
-from visionloop.stack import Stack
+from cli.stack import Stack
 
 TIMEOUT_S = 120.0
 """Per request: a request slower than this counts as an error, so the run always ends."""

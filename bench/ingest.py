@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from visionloop.settings import Settings, get_settings, load_settings
-from visionloop.stack import Stack, free_port
+from cli.stack import Stack, free_port
 
 
 @contextmanager
@@ -119,7 +119,7 @@ def run(settings: Settings, images: int, imgsz: int) -> None:
     from flows.bootstrap import bootstrap_flow
     from flows.ingest import ingest_flow
     from visionloop.registry import CHAMPION, download_weights, get_alias
-    from visionloop.training import configure_ultralytics
+    from training.trainer import configure_ultralytics
 
     configure_ultralytics(settings.data_dir / ".ultralytics")
     import ultralytics  # noqa: F401 - imported before any timing: start-up is not throughput

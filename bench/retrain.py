@@ -37,9 +37,9 @@ if TYPE_CHECKING:
 TARGET_RATIO = 1.15
 
 
-def _start_stack(data_dir: Path):  # noqa: ANN202 - returns visionloop.stack.Stack
+def _start_stack(data_dir: Path):  # noqa: ANN202 - returns cli.stack.Stack
     from visionloop.settings import get_settings, load_settings
-    from visionloop.stack import Stack, free_port
+    from cli.stack import Stack, free_port
 
     for key in list(os.environ):
         if key.startswith("VISIONLOOP_"):
@@ -86,7 +86,7 @@ def _plain(
     seed: int,
     work: Path,
 ) -> tuple[_Clock, _Clock]:
-    """Plain ultralytics with the arguments visionloop.training.train_yolo uses."""
+    """Plain ultralytics with the arguments training.trainer.train_yolo uses."""
     from ultralytics import YOLO
 
     with _Clock() as train:
@@ -151,7 +151,7 @@ def _round(settings: Settings, epochs: int, batch: int) -> dict[str, Any]:
     """One retrain, then plain ultralytics on the snapshot and starting weights it used."""
     from flows.retrain import retrain_flow
     from visionloop.registry import CHAMPION, download_weights, get_alias
-    from visionloop.snapshots import download_snapshot, get_snapshot
+    from training.snapshots import download_snapshot, get_snapshot
 
     base = get_alias(settings, CHAMPION)
     started = time.time()
@@ -195,10 +195,10 @@ def _round(settings: Settings, epochs: int, batch: int) -> dict[str, Any]:
 def run(images: int, epochs: int, batch: int | None, rounds: int) -> list[dict[str, Any]]:
     from flows.export import export_flow
     from flows.train import train_flow
-    from visionloop.promotion import promote
+    from training.promotion import promote
     from visionloop.settings import get_settings
     from visionloop.synthetic_labels import add_reviewed_samples
-    from visionloop.training import configure_ultralytics
+    from training.trainer import configure_ultralytics
 
     settings = get_settings()
     batch = batch or settings.train_batch

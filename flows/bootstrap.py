@@ -6,12 +6,12 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from monitoring.events import emit
+from visionloop.events import emit
 from visionloop.registry import CHAMPION, ModelRef, get_alias, register_weights
 from visionloop.settings import get_settings
-from visionloop.snapshots import SNAPSHOT_HASH_TAG, materialise, yolo_folder_sources
+from training.snapshots import SNAPSHOT_HASH_TAG, materialise, yolo_folder_sources
 from visionloop.synthetic import write_yolo_dataset
-from visionloop.tracking import tracked_training
+from training.tracking import tracked_training
 
 
 @task

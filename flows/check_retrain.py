@@ -7,9 +7,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from monitoring.conditions import retraining_conditions
-from monitoring.events import emit
-from visionloop.retrain_guard import reconcile
-from visionloop.retrain_launcher import launch_retrain
+from visionloop.events import emit
+from training.retrain_guard import reconcile
+from training.retrain_launcher import launch_retrain
 from visionloop.settings import get_settings
 
 

@@ -6,9 +6,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from labeling.export import DEFAULT_TEST_PERCENT, DEFAULT_VAL_PERCENT, SplitPolicy
+from visionloop.formats import DEFAULT_TEST_PERCENT, DEFAULT_VAL_PERCENT, SplitPolicy
 from visionloop.settings import get_settings
-from visionloop.snapshots import export_reviewed_labels
+from training.snapshots import export_reviewed_labels
 
 
 @flow(name="export-labels")

@@ -4,7 +4,7 @@ uncertain ones queued for review in Label Studio.
     find_new_files ─► ingest_files (one task per batch, submitted to the task runner) ─► queue_uncertain
 
 Re-running it is safe and cheap: files whose source key or content is known are skipped,
-and nothing is written twice (see ``visionloop.ingest``).
+and nothing is written twice (see ``ingest.pipeline``).
 
 The batches fan out through the flow's task runner, chosen from the settings when a run
 starts (``VISIONLOOP_TASK_RUNNER``, see ``ingest_task_runner``):
@@ -41,9 +41,9 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from labeling.selection import Candidate, SelectionPolicy, select
 from labeling.tasks import QueueReport, queue_for_review
 from monitoring.drift_state import latest_drift_level
-from monitoring.events import emit
+from visionloop.events import emit
 from visionloop.db import session_scope
-from visionloop.ingest import (
+from ingest.pipeline import (
     BatchReport,
     SourceFile,
     ingest_sources,
@@ -52,7 +52,7 @@ from visionloop.ingest import (
     plan_batches,
     unseen,
 )
-from visionloop.predictor import PREDICT_CONF
+from serving.predictor import PREDICT_CONF
 from visionloop.settings import Settings, get_settings
 from visionloop.storage import ObjectStore
 
@@ -128,7 +128,7 @@ def find_new_files(prefix: str, folder: str | None) -> list[SourceFile]:
     return new
 
 
-# A batch is ``visionloop.ingest.ingest_sources``, importable by name on any worker (this file
+# A batch is ``ingest.pipeline.ingest_sources``, importable by name on any worker (this file
 # is loaded by Prefect from its path, under a module name a Dask worker could not import).
 # Results stay in memory (NO_CACHE): a batch is never worth re-running from a cache, and
 # hashing its inputs would cost more than the work.

@@ -3,7 +3,7 @@
 Two guards keep retrains apart. Prefect's global concurrency limit ``retrain`` (one slot)
 queues a second retrain until the first is done; its lease is renewed while the run lives
 and lapses about a minute after the process dies. Inside it, the database guard
-(``visionloop.retrain_guard``) is what makes two holders impossible even when the Prefect
+(``training.retrain_guard``) is what makes two holders impossible even when the Prefect
 limit is bypassed, and what a crashed or cancelled run's record is reconciled through.
 
 A run that raises (or is cancelled: Prefect turns SIGTERM into an exception) is marked failed
@@ -25,17 +25,17 @@ from prefect.runtime import flow_run
 from flows.evaluate import evaluate_flow
 from flows.export import export_flow
 from flows.train import train_flow
-from labeling.export import DEFAULT_TEST_PERCENT, DEFAULT_VAL_PERCENT
-from monitoring.events import emit
+from visionloop.formats import DEFAULT_TEST_PERCENT, DEFAULT_VAL_PERCENT
+from visionloop.events import emit
 from monitoring.notify import notify
 from visionloop.db import get_engine
-from visionloop.gate import DEFAULT_PRIMARY_METRIC
+from training.gate import DEFAULT_PRIMARY_METRIC
 from visionloop.models import RetrainingRun, RetrainStatus
-from visionloop.promotion import promote
+from training.promotion import promote
 from visionloop.registry import CHAMPION, get_alias
-from visionloop.retrain_guard import GuardLost, acquire, fail_run, holds, release, update_run
+from training.retrain_guard import GuardLost, acquire, fail_run, holds, release, update_run
 from visionloop.settings import Settings, get_settings
-from visionloop.snapshots import get_snapshot, image_hashes, mark_labels_used, read_manifest
+from training.snapshots import get_snapshot, image_hashes, mark_labels_used, read_manifest
 
 RETRAIN_CONCURRENCY = "retrain"
 LEASE_SECONDS = 60  # Prefect's minimum: a killed run's slot comes back within about a minute

@@ -10,10 +10,8 @@ from __future__ import annotations
 import colorsys
 import xml.etree.ElementTree as ET
 
-FROM_NAME = "label"
-"""Name of the ``RectangleLabels`` control tag (``from_name`` of every region)."""
-TO_NAME = "image"
-"""Name of the ``Image`` object tag (``to_name`` of every region)."""
+from visionloop.formats import FROM_NAME, TO_NAME
+
 IMAGE_VALUE = "$image"
 """Task data key holding the image URL (``task["data"]["image"]``)."""
 

@@ -53,8 +53,8 @@ def reference_key(settings: Settings, ref: ModelRef) -> str:
 
 def reference_frame(settings: Settings, ref: ModelRef, store: ObjectStore | None = None) -> pd.DataFrame:
     """The champion's reference table, from the cache or built from its training snapshot."""
-    from visionloop.predictor import ChampionPredictor
-    from visionloop.snapshots import read_manifest, training_snapshot_of
+    from serving.predictor import ChampionPredictor
+    from training.snapshots import read_manifest, training_snapshot_of
 
     store = store or ObjectStore(settings)
     key = reference_key(settings, ref)

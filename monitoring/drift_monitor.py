@@ -8,7 +8,7 @@ from sqlmodel import select
 
 from monitoring.drift import DriftError, compute_drift
 from monitoring.drift_data import current_frame, reference_frame
-from monitoring.events import emit
+from visionloop.events import emit
 from visionloop.db import session_scope
 from visionloop.models import DriftLevel, DriftResult
 from visionloop.registry import CHAMPION, get_alias

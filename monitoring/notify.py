@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from monitoring.events import emit
+from visionloop.events import emit
 
 log = logging.getLogger(__name__)
 WEBHOOK_TIMEOUT_S = 5.0

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from visionloop.settings import Settings, get_settings, load_settings
-from visionloop.stack import Stack, free_port
+from cli.stack import Stack, free_port
 
 # PostgreSQL proves the production database path; this kind of machine runs one on 5432.
 POSTGRES_ADMIN_URL = os.environ.get(

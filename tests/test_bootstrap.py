@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 def test_bootstrap_registers_a_champion(settings: Settings, tmp_path) -> None:  # noqa: ANN001
     from flows.bootstrap import bootstrap_flow
-    from monitoring.events import recent
+    from visionloop.events import recent
 
     assert get_alias(settings, CHAMPION) is None
     result = bootstrap_flow(epochs=2, images=16)

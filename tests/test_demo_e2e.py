@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from labeling.simulated_reviewer import SIMULATED_REVIEWER_EMAIL
-from visionloop.stack import free_port
+from cli.simulated_reviewer import SIMULATED_REVIEWER_EMAIL
+from cli.stack import free_port
 
 # The whole story takes about 10 minutes on two quiet cores; the suite's 15-minute default
 # per test is too tight on a busy machine.

@@ -6,7 +6,7 @@ import httpx
 import pytest
 import yaml
 
-from visionloop.stack import Stack
+from cli.stack import Stack
 
 pytestmark = pytest.mark.stack
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image as PILImage
 
-from labeling.export import (
+from visionloop.formats import (
     LabeledImage,
     LabelError,
     SplitPolicy,
@@ -30,7 +30,7 @@ from labeling.export import (
     to_coco,
     to_label_studio,
 )
-from visionloop.profile import near_duplicate_groups, profile_entries
+from training.profile import near_duplicate_groups, profile_entries
 from visionloop.settings import Settings
 from visionloop.synthetic import generate_sample
 
@@ -235,7 +235,7 @@ def test_yolo_export_matches_label_studios_own(settings: Settings) -> None:
 @pytest.mark.stack
 def test_export_writes_a_content_addressed_snapshot(settings: Settings, tmp_path: Path) -> None:
     from flows.export import export_flow
-    from visionloop.snapshots import download_snapshot, get_snapshot, read_manifest
+    from training.snapshots import download_snapshot, get_snapshot, read_manifest
     from visionloop.storage import ObjectStore
     from visionloop.synthetic_labels import add_reviewed_samples
 
@@ -306,8 +306,8 @@ def test_export_writes_a_content_addressed_snapshot(settings: Settings, tmp_path
 
 
 def test_profile_counts_classes_sizes_and_near_duplicates_across_splits() -> None:
-    from labeling.export import Entry
-    from visionloop.profile import fingerprint
+    from visionloop.formats import Entry
+    from training.profile import fingerprint
 
     def jpeg(image, quality: int = 85, size: int | None = None) -> bytes:  # noqa: ANN001
         buffer = io.BytesIO()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from visionloop.gate import decide
+from training.gate import decide
 
 
 def _eval(primary: float, **per_class: float) -> dict:

@@ -21,16 +21,16 @@ from labeling.provision import client
 from labeling.selection import SelectionPolicy
 from labeling.tasks import IMAGE_ID_KEY
 from labeling.wiring import review_project
-from monitoring.events import recent
+from visionloop.events import recent
 from monitoring.features import FEATURE_NAMES
 from visionloop.db import session_scope
-from visionloop.ingest import QUARANTINE_PREFIX
+from ingest.pipeline import QUARANTINE_PREFIX
 from visionloop.models import Image, ImageStatus, LabelingQueueItem, Prediction
-from visionloop.predictor import ChampionPredictor
+from serving.predictor import ChampionPredictor
 from visionloop.registry import CHAMPION, get_alias, register_weights, set_alias
 from visionloop.registry import client as client_of
 from visionloop.settings import Settings, get_settings
-from visionloop.stack import Stack
+from cli.stack import Stack
 from visionloop.storage import ObjectStore, sha256_hex
 from visionloop.synthetic import generate_sample
 

@@ -52,12 +52,12 @@ from labeling.selection import Candidate, SelectionPolicy
 from labeling.selection import select as select_for_review
 from labeling.tasks import IMAGE_ID_KEY
 from labeling.wiring import review_project
-from visionloop import ingest as ingest_module
+from ingest import pipeline as ingest_module
 from visionloop.db import migrate, session_scope
-from visionloop.ingest import SourceFile, ingest_batch, plan_batches
+from ingest.pipeline import SourceFile, ingest_batch, plan_batches
 from visionloop.models import Image, LabelingQueueItem, Prediction
 from visionloop.settings import Settings, get_settings
-from visionloop.stack import Stack
+from cli.stack import Stack
 from visionloop.storage import ObjectStore, sha256_hex
 
 BATCH = 6
@@ -171,7 +171,7 @@ def test_concurrent_batches_with_identical_bytes_make_one_image(
         reports[side] = ingest_batch(settings, _NoStore(), sources, predictor=None)  # type: ignore[arg-type]
 
     threads = [threading.Thread(target=run, args=(side,)) for side in "ab"]
-    with caplog.at_level(logging.INFO, logger="visionloop.ingest"):
+    with caplog.at_level(logging.INFO, logger="ingest.pipeline"):
         for t in threads:
             t.start()
         for t in threads:

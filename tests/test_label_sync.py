@@ -19,11 +19,11 @@ from sqlmodel import col, select
 from labeling.label_config import FROM_NAME, TO_NAME
 from labeling.selection import SelectionPolicy
 from labeling.wiring import ReviewProject, ensure_webhook, review_project, webhook_url
-from monitoring.events import recent
+from visionloop.events import recent
 from visionloop.db import session_scope
 from visionloop.models import Image, LabelingQueueItem, QueueStatus, ReviewedLabel, Verdict
 from visionloop.settings import Settings, get_settings
-from visionloop.stack import Stack
+from cli.stack import Stack
 from visionloop.storage import ObjectStore
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from visionloop.loop_report import render_markdown
-from visionloop.production_stream import GroundTruth, StreamPlan, upload_round
+from cli.loop_report import render_markdown
+from cli.production_stream import GroundTruth, StreamPlan, upload_round
 from visionloop.settings import Settings
 from visionloop.storage import ObjectStore, sha256_hex
 from visionloop.synthetic import DriftParams

@@ -24,7 +24,7 @@ from visionloop.db import session_scope
 from visionloop.models import ActivityEvent, Image, RetrainingRun, RetrainStatus, ReviewedLabel
 from visionloop.registry import CHALLENGER, CHAMPION, PREVIOUS, client, get_alias
 from visionloop.settings import Settings
-from visionloop.stack import Stack
+from cli.stack import Stack
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -83,7 +83,7 @@ def test_retrain_promotes_a_better_challenger_and_keeps_the_champion_against_a_w
     from flows.export import export_flow
     from flows.retrain import RETRAIN_CONCURRENCY, retrain_flow
     from flows.train import train_flow
-    from visionloop.promotion import promote, rollback
+    from training.promotion import promote, rollback
 
     # A baseline champion of one epoch: any real training must beat it.
     exported = export_flow()
@@ -248,7 +248,7 @@ def test_a_cancelled_retrain_is_marked_failed_and_releases_the_guard(
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
 
-    from visionloop.retrain_guard import current_holder
+    from training.retrain_guard import current_holder
 
     champion = get_alias(settings, CHAMPION)
     flow_run_id, run = _deployed_retrain_in_training("to be cancelled")
@@ -273,7 +273,7 @@ def test_a_retrain_killed_midway_fails_releases_the_guard_and_keeps_the_champion
     from prefect.concurrency.sync import concurrency
 
     from flows.retrain import RETRAIN_CONCURRENCY
-    from visionloop.retrain_guard import acquire, current_holder, reconcile, release
+    from training.retrain_guard import acquire, current_holder, reconcile, release
 
     champion = get_alias(settings, CHAMPION)
     flow_run_id, run = _deployed_retrain_in_training("to be killed")

@@ -10,12 +10,12 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from sqlalchemy.engine import Engine
 
-from visionloop import retrain_guard
+from training import retrain_guard
 from visionloop.db import make_engine, migrate
 from visionloop.models import RetrainingRun, RetrainStatus
-from visionloop.retrain_guard import RetrainBusy, acquire, create_run, current_holder, release
+from training.retrain_guard import RetrainBusy, acquire, create_run, current_holder, release
 from visionloop.settings import Settings, load_settings
-from visionloop.stack import free_port
+from cli.stack import free_port
 
 
 @pytest.fixture(params=["sqlite_url", "postgres_url"])
@@ -119,7 +119,7 @@ class _Hook(BaseHTTPRequestHandler):
 
 @pytest.mark.stack
 def test_notifications_reach_the_webhook_and_never_raise(settings: Settings) -> None:
-    from monitoring.events import recent
+    from visionloop.events import recent
     from monitoring.notify import notify
 
     server = HTTPServer(("127.0.0.1", 0), _Hook)

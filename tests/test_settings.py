@@ -93,7 +93,7 @@ def test_bad_values_are_rejected_with_the_reason(
 def test_cli_names_the_bad_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from visionloop.cli import app
+    from cli.app import app
     from visionloop.settings import get_settings
 
     monkeypatch.setenv("VISIONLOOP_API_PORT", "99999")

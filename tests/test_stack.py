@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from visionloop.settings import load_settings
-from visionloop.stack import SERVICE_ORDER, Stack, StackError, free_port
+from cli.stack import SERVICE_ORDER, Stack, StackError, free_port
 
 pytestmark = pytest.mark.stack
 
@@ -29,7 +29,7 @@ def test_status_reports_every_service_healthy_with_latency(stack: Stack) -> None
 def test_status_cli_prints_each_service(stack: Stack) -> None:
     env = {**os.environ, **stack.platform_env()}
     done = subprocess.run(
-        [sys.executable, "-m", "visionloop.cli", "status"], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "cli.app", "status"], env=env, capture_output=True, text=True,
         timeout=120, cwd=Path(__file__).parents[1],
     )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from visionloop.settings import Settings
-from visionloop.stack import free_port
+from cli.stack import free_port
 from visionloop.storage import ObjectStore, StorageError, content_key, sha256_hex
 
 pytestmark = pytest.mark.stack

@@ -24,8 +24,8 @@ from api import deps
 from api.main import create_app
 from api.routes import serving as serving_routes
 from labeling.selection import Selected
-from monitoring.events import emit
-from visionloop import serving
+from visionloop.events import emit
+from ingest import upload as serving
 from visionloop.db import engine_for, migrate, session_scope
 from visionloop.models import (
     DriftResult,
@@ -38,12 +38,12 @@ from visionloop.models import (
     ReviewedLabel,
     Verdict,
 )
-from visionloop.predictor import ChampionPredictor
+from serving.predictor import ChampionPredictor
 from visionloop.registry import CHAMPION, PREVIOUS, get_alias, register_weights, set_alias
 from visionloop.registry import client as mlflow_client
-from visionloop.retrain_guard import create_run, update_run
+from training.retrain_guard import create_run, update_run
 from visionloop.settings import Settings, get_settings
-from visionloop.stack import Stack
+from cli.stack import Stack
 from visionloop.storage import ObjectStore
 from visionloop.synthetic import encode_jpeg, generate_sample
 

@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
-from monitoring.events import emit
+from visionloop.events import emit
 from visionloop.settings import get_settings
-from visionloop.stack import Stack
+from cli.stack import Stack
 
 pytestmark = [pytest.mark.stack]
 

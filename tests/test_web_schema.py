@@ -24,10 +24,10 @@ from api.main import create_app
 from visionloop.models import RetrainStatus
 from visionloop.registry import CHAMPION, PREVIOUS, get_alias, set_alias
 from visionloop.registry import client as mlflow_client
-from visionloop.retrain_guard import update_run
-from visionloop.retrain_launcher import LaunchedRetrain
+from training.retrain_guard import update_run
+from training.retrain_launcher import LaunchedRetrain
 from visionloop.settings import Settings, get_settings
-from visionloop.stack import Stack
+from cli.stack import Stack
 
 pytestmark = [pytest.mark.stack]
 

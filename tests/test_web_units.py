@@ -11,10 +11,10 @@ from api import errors
 from api.telemetry import RequestLog, TelemetryMiddleware, percentile
 from visionloop.images import ImageRejected
 from visionloop.models import RetrainingRun
-from visionloop.predictor import NoChampionError
-from visionloop.retrain_guard import RetrainBusy
-from visionloop.review_queue import class_errors, match_count
-from visionloop.snapshot_export import _only
+from serving.predictor import NoChampionError
+from training.retrain_guard import RetrainBusy
+from labeling.review_queue import class_errors, match_count
+from training.snapshot_export import _only
 
 
 @pytest.fixture(scope="module")

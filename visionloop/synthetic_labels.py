@@ -9,7 +9,7 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from labeling.export import YoloBox, box_dicts
+from visionloop.formats import YoloBox, box_dicts
 from visionloop.db import session_scope
 from visionloop.models import Image, ImageStatus, ReviewedLabel, Verdict
 from visionloop.settings import Settings

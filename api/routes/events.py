@@ -1,7 +1,7 @@
 """The activity feed: recent events as JSON, and live as a server-sent event stream.
 
 Flows run in the Prefect worker's processes, so the API cannot hear their events through
-``monitoring.events.subscribe``; the stream polls the ``activity_events`` table for ids past
+``visionloop.events.subscribe``; the stream polls the ``activity_events`` table for ids past
 the last one sent instead. Each SSE message carries the event's id, so a browser's
 ``EventSource`` that reconnects (``Last-Event-ID``) continues exactly where it left off.
 """

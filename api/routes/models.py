@@ -9,8 +9,8 @@ from fastapi import APIRouter, Body, Path, Query
 from api.deps import SettingsDep, Token
 from api.errors import AUTH, BODY, Conflict, responses
 from api.schemas import VERSION_PATTERN, AliasChangeOut, ModelsOut, PromoteIn, RollbackIn
-from visionloop.model_catalog import catalog, require_version
-from visionloop.promotion import promote, rollback
+from training.model_catalog import catalog, require_version
+from training.promotion import promote, rollback
 from visionloop.registry import RegistryError
 
 router = APIRouter(prefix="/api/models", tags=["models"])

@@ -15,8 +15,8 @@ from api.deps import SessionDep, SettingsDep, StoreDep
 from api.errors import responses
 from api.schemas import MAX_ID, IsoDatetime, Offset, Page, QueueItemOut, QueueStatsOut, SnapshotOut
 from visionloop.models import DatasetSnapshot, QueueStatus
-from visionloop.review_queue import QueueFilter, queue_page, queue_stats
-from visionloop.snapshot_export import ExportFormat, export_snapshot, snapshot_for_export
+from labeling.review_queue import QueueFilter, queue_page, queue_stats
+from training.snapshot_export import ExportFormat, export_snapshot, snapshot_for_export
 
 router = APIRouter(prefix="/api/labeling", tags=["labeling"])
 

@@ -21,7 +21,7 @@ from api.schemas import (
 from monitoring.conditions import retraining_conditions
 from visionloop.models import RetrainingRun, RetrainStatus
 from visionloop.registry import CHAMPION, get_alias
-from visionloop.retrain_requests import LaunchFailed, request_retrain, retraining_history, retraining_status
+from training.retrain_requests import LaunchFailed, request_retrain, retraining_history, retraining_status
 
 router = APIRouter(prefix="/api/retraining", tags=["retraining"])
 

@@ -22,13 +22,13 @@ from sqlmodel import select
 
 from labeling.selection import Candidate, Selected, SelectionPolicy
 from labeling.selection import select as select_for_review
-from monitoring.events import emit
+from visionloop.events import emit
 from monitoring.features import extract_features
 from visionloop.db import session_scope
 from visionloop.images import decode_image
-from visionloop.ingest import prediction_row
+from ingest.pipeline import prediction_row
 from visionloop.models import Image, ImageStatus, Prediction
-from visionloop.predictor import ChampionPredictor
+from serving.predictor import ChampionPredictor
 from visionloop.settings import Settings
 from visionloop.storage import ObjectStore, content_key, sha256_hex
 

@@ -7,9 +7,9 @@
 Every platform step is a run of its Prefect deployment, executed by the stack's worker exactly
 as the schedules would run it; the demo only starts them one after the other instead of waiting
 for their timers, so the story takes minutes, not hours. Only two parts are simulated: the camera
-(``visionloop.production_stream``) and the person answering the review queue
-(``labeling.simulated_reviewer``). The story ends when a retrain has finished (or the rounds
-run out) with a report read back from the platform's records (``visionloop.loop_report``).
+(``cli.production_stream``) and the person answering the review queue
+(``cli.simulated_reviewer``). The story ends when a retrain has finished (or the rounds
+run out) with a report read back from the platform's records (``cli.loop_report``).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from labeling.simulated_reviewer import SIMULATED_REVIEWER_EMAIL, review_open_tasks
-from visionloop import loop_report
+from cli.simulated_reviewer import SIMULATED_REVIEWER_EMAIL, review_open_tasks
+from cli import loop_report
 from visionloop.db import session_scope
-from visionloop.evaluation import evaluate_weights
+from training.evaluation import evaluate_weights
 from visionloop.models import ActivityEvent, RetrainingRun, RetrainStatus
-from visionloop.production_stream import StreamPlan, ground_truth, upload_round
+from cli.production_stream import StreamPlan, ground_truth, upload_round
 from visionloop.registry import CHAMPION, download_weights, get_alias, get_version
 from visionloop.settings import Settings
-from visionloop.snapshots import download_snapshot, get_snapshot
+from training.snapshots import download_snapshot, get_snapshot
 
 FINAL_RETRAIN_STATES = {RetrainStatus.succeeded.value, RetrainStatus.failed.value}
 POLL_SECONDS = 2.0

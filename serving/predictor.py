@@ -23,7 +23,7 @@ import numpy as np
 
 from visionloop.registry import CHAMPION, ModelRef, RegistryError, download_weights, get_alias
 from visionloop.settings import Settings
-from visionloop.training import configure_ultralytics
+from training.trainer import configure_ultralytics
 
 RECHECK_S = 30.0
 """How stale the predictor's idea of the champion may get (seconds)."""

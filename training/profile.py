@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image as PILImage
 
-from labeling.export import Entry
+from visionloop.formats import Entry
 
 NEAR_DUPLICATE_CORRELATION = 0.85
 """Fingerprint correlation from which two images count as the same picture. Measured on the

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visionloop.training import configure_ultralytics
+from training.trainer import configure_ultralytics
 
 METRICS = ("mAP50", "mAP50-95", "precision", "recall")
 

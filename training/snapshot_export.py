@@ -22,11 +22,11 @@ from typing import IO, Any, Literal
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
-from labeling.export import SPLITS, data_yaml
+from visionloop.formats import SPLITS, data_yaml
 from visionloop.db import session_scope
 from visionloop.models import DatasetSnapshot
 from visionloop.settings import Settings
-from visionloop.snapshots import SnapshotError, read_manifest
+from training.snapshots import SnapshotError, read_manifest
 from visionloop.storage import ObjectStore, StorageError
 
 ExportFormat = Literal["yolo", "coco", "labelstudio"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from visionloop.retrain_guard import create_run, update_run
+from training.retrain_guard import create_run, update_run
 from visionloop.settings import Settings
 
 RETRAIN_DEPLOYMENT = "retrain/retrain"

@@ -45,7 +45,7 @@ from monitoring.features import extract_features
 from visionloop.db import session_scope
 from visionloop.images import DecodedImage, ImageRejected, decode_image
 from visionloop.models import Image, ImageStatus, Prediction
-from visionloop.predictor import (
+from serving.predictor import (
     PREDICT_CONF,
     ChampionPredictor,
     NoChampionError,

@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException, RestException
 
 from visionloop.registry import CHAMPION, client
 from visionloop.settings import Settings
-from visionloop.snapshots import SNAPSHOT_HASH_TAG
+from training.snapshots import SNAPSHOT_HASH_TAG
 
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 

@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from labeling.export import (
+from visionloop.formats import (
     Entry,
     LabeledImage,
     LabelError,
@@ -48,10 +48,10 @@ from labeling.export import (
     to_coco,
     to_label_studio,
 )
-from monitoring.events import emit
+from visionloop.events import emit
 from visionloop.db import get_engine, session_scope
 from visionloop.models import DatasetSnapshot, Image, ReviewedLabel
-from visionloop.profile import fingerprint, profile_entries
+from training.profile import fingerprint, profile_entries
 from visionloop.registry import ModelRef, client
 from visionloop.settings import Settings
 from visionloop.storage import ObjectStore, StorageError, sha256_hex

@@ -31,7 +31,7 @@ def _settings() -> Settings:
 
 def _use_stack_env(settings: Settings) -> None:
     """Point Prefect, MLflow and ultralytics in this process at the platform's services."""
-    from visionloop.stack import Stack
+    from cli.stack import Stack
 
     for key, value in Stack(settings).platform_env().items():
         os.environ.setdefault(key, value)
@@ -59,7 +59,7 @@ def _print_states(states, title: str) -> None:  # noqa: ANN001
 
 
 def _print_urls(settings: Settings) -> None:
-    from visionloop.stack import Stack
+    from cli.stack import Stack
 
     for name, url in Stack(settings).urls().items():
         console.print(f"  {name:<13} {url}")
@@ -70,7 +70,7 @@ def up(
     only: Annotated[list[str] | None, typer.Option(help="Start only these services.")] = None,
 ) -> None:
     """Start the local stack (or reuse what runs) and wait until every service is healthy."""
-    from visionloop.stack import Stack, StackError
+    from cli.stack import Stack, StackError
 
     settings = _settings()
     stack = Stack(settings, echo=lambda m: console.print(f"[dim]{m}[/dim]"))
@@ -87,7 +87,7 @@ def up(
 @app.command()
 def down() -> None:
     """Stop the processes `up` started (and nothing else)."""
-    from visionloop.stack import Stack
+    from cli.stack import Stack
 
     states = Stack(_settings()).down()
     for state in states:
@@ -97,7 +97,7 @@ def down() -> None:
 @app.command()
 def status() -> None:
     """Health and latency of every service."""
-    from visionloop.stack import Stack
+    from cli.stack import Stack
 
     stack = Stack(_settings())
     states = stack.status()
@@ -168,7 +168,7 @@ def bootstrap(
     settings = _settings()
     _use_stack_env(settings)
     from flows.bootstrap import bootstrap_flow
-    from monitoring.events import subscribe
+    from visionloop.events import subscribe
 
     total = epochs or settings.train_epochs
     with _bar("training the first champion (epochs)", total) as advance:
@@ -250,8 +250,8 @@ def demo(
 ) -> None:
     """The main job on embedded defaults: the stack, a first champion, then one turn of the loop
     (camera images with a lighting change, review queue, drift, retrain, promotion) and its report."""
-    from visionloop.demo import DemoError, run_story
-    from visionloop.production_stream import StreamPlan
+    from cli.demo import DemoError, run_story
+    from cli.production_stream import StreamPlan
 
     try:
         plan = StreamPlan(rounds=rounds, images_per_round=images_per_round, shift_round=shift_round)

@@ -11,7 +11,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from visionloop.registry import WEIGHTS_DIR, client, code_version, ensure_experiment
 from visionloop.settings import Settings
-from visionloop.training import EpochCallback, TrainResult, train_yolo
+from training.trainer import EpochCallback, TrainResult, train_yolo
 
 
 def tracked_training(

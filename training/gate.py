@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 DEFAULT_PRIMARY_METRIC = "mAP50-95"
-"""The metric the challenger must improve (one of visionloop.evaluation.METRICS)."""
+"""The metric the challenger must improve (one of training.evaluation.METRICS)."""
 
 # The per-class AP the tolerance applies to, following the primary metric's IoU range.
 _CLASS_METRIC = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from monitoring.events import emit
+from visionloop.events import emit
 from visionloop.registry import CHAMPION, PREVIOUS, RegistryError, get_alias, get_version, set_alias
 from visionloop.settings import Settings
 

@@ -32,8 +32,12 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from labeling.label_config import FROM_NAME, TO_NAME
 from visionloop.synthetic import format_yolo_labels
+
+FROM_NAME = "label"
+"""Name of the ``RectangleLabels`` control tag of the review project's label config (``from_name`` of every region)."""
+TO_NAME = "image"
+"""Name of the ``Image`` object tag (``to_name`` of every region)."""
 
 MANIFEST_FORMAT = "visionloop.snapshot/1"
 SPLITS = ("train", "val", "test")

@@ -18,11 +18,11 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlmodel import col, func, select
 
-from monitoring.events import emit
+from visionloop.events import emit
 from visionloop.db import get_engine, session_scope
 from visionloop.models import ActivityEvent, RetrainingRun, RetrainStatus
-from visionloop.retrain_guard import RetrainBusy, create_run, current_holder, reconcile, update_run
-from visionloop.retrain_launcher import LaunchedRetrain
+from training.retrain_guard import RetrainBusy, create_run, current_holder, reconcile, update_run
+from training.retrain_launcher import LaunchedRetrain
 from visionloop.settings import Settings
 
 log = logging.getLogger(__name__)
