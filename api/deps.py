@@ -13,9 +13,9 @@ from sqlmodel import Session
 
 from api.security import require_api_token
 from api.telemetry import RequestLog
-from visionloop.db import engine_for
 from serving.predictor import ChampionPredictor, get_predictor
 from training.retrain_launcher import LaunchedRetrain, launch_retrain
+from visionloop.db import engine_for
 from visionloop.settings import Settings, get_settings
 from visionloop.storage import ObjectStore
 

@@ -20,12 +20,12 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from visionloop.images import ImageRejected
-from training.model_catalog import UnknownModelVersion
 from serving.predictor import NoChampionError
-from visionloop.registry import RegistryError
+from training.model_catalog import UnknownModelVersion
 from training.retrain_guard import RetrainBusy
 from training.snapshot_export import UnknownSnapshot
+from visionloop.images import ImageRejected
+from visionloop.registry import RegistryError
 from visionloop.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 class ErrorBody(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    error: str = Field(description="Machine-readable kind of error, e.g. not_found, retrain_running.")
+    error: str = Field(
+        description="Machine-readable kind of error, e.g. not_found, retrain_running."
+    )
     detail: str = Field(description="What was wrong, in a sentence.")
 
 
@@ -54,7 +56,9 @@ class BusyErrorBody(ErrorBody):
 
 
 class ImageErrorBody(ErrorBody):
-    code: str = Field(description="Why the file is unusable: empty, not_an_image, truncated, corrupt...")
+    code: str = Field(
+        description="Why the file is unusable: empty, not_an_image, truncated, corrupt..."
+    )
 
 
 class NotFound(LookupError):
@@ -93,7 +97,10 @@ def responses(*codes: int, **models: type[ErrorBody]) -> dict[int | str, dict[st
     out: dict[int | str, dict[str, Any]] = {}
     for code in codes:
         model = models.get(f"s{code}") or _MODELS.get(code, ErrorBody)
-        out[code] = {"model": model, "description": _DESCRIPTIONS.get(code, HTTPStatus(code).phrase)}
+        out[code] = {
+            "model": model,
+            "description": _DESCRIPTIONS.get(code, HTTPStatus(code).phrase),
+        }
     return out
 
 
@@ -106,7 +113,9 @@ BODY = responses(400, 422)
 def content(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
     """A 200 that is not JSON (HTML, a zip, an event stream), documented so that the error
     responses beside it stay documented as JSON."""
-    return {200: {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}}
+    return {
+        200: {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
+    }
 
 
 def _kind(status: int) -> str:
@@ -120,7 +129,9 @@ def error_response(
     status: int, kind: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
     return JSONResponse(
-        jsonable_encoder({"error": kind, "detail": detail, **extra}), status_code=status, headers=headers
+        jsonable_encoder({"error": kind, "detail": detail, **extra}),
+        status_code=status,
+        headers=headers,
     )
 
 
@@ -130,13 +141,18 @@ def _location(loc: Any) -> str:
 
 async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return error_response(exc.status_code, _kind(exc.status_code), detail, getattr(exc, "headers", None))
+    return error_response(
+        exc.status_code, _kind(exc.status_code), detail, getattr(exc, "headers", None)
+    )
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [
-        {"loc": [str(p) if not isinstance(p, int) else p for p in e.get("loc", ())], "msg": e.get("msg", ""),
-         "type": e.get("type", "")}
+        {
+            "loc": [str(p) if not isinstance(p, int) else p for p in e.get("loc", ())],
+            "msg": e.get("msg", ""),
+            "type": e.get("type", ""),
+        }
         for e in exc.errors()
     ]
     detail = "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in errors) or "invalid request"
@@ -145,13 +161,18 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
 
 async def _retrain_busy(_request: Request, exc: RetrainBusy) -> JSONResponse:
     return error_response(
-        409, "retrain_running", str(exc),
-        retraining_run_id=exc.holder.id, flow_run_id=exc.holder.prefect_flow_run_id,
+        409,
+        "retrain_running",
+        str(exc),
+        retraining_run_id=exc.holder.id,
+        flow_run_id=exc.holder.prefect_flow_run_id,
     )
 
 
 async def _image_rejected(_request: Request, exc: ImageRejected) -> JSONResponse:
-    return error_response(422, "invalid_image", f"the upload is not a usable image: {exc.detail}", code=exc.code)
+    return error_response(
+        422, "invalid_image", f"the upload is not a usable image: {exc.detail}", code=exc.code
+    )
 
 
 async def _no_champion(_request: Request, exc: NoChampionError) -> JSONResponse:
@@ -192,7 +213,13 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Conflict, _conflict)  # type: ignore[arg-type]
     app.add_exception_handler(PayloadTooLarge, _too_large)  # type: ignore[arg-type]
     # The services the API stands on: their failures are theirs to report, as 503 with the cause.
-    for unavailable in (ServiceUnavailable, StorageError, RegistryError, MlflowException, httpx.HTTPError,
-                        ConnectionError):
+    for unavailable in (
+        ServiceUnavailable,
+        StorageError,
+        RegistryError,
+        MlflowException,
+        httpx.HTTPError,
+        ConnectionError,
+    ):
         app.add_exception_handler(unavailable, _unavailable)
     app.add_exception_handler(Exception, _internal)

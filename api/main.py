@@ -7,7 +7,17 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from api import errors
-from api.routes import dashboard, events, labeling, metrics, models, queue, retraining, serving, system
+from api.routes import (
+    dashboard,
+    events,
+    labeling,
+    metrics,
+    models,
+    queue,
+    retraining,
+    serving,
+    system,
+)
 from api.telemetry import RequestLog, TelemetryMiddleware
 from monitoring.resources import ResourceSampler
 from visionloop.settings import get_settings

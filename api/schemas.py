@@ -5,7 +5,7 @@ Times are always UTC with an offset (SQLite hands stored times back without one)
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Query
@@ -13,7 +13,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 
 def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
@@ -81,7 +81,9 @@ class ConditionOut(Out):
 
 class ConditionsOut(Out):
     should_retrain: bool
-    trigger: str | None = Field(description="The first trigger that fired, when a retrain should start.")
+    trigger: str | None = Field(
+        description="The first trigger that fired, when a retrain should start."
+    )
     summary: str
     conditions: list[ConditionOut]
     manual_request_id: int | None
@@ -91,7 +93,9 @@ class ProgressOut(Out):
     stage: str | None = Field(description="export, train, evaluate, promote or notify.")
     epoch: int | None
     epochs: int | None
-    metrics: dict[str, float] = Field(description="The latest epoch's losses and validation metrics.")
+    metrics: dict[str, float] = Field(
+        description="The latest epoch's losses and validation metrics."
+    )
 
 
 class RetrainingStatusOut(Out):
@@ -101,13 +105,17 @@ class RetrainingStatusOut(Out):
     last_finished: RetrainingRunOut | None
     champion_version: str | None
     conditions: ConditionsOut
-    reconcile_error: str | None = Field(description="Set when Prefect could not be asked; the state may be stale.")
+    reconcile_error: str | None = Field(
+        description="Set when Prefect could not be asked; the state may be stale."
+    )
 
 
 class TriggerIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(default="", max_length=2000, description="Why, for the run's record and the feed.")
+    reason: str = Field(
+        default="", max_length=2000, description="Why, for the run's record and the feed."
+    )
 
 
 class TriggerOut(Out):
@@ -154,8 +162,12 @@ class QueueStatsOut(Out):
     by_reason: dict[str, dict[str, int]] = Field(description="Flagged reason -> status -> count.")
     sync_errors: int = Field(description="Items whose last annotation could not be used.")
     verdicts: dict[str, int] = Field(description="accepted / corrected / rejected pre-annotations.")
-    agreement: float | None = Field(description="Share of reviewed pre-annotations accepted unchanged.")
-    compared_images: int = Field(description="Reviewed images the class error rates are computed on.")
+    agreement: float | None = Field(
+        description="Share of reviewed pre-annotations accepted unchanged."
+    )
+    compared_images: int = Field(
+        description="Reviewed images the class error rates are computed on."
+    )
     classes: list[ClassErrorsOut]
 
 
@@ -190,7 +202,9 @@ class DriftOut(Out):
     stat_test: str
     drift_score: float
     drift_share: float
-    p_value: float | None = Field(description="Bonferroni-adjusted smallest p-value (p-value tests only).")
+    p_value: float | None = Field(
+        description="Bonferroni-adjusted smallest p-value (p-value tests only)."
+    )
     dataset_drift: bool
     level: Literal["green", "yellow", "red"]
     window_size: int
@@ -225,7 +239,9 @@ class ModelVersionOut(Out):
     run_id: str | None
     source: str
     trigger: str | None
-    snapshot_hash: str | None = Field(description="Manifest hash of the snapshot it was trained on.")
+    snapshot_hash: str | None = Field(
+        description="Manifest hash of the snapshot it was trained on."
+    )
     metrics: dict[str, float]
 
 
@@ -246,7 +262,8 @@ class RollbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     to_version: str | None = Field(
-        default=None, pattern=VERSION_PATTERN,
+        default=None,
+        pattern=VERSION_PATTERN,
         description="Default: the version under the alias `previous`.",
     )
     reason: str = Field(default="", max_length=2000)
@@ -280,7 +297,9 @@ class PredictionOut(Out):
     width: int
     height: int
     new_image: bool = Field(description="False: the same bytes were seen before.")
-    flagged_reason: str | None = Field(description="Why it was queued for review; None: it was not.")
+    flagged_reason: str | None = Field(
+        description="Why it was queued for review; None: it was not."
+    )
 
 
 class StoredImageOut(Out):

@@ -65,7 +65,9 @@ class RequestLog:
 
     def record(self, latency_ms: float, status: int, path: str, at: float | None = None) -> None:
         with self._lock:
-            self._samples.append(Sample(time.monotonic() if at is None else at, latency_ms, status, path))
+            self._samples.append(
+                Sample(time.monotonic() if at is None else at, latency_ms, status, path)
+            )
 
     def summary(self, now: float | None = None) -> RequestSummary:
         now = time.monotonic() if now is None else now
@@ -84,7 +86,9 @@ class RequestLog:
             latency_p95_ms=percentile(latencies, 95),
             latency_p99_ms=percentile(latencies, 99),
             error_rate=round(sum(s.status >= 500 for s in recent) / count, 4) if count else None,
-            client_error_rate=round(sum(400 <= s.status < 500 for s in recent) / count, 4) if count else None,
+            client_error_rate=round(sum(400 <= s.status < 500 for s in recent) / count, 4)
+            if count
+            else None,
             predictions_per_minute=float(
                 sum(1 for s in minute if s.path == PREDICT_PATH and s.status < 400)
             ),
@@ -107,7 +111,9 @@ class TelemetryMiddleware:
             nonlocal recorded
             if message["type"] == "http.response.start" and not recorded:
                 recorded = True
-                self.log.record((time.perf_counter() - started) * 1000, message["status"], scope["path"])
+                self.log.record(
+                    (time.perf_counter() - started) * 1000, message["status"], scope["path"]
+                )
             await send(message)
 
         try:

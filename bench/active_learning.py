@@ -563,8 +563,14 @@ def print_results(results: dict[str, Any]) -> None:
 QUICK = {
     # Batch 8 gives the 16 initial labels two optimizer steps an epoch: a yolov8n from scratch
     # needs about a hundred steps before it finds anything at all.
-    "cycles": 2, "initial": 16, "per_cycle": 8, "pool": 64, "test": 32,
-    "epochs": 8, "initial_epochs": 50, "batch": 8,
+    "cycles": 2,
+    "initial": 16,
+    "per_cycle": 8,
+    "pool": 64,
+    "test": 32,
+    "epochs": 8,
+    "initial_epochs": 50,
+    "batch": 8,
 }
 
 
@@ -616,10 +622,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     config = Config(
-        cycles=args.cycles, initial=args.initial, per_cycle=args.per_cycle, pool=args.pool,
-        test=args.test, epochs=args.epochs, initial_epochs=args.initial_epochs, imgsz=args.imgsz,
-        batch=args.batch, seed=args.seed, hard_fraction=args.hard_fraction,
-        strategy=args.strategy, conf=args.conf,
+        cycles=args.cycles,
+        initial=args.initial,
+        per_cycle=args.per_cycle,
+        pool=args.pool,
+        test=args.test,
+        epochs=args.epochs,
+        initial_epochs=args.initial_epochs,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        seed=args.seed,
+        hard_fraction=args.hard_fraction,
+        strategy=args.strategy,
+        conf=args.conf,
     )
     keep = args.workdir is not None
     workdir = args.workdir.resolve() if keep else Path(tempfile.mkdtemp(prefix="visionloop-al-"))

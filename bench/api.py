@@ -35,8 +35,8 @@ import httpx
 
 from api.telemetry import percentile
 from bench.ingest import private_stack, use_stack
-from visionloop.settings import Settings, load_settings
 from cli.stack import Stack
+from visionloop.settings import Settings, load_settings
 
 TIMEOUT_S = 120.0
 """Per request: a request slower than this counts as an error, so the run always ends."""
@@ -57,7 +57,9 @@ class Result:
 Request = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
 
 
-async def load(name: str, client: httpx.AsyncClient, request: Request, count: int, concurrency: int) -> Result:
+async def load(
+    name: str, client: httpx.AsyncClient, request: Request, count: int, concurrency: int
+) -> Result:
     """``count`` requests, ``concurrency`` at a time; request ``i`` is ``request(client, i)``."""
     result = Result(name)
     next_index = 0
@@ -92,7 +94,9 @@ async def measure(settings: Settings, requests: int, concurrency: int) -> list[R
     token = settings.api_token.get_secret_value()
     headers = {"Authorization": f"Bearer {token}"}
     run = uuid.uuid4().hex[:8]
-    predictions = max(requests // 2, 20)  # predict is CPU bound: fewer requests, the same percentiles
+    predictions = max(
+        requests // 2, 20
+    )  # predict is CPU bound: fewer requests, the same percentiles
     # A fresh seed per run: an image the platform has seen is not stored or measured again.
     images = _images(predictions + concurrency, seed=int(run, 16) % 100_000)
     warmups = images[predictions:]
@@ -112,21 +116,30 @@ async def measure(settings: Settings, requests: int, concurrency: int) -> list[R
         files = {"file": (f"bench-{run}-warmup-{i}.jpg", warmups[i], "image/jpeg")}
         return client.post("/api/predict", files=files, headers=headers)
 
-    async with httpx.AsyncClient(base_url=settings.api_url, timeout=TIMEOUT_S, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=settings.api_url, timeout=TIMEOUT_S, limits=limits
+    ) as client:
         print("warming up (the first prediction loads the champion)")
-        for name, request, count in (("trivial", trivial, 20), ("conditions", conditions, 10),
-                                     ("predict", warm_predict, concurrency)):
+        for name, request, count in (
+            ("trivial", trivial, 20),
+            ("conditions", conditions, 10),
+            ("predict", warm_predict, concurrency),
+        ):
             warm = await load(name, client, request, count, 1)
             if warm.errors:
                 raise SystemExit(f"warm-up of {name} failed: {warm.errors[0]}")
 
-        print(f"measuring: {requests} trivial, {requests} conditions, {predictions} predict, "
-              f"{requests} trivial again; {concurrency} in flight")
+        print(
+            f"measuring: {requests} trivial, {requests} conditions, {predictions} predict, "
+            f"{requests} trivial again; {concurrency} in flight"
+        )
         before = await load("trivial", client, trivial, requests, concurrency)
         conditions_result = await load("conditions", client, conditions, requests, concurrency)
         predict_result = await load("predict", client, predict, predictions, concurrency)
         after = await load("trivial", client, trivial, requests, concurrency)
-    pooled = Result("trivial", before.latencies_ms + after.latencies_ms, before.errors + after.errors)
+    pooled = Result(
+        "trivial", before.latencies_ms + after.latencies_ms, before.errors + after.errors
+    )
     return [pooled, conditions_result, predict_result]
 
 
@@ -135,7 +148,9 @@ def report(results: list[Result], concurrency: int) -> None:
     base50, base99 = trivial.p(50), trivial.p(99)
     print()
     print(f"{os.cpu_count()} CPUs, {concurrency} requests in flight, one uvicorn worker, loopback")
-    print(f"{'endpoint':<34}{'n':>6}{'p50 ms':>10}{'p99 ms':>10}{'p50 ratio':>11}{'p99 ratio':>11}{'errors':>8}")
+    print(
+        f"{'endpoint':<34}{'n':>6}{'p50 ms':>10}{'p99 ms':>10}{'p50 ratio':>11}{'p99 ratio':>11}{'errors':>8}"
+    )
     paths = {
         "trivial": "GET /api/health",
         "conditions": "GET /api/retraining/conditions",
@@ -165,7 +180,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=300, help="per endpoint (predict: half)")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--reuse", action="store_true", help="use the running stack of the settings")
+    parser.add_argument(
+        "--reuse", action="store_true", help="use the running stack of the settings"
+    )
     args = parser.parse_args()
     if args.reuse:
         run(use_stack(Stack(load_settings())), args.requests, args.concurrency)

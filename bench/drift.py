@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image
 
 
-def _best(fn, repeat: int) -> float:  # noqa: ANN001
+def _best(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
         started = time.perf_counter()
@@ -66,17 +66,23 @@ def report_seconds(rows: int, repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--size", type=int, default=1280, help="JPEG side in px (a line camera frame)")
+    parser.add_argument(
+        "--size", type=int, default=1280, help="JPEG side in px (a line camera frame)"
+    )
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
     decode_rate, feature_rate = feature_throughput(args.images, args.size, args.repeat)
-    print(f"plain full decode      {decode_rate:8.1f} images/s  ({args.images} JPEGs, {args.size} px)")
+    print(
+        f"plain full decode      {decode_rate:8.1f} images/s  ({args.images} JPEGs, {args.size} px)"
+    )
     print(f"feature extraction     {feature_rate:8.1f} images/s")
     print(f"ratio features/decode  {feature_rate / decode_rate:8.2f}x  (target >= 1.0)")
     seconds = report_seconds(args.rows, args.repeat)
-    print(f"drift report           {seconds:8.2f} s for {args.rows:,} reference + {args.rows:,} current rows")
+    print(
+        f"drift report           {seconds:8.2f} s for {args.rows:,} reference + {args.rows:,} current rows"
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from visionloop.settings import Settings, get_settings, load_settings
 from cli.stack import Stack, free_port
+from visionloop.settings import Settings, get_settings, load_settings
 
 
 @contextmanager
@@ -118,8 +118,8 @@ def plain_predict(weights: Path, folder: Path, imgsz: int) -> Measured:
 def run(settings: Settings, images: int, imgsz: int) -> None:
     from flows.bootstrap import bootstrap_flow
     from flows.ingest import ingest_flow
-    from visionloop.registry import CHAMPION, download_weights, get_alias
     from training.trainer import configure_ultralytics
+    from visionloop.registry import CHAMPION, download_weights, get_alias
 
     configure_ultralytics(settings.data_dir / ".ultralytics")
     import ultralytics  # noqa: F401 - imported before any timing: start-up is not throughput

@@ -37,9 +37,9 @@ if TYPE_CHECKING:
 TARGET_RATIO = 1.15
 
 
-def _start_stack(data_dir: Path):  # noqa: ANN202 - returns cli.stack.Stack
-    from visionloop.settings import get_settings, load_settings
+def _start_stack(data_dir: Path):
     from cli.stack import Stack, free_port
+    from visionloop.settings import get_settings, load_settings
 
     for key in list(os.environ):
         if key.startswith("VISIONLOOP_"):
@@ -150,8 +150,8 @@ def _stage_times(run_id: int, started: float, finished: float) -> dict[str, floa
 def _round(settings: Settings, epochs: int, batch: int) -> dict[str, Any]:
     """One retrain, then plain ultralytics on the snapshot and starting weights it used."""
     from flows.retrain import retrain_flow
-    from visionloop.registry import CHAMPION, download_weights, get_alias
     from training.snapshots import download_snapshot, get_snapshot
+    from visionloop.registry import CHAMPION, download_weights, get_alias
 
     base = get_alias(settings, CHAMPION)
     started = time.time()
@@ -196,9 +196,9 @@ def run(images: int, epochs: int, batch: int | None, rounds: int) -> list[dict[s
     from flows.export import export_flow
     from flows.train import train_flow
     from training.promotion import promote
+    from training.trainer import configure_ultralytics
     from visionloop.settings import get_settings
     from visionloop.synthetic_labels import add_reviewed_samples
-    from training.trainer import configure_ultralytics
 
     settings = get_settings()
     batch = batch or settings.train_batch

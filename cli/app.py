@@ -42,7 +42,7 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _print_states(states, title: str) -> None:  # noqa: ANN001
+def _print_states(states, title: str) -> None:
     table = Table(title=title)
     for column in ("service", "state", "healthy", "latency", "url / detail"):
         table.add_column(column)
@@ -53,7 +53,9 @@ def _print_states(states, title: str) -> None:  # noqa: ANN001
             state.action or "-",
             "-" if health is None else ("[green]yes[/green]" if health.ok else "[red]no[/red]"),
             "-" if health is None else f"{health.latency_ms:.0f} ms",
-            "" if health is None else (health.url if health.ok else f"{health.url}: {health.detail}"),
+            ""
+            if health is None
+            else (health.url if health.ok else f"{health.url}: {health.detail}"),
         )
     console.print(table)
 
@@ -134,8 +136,14 @@ def generate(
     drift = DriftParams(brightness=brightness, blur=blur, noise=noise)
     with _bar("generating images", train + val) as advance:
         data_yaml = write_yolo_dataset(
-            out, n_train=train, n_val=val, seed=seed, size=size or settings.image_size,
-            class_names=settings.class_names, drift=drift, progress=advance,
+            out,
+            n_train=train,
+            n_val=val,
+            seed=seed,
+            size=size or settings.image_size,
+            class_names=settings.class_names,
+            drift=drift,
+            progress=advance,
         )
     console.print(f"dataset written: {data_yaml}")
 
@@ -145,12 +153,15 @@ class _bar:
 
     def __init__(self, label: str, total: int) -> None:
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
             console=console,
         )
         self.task = self.progress.add_task(label, total=total)
 
-    def __enter__(self):  # noqa: ANN204
+    def __enter__(self):
         self.progress.start()
         return lambda done: self.progress.update(self.task, completed=done)
 
@@ -173,11 +184,13 @@ def bootstrap(
     total = epochs or settings.train_epochs
     with _bar("training the first champion (epochs)", total) as advance:
         unsubscribe = subscribe(
-            lambda event: advance(event.payload.get("epoch", 0)) if event.kind == "training.epoch" else None
+            lambda event: (
+                advance(event.payload.get("epoch", 0)) if event.kind == "training.epoch" else None
+            )
         )
         try:
             result = bootstrap_flow(epochs=epochs, images=images, force=force)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             _fail(exc)
         finally:
             unsubscribe()
@@ -187,7 +200,9 @@ def bootstrap(
             f"(mAP50 {result['metrics'].get('mAP50', 0):.3f}, MLflow run {result['run_id']})"
         )
     else:
-        console.print(f"champion exists already: version {result['version']} (use --force to retrain)")
+        console.print(
+            f"champion exists already: version {result['version']} (use --force to retrain)"
+        )
 
 
 class _RichStoryUI:
@@ -198,12 +213,14 @@ class _RichStoryUI:
         return _bar(label, total)
 
 
-def _print_report(report: dict) -> None:  # noqa: C901
+def _print_report(report: dict) -> None:
     images = report["images"]
     table = Table(title=f"demo report ({report['run_tag']})")
     for column in ("files", "ingested", "quarantined", "queued", "labelled"):
         table.add_column(column, justify="right")
-    table.add_row(*(str(images[k]) for k in ("files", "ingested", "quarantined", "queued", "labelled")))
+    table.add_row(
+        *(str(images[k]) for k in ("files", "ingested", "quarantined", "queued", "labelled"))
+    )
     console.print(table)
     for name, reason in images["quarantine_reasons"].items():
         console.print(f"  quarantined {name}: {reason}")
@@ -213,8 +230,12 @@ def _print_report(report: dict) -> None:  # noqa: C901
     for r in report["rounds"]:
         drift = "-" if r["drift_level"] is None else f"{r['drift_level']} ({r['drift_score']:.2f})"
         rounds.add_row(
-            str(r["round"]), "changed" if r["drifted"] else "normal", str(r["queued"]),
-            str(r["labelled"]), drift, r["decision"],
+            str(r["round"]),
+            "changed" if r["drifted"] else "normal",
+            str(r["queued"]),
+            str(r["labelled"]),
+            drift,
+            r["decision"],
         )
     console.print(rounds)
     for run in report["retrains"]:
@@ -234,10 +255,17 @@ def _print_report(report: dict) -> None:  # noqa: C901
             table.add_column(column)
         for role in ("before", "after"):
             m = comparison[role]
-            table.add_row(role, m["version"], f"{m['metrics']['mAP50']:.3f}", f"{m['metrics']['mAP50-95']:.3f}")
+            table.add_row(
+                role,
+                m["version"],
+                f"{m['metrics']['mAP50']:.3f}",
+                f"{m['metrics']['mAP50-95']:.3f}",
+            )
         console.print(table)
     else:
-        console.print("[yellow]no retrain finished, so there is no before/after comparison[/yellow]")
+        console.print(
+            "[yellow]no retrain finished, so there is no before/after comparison[/yellow]"
+        )
     console.print(f"report: {report['paths']['markdown']} (and .json)")
 
 
@@ -246,7 +274,9 @@ def demo(
     rounds: Annotated[int, typer.Option(help="Rounds of camera images.")] = 6,
     images_per_round: Annotated[int, typer.Option(help="Camera images per round.")] = 40,
     shift_round: Annotated[int, typer.Option(help="First round under the changed lighting.")] = 2,
-    story: Annotated[bool, typer.Option(help="Tell the story; --no-story stops after bootstrap.")] = True,
+    story: Annotated[
+        bool, typer.Option(help="Tell the story; --no-story stops after bootstrap.")
+    ] = True,
 ) -> None:
     """The main job on embedded defaults: the stack, a first champion, then one turn of the loop
     (camera images with a lighting change, review queue, drift, retrain, promotion) and its report."""

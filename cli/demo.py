@@ -21,19 +21,19 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from cli.simulated_reviewer import SIMULATED_REVIEWER_EMAIL, review_open_tasks
 from cli import loop_report
-from visionloop.db import session_scope
-from training.evaluation import evaluate_weights
-from visionloop.models import ActivityEvent, RetrainingRun, RetrainStatus
 from cli.production_stream import StreamPlan, ground_truth, upload_round
+from cli.simulated_reviewer import SIMULATED_REVIEWER_EMAIL, review_open_tasks
+from training.evaluation import evaluate_weights
+from training.snapshots import download_snapshot, get_snapshot
+from visionloop.db import session_scope
+from visionloop.models import ActivityEvent, RetrainingRun, RetrainStatus
 from visionloop.registry import CHAMPION, download_weights, get_alias, get_version
 from visionloop.settings import Settings
-from training.snapshots import download_snapshot, get_snapshot
 
 FINAL_RETRAIN_STATES = {RetrainStatus.succeeded.value, RetrainStatus.failed.value}
 POLL_SECONDS = 2.0
@@ -105,7 +105,7 @@ def _events_since(kind: str, since: datetime) -> list[ActivityEvent]:
 def wait_for_retrain(run_id: int, ui: StoryUI, epochs: int, timeout: float) -> RetrainingRun:
     """Follow a retraining run to its end, showing its training epochs as they are logged."""
     deadline = time.monotonic() + timeout
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     with ui.bar(f"retraining run {run_id}: training epochs", epochs) as advance:
         while True:
             with session_scope() as session:
@@ -138,9 +138,14 @@ def compare_on_holdout(
     scores = {}
     try:
         for role, version in (("before", before_version), ("after", after_version)):
-            weights = download_weights(settings, get_version(settings, version), settings.data_dir / "models")
+            weights = download_weights(
+                settings, get_version(settings, version), settings.data_dir / "models"
+            )
             result = evaluate_weights(
-                weights, data_yaml, imgsz=settings.image_size, batch=settings.train_batch,
+                weights,
+                data_yaml,
+                imgsz=settings.image_size,
+                batch=settings.train_batch,
                 run_dir=work / role,
             )
             scores[role] = {"version": version, "metrics": result.metrics}
@@ -168,7 +173,7 @@ def run_story(
     champion = get_alias(settings, CHAMPION)
     if champion is None:
         raise DemoError("there is no champion model: run `visionloop bootstrap` first")
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     run_tag = started.strftime("%Y%m%d-%H%M%S")
     truth = ground_truth(settings)
     rounds: list[RoundRecord] = []
@@ -181,14 +186,19 @@ def run_story(
         "submitting the generator's ground truth through Label Studio's API"
     )
     for index in range(plan.rounds):
-        round_started = datetime.now(timezone.utc)
+        round_started = datetime.now(UTC)
         with ui.bar(f"round {index}: camera uploads", plan.images_per_round) as advance:
             upload = upload_round(settings, plan, index, truth, run_tag=run_tag, progress=advance)
         record = RoundRecord(index, upload.drifted, len(upload.image_keys), len(upload.broken_keys))
         rounds.append(record)
 
-        run_step(ui, f"round {index}: ingest {upload.prefix}", "ingest/ingest",
-                 {"prefix": upload.prefix}, flow_timeout)
+        run_step(
+            ui,
+            f"round {index}: ingest {upload.prefix}",
+            "ingest/ingest",
+            {"prefix": upload.prefix},
+            flow_timeout,
+        )
         counts = loop_report.image_counts(upload.prefix)
         record.queued = counts["queued"]
 
@@ -202,8 +212,13 @@ def run_story(
         if drift:
             record.drift_level, record.drift_score = drift[-1]["level"], drift[-1]["score"]
 
-        run_step(ui, f"round {index}: check-and-retrain", "check-and-retrain/check-and-retrain",
-                 {}, flow_timeout)
+        run_step(
+            ui,
+            f"round {index}: check-and-retrain",
+            "check-and-retrain/check-and-retrain",
+            {},
+            flow_timeout,
+        )
         decisions = _events_since("retrain.conditions", round_started)
         record.decision = decisions[-1].message if decisions else "(no decision recorded)"
         ui.say(
@@ -236,7 +251,7 @@ def run_story(
     report = {
         "run_tag": run_tag,
         "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "plan": {**asdict(plan), "drift": asdict(plan.drift)},
         "champion_before": champion.version,
         "champion_after": final.version if final else None,

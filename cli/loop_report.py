@@ -34,12 +34,20 @@ def image_counts(source_prefix: str) -> dict[str, Any]:
             session.exec(select(Image).where(col(Image.source_key).contains(source_prefix)))
         )
         ids = [i.id for i in images if i.id is not None]
-        queue = list(
-            session.exec(select(LabelingQueueItem).where(col(LabelingQueueItem.image_id).in_(ids)))
-        ) if ids else []
-        labels = list(
-            session.exec(select(ReviewedLabel).where(col(ReviewedLabel.image_id).in_(ids)))
-        ) if ids else []
+        queue = (
+            list(
+                session.exec(
+                    select(LabelingQueueItem).where(col(LabelingQueueItem.image_id).in_(ids))
+                )
+            )
+            if ids
+            else []
+        )
+        labels = (
+            list(session.exec(select(ReviewedLabel).where(col(ReviewedLabel.image_id).in_(ids))))
+            if ids
+            else []
+        )
     quarantined = [i for i in images if i.status == ImageStatus.quarantined]
     return {
         "files": len(images),
@@ -136,18 +144,31 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"- `{name}`: {reason}" for name, reason in images["quarantine_reasons"].items()]
         lines.append("")
     if images["queued_by_reason"]:
-        lines += ["Queued because: " + ", ".join(
-            f"{reason} {n}" for reason, n in sorted(images["queued_by_reason"].items())
-        ), ""]
-    lines += ["## Rounds", "", "| round | drifted | uploaded | queued | labelled | drift | decision |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "Queued because: "
+            + ", ".join(
+                f"{reason} {n}" for reason, n in sorted(images["queued_by_reason"].items())
+            ),
+            "",
+        ]
+    lines += [
+        "## Rounds",
+        "",
+        "| round | drifted | uploaded | queued | labelled | drift | decision |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in report["rounds"]:
         lines.append(
             f"| {r['round']} | {'yes' if r['drifted'] else 'no'} | {r['uploaded']} | {r['queued']} | "
             f"{r['labelled']} | {r['drift_level'] or '-'} | {r['decision']} |"
         )
-    lines += ["", "## Drift over time", "", "| at | level | score | drifted features |",
-              "| --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Drift over time",
+        "",
+        "| at | level | score | drifted features |",
+        "| --- | --- | --- | --- |",
+    ]
     for d in report["drift"]:
         lines.append(
             f"| {d['at'][:19]} | {d['level']} | {d['score']:.2f} | {', '.join(d['drifted_features']) or '-'} |"

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 from label_studio_sdk.core.api_error import ApiError
 
-from visionloop.formats import YoloBox, ls_results_from_boxes
-from labeling.wiring import ReviewProject, review_project
 from cli.production_stream import GroundTruth
+from labeling.wiring import ReviewProject, review_project
+from visionloop.formats import YoloBox, ls_results_from_boxes
 from visionloop.settings import Settings
 
 SIMULATED_REVIEWER_EMAIL = "simulated-reviewer@visionloop.local"

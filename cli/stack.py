@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-
-from monitoring.health import PROBES, ServiceHealth
 from pydantic import SecretStr
 
+from monitoring.health import PROBES, ServiceHealth
 from visionloop.settings import SECRETS_FILE, Settings, settings_env
 
 
@@ -55,6 +54,7 @@ class ServiceState:
 
 # --- small process helpers ---------------------------------------------------------------
 
+
 def _bin(name: str) -> str:
     """An executable installed next to this interpreter (the project's virtualenv)."""
     candidate = Path(sys.executable).parent / name
@@ -80,8 +80,11 @@ def free_port(exclude: set[int] = frozenset(), grpc_offset: int = 0) -> int:
             port = sock.getsockname()[1]
         if port in exclude:
             continue
-        if grpc_offset and (port + grpc_offset > 65535 or port + grpc_offset in exclude
-                            or port_in_use(port + grpc_offset)):
+        if grpc_offset and (
+            port + grpc_offset > 65535
+            or port + grpc_offset in exclude
+            or port_in_use(port + grpc_offset)
+        ):
             continue
         return port
 
@@ -89,7 +92,12 @@ def free_port(exclude: set[int] = frozenset(), grpc_offset: int = 0) -> int:
 def _port_owner(port: int) -> str:
     try:
         for conn in psutil.net_connections(kind="tcp"):
-            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+            if (
+                conn.laddr
+                and conn.laddr.port == port
+                and conn.status == psutil.CONN_LISTEN
+                and conn.pid
+            ):
                 proc = psutil.Process(conn.pid)
                 return f"{proc.name()} (pid {conn.pid})"
     except (psutil.Error, PermissionError):
@@ -194,7 +202,9 @@ class Stack:
             "VISIONLOOP_LABEL_STUDIO_PASSWORD": self.settings.label_studio_password,
             "VISIONLOOP_API_TOKEN": self.settings.api_token,
         }
-        missing = {k: secrets.token_urlsafe(24) for k, v in wanted.items() if not v.get_secret_value()}
+        missing = {
+            k: secrets.token_urlsafe(24) for k, v in wanted.items() if not v.get_secret_value()
+        }
         if missing:
             self._append_secrets(missing)
         os.chmod(path, 0o600) if path.exists() else None
@@ -268,10 +278,18 @@ class Stack:
             ServiceSpec(
                 name="s3",
                 command=[
-                    _bin("weed"), "mini", f"-dir={weed_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                    f"-s3.port={s.s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                    _bin("weed"),
+                    "mini",
+                    f"-dir={weed_dir}",
+                    "-ip=127.0.0.1",
+                    "-ip.bind=127.0.0.1",
+                    f"-s3.port={s.s3_port}",
+                    "-s3.port.iceberg=0",
+                    "-s3.port.lance=0",
                     *(f"-{component}.port={port}" for component, port in internal.items()),
-                    "-admin.ui=false", "-webdav=false", "-master.telemetry=false",
+                    "-admin.ui=false",
+                    "-webdav=false",
+                    "-master.telemetry=false",
                     f"-bucket={','.join(s.all_buckets)}",
                 ],
                 env=self._s3_env(),
@@ -288,8 +306,15 @@ class Stack:
         specs.append(
             ServiceSpec(
                 name="prefect",
-                command=[_bin("prefect"), "server", "start", "--host", "127.0.0.1",
-                         "--port", str(s.prefect_port)],
+                command=[
+                    _bin("prefect"),
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(s.prefect_port),
+                ],
                 env={
                     "PREFECT_HOME": str(prefect_home),
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -308,10 +333,18 @@ class Stack:
             ServiceSpec(
                 name="mlflow",
                 command=[
-                    _bin("mlflow"), "server",
-                    "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-                    "--artifacts-destination", f"s3://{s.bucket_mlflow}",
-                    "--host", "127.0.0.1", "--port", str(s.mlflow_port), "--workers", "1",
+                    _bin("mlflow"),
+                    "server",
+                    "--backend-store-uri",
+                    f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                    "--artifacts-destination",
+                    f"s3://{s.bucket_mlflow}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(s.mlflow_port),
+                    "--workers",
+                    "1",
                 ],
                 env={
                     **self._s3_env(),
@@ -333,8 +366,13 @@ class Stack:
             ServiceSpec(
                 name="label-studio",
                 command=[
-                    str(self.label_studio_bin()), "start", "--no-browser",
-                    "--internal-host", "127.0.0.1", "--port", str(s.label_studio_port),
+                    str(self.label_studio_bin()),
+                    "start",
+                    "--no-browser",
+                    "--internal-host",
+                    "127.0.0.1",
+                    "--port",
+                    str(s.label_studio_port),
                 ],
                 env={
                     # Credentials by environment, not argv, so `ps` does not show them.
@@ -362,8 +400,16 @@ class Stack:
         specs.append(
             ServiceSpec(
                 name="api",
-                command=[sys.executable, "-m", "uvicorn", "api.main:app", "--host", s.api_host,
-                         "--port", str(s.api_port)],
+                command=[
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "api.main:app",
+                    "--host",
+                    s.api_host,
+                    "--port",
+                    str(s.api_port),
+                ],
                 env=self.platform_env(),
                 port=s.api_port,
                 port_setting="VISIONLOOP_API_PORT",
@@ -374,8 +420,17 @@ class Stack:
         specs.append(
             ServiceSpec(
                 name="worker",
-                command=[_bin("prefect"), "worker", "start", "--pool", s.prefect_work_pool,
-                         "--type", "process", "--name", f"visionloop-{os.uname().nodename}"],
+                command=[
+                    _bin("prefect"),
+                    "worker",
+                    "start",
+                    "--pool",
+                    s.prefect_work_pool,
+                    "--type",
+                    "process",
+                    "--name",
+                    f"visionloop-{os.uname().nodename}",
+                ],
                 env=self.platform_env(),
                 startup_timeout=90,
                 cwd=s.project_dir,
@@ -394,7 +449,9 @@ class Stack:
         if self.label_studio_bin().exists():
             return
         venv = self.label_studio_venv()
-        self.echo(f"installing Label Studio {self.settings.label_studio_version} into {venv} (once)")
+        self.echo(
+            f"installing Label Studio {self.settings.label_studio_version} into {venv} (once)"
+        )
         venv.parent.mkdir(parents=True, exist_ok=True)
         uv = _bin("uv")
         log = self.log_dir / "label-studio-install.log"
@@ -402,10 +459,14 @@ class Stack:
         with open(log, "wb") as fh:
             for cmd, env in (
                 ([uv, "venv", "-q", "--python", sys.executable, str(venv)], {}),
-                ([uv, "pip", "install", f"label-studio=={self.settings.label_studio_version}"],
-                 {"VIRTUAL_ENV": str(venv)}),
+                (
+                    [uv, "pip", "install", f"label-studio=={self.settings.label_studio_version}"],
+                    {"VIRTUAL_ENV": str(venv)},
+                ),
             ):
-                done = subprocess.run(cmd, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT)
+                done = subprocess.run(
+                    cmd, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT
+                )
                 if done.returncode != 0:
                     shutil.rmtree(venv, ignore_errors=True)
                     raise StackError(f"installing Label Studio failed; see {log}")
@@ -479,15 +540,20 @@ class Stack:
                 )
             if time.monotonic() > deadline:
                 where = (
-                    f"check {spec.external_setting}" if state.action == "external"
+                    f"check {spec.external_setting}"
+                    if state.action == "external"
                     else f"see {self.log_dir / (spec.name + '.log')}"
                 )
-                raise StackError(f"{spec.name} at {health.url} is not healthy: {health.detail}; {where}")
+                raise StackError(
+                    f"{spec.name} at {health.url} is not healthy: {health.detail}; {where}"
+                )
             time.sleep(1.0)
 
     def _log_tail(self, name: str, lines: int = 15) -> str:
         try:
-            return "\n".join((self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(
+                (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:]
+            )
         except FileNotFoundError:
             return ""
 
@@ -517,7 +583,9 @@ class Stack:
 
         api = self.settings.prefect_api
         pool = self.settings.prefect_work_pool
-        response = httpx.post(f"{api}/work_pools/", json={"name": pool, "type": "process"}, timeout=10)
+        response = httpx.post(
+            f"{api}/work_pools/", json={"name": pool, "type": "process"}, timeout=10
+        )
         if response.status_code not in (201, 409):
             raise StackError(f"creating Prefect work pool {pool!r} failed: {response.text[:300]}")
 
@@ -530,7 +598,8 @@ class Stack:
         recipe = self.settings.project_dir / "prefect.yaml"
         stamp = self.run_dir / "deployed.sha256"
         wanted = hashlib.sha256(
-            recipe.read_bytes() + f"{self.settings.prefect_api}|{self.settings.schedules_enabled}".encode()
+            recipe.read_bytes()
+            + f"{self.settings.prefect_api}|{self.settings.schedules_enabled}".encode()
         ).hexdigest()
         if stamp.exists() and stamp.read_text() == wanted and self._deployments():
             return  # this very recipe is registered on this server already
@@ -538,17 +607,24 @@ class Stack:
         with open(log, "wb") as fh:
             done = subprocess.run(
                 [_bin("prefect"), "--no-prompt", "deploy", "--all"],
-                env={**os.environ, **self.platform_env()}, cwd=self.settings.project_dir,
-                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=600,
+                env={**os.environ, **self.platform_env()},
+                cwd=self.settings.project_dir,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                timeout=600,
             )
         if done.returncode != 0:
-            raise StackError(f"`prefect deploy --all` failed; see {log}\n{self._log_tail('deploy')}")
+            raise StackError(
+                f"`prefect deploy --all` failed; see {log}\n{self._log_tail('deploy')}"
+            )
         api = self.settings.prefect_api
         for deployment in self._deployments():
             if deployment["paused"] == self.settings.schedules_enabled:
                 httpx.patch(
                     f"{api}/deployments/{deployment['id']}",
-                    json={"paused": not self.settings.schedules_enabled}, timeout=10,
+                    json={"paused": not self.settings.schedules_enabled},
+                    timeout=10,
                 ).raise_for_status()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         stamp.write_text(wanted)
@@ -556,7 +632,9 @@ class Stack:
     def _deployments(self) -> list[dict]:
         import httpx
 
-        response = httpx.post(f"{self.settings.prefect_api}/deployments/filter", json={}, timeout=10)
+        response = httpx.post(
+            f"{self.settings.prefect_api}/deployments/filter", json={}, timeout=10
+        )
         response.raise_for_status()
         return response.json()
 

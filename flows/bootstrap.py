@@ -6,12 +6,12 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from training.snapshots import SNAPSHOT_HASH_TAG, materialise, yolo_folder_sources
+from training.tracking import tracked_training
 from visionloop.events import emit
 from visionloop.registry import CHAMPION, ModelRef, get_alias, register_weights
 from visionloop.settings import get_settings
-from training.snapshots import SNAPSHOT_HASH_TAG, materialise, yolo_folder_sources
 from visionloop.synthetic import write_yolo_dataset
-from training.tracking import tracked_training
 
 
 @task
@@ -20,7 +20,11 @@ def generate_seed_set(images: int, seed: int) -> str:
     root = settings.data_dir / "bootstrap" / f"seed-{seed}-n{images}-s{settings.image_size}"
     n_val = max(8, images // 3)
     data_yaml = write_yolo_dataset(
-        root, n_train=images, n_val=n_val, seed=seed, size=settings.image_size,
+        root,
+        n_train=images,
+        n_val=n_val,
+        seed=seed,
+        size=settings.image_size,
         class_names=settings.class_names,
     )
     return str(data_yaml)
@@ -45,7 +49,9 @@ def train_seed_model(
     source = settings.initial_weights or settings.model_yaml
 
     def on_epoch(record: dict) -> None:
-        logger.info("epoch %s/%s mAP50=%.3f", record["epoch"], record["epochs"], record.get("mAP50", 0.0))
+        logger.info(
+            "epoch %s/%s mAP50=%.3f", record["epoch"], record["epochs"], record.get("mAP50", 0.0)
+        )
         emit("training.epoch", f"bootstrap epoch {record['epoch']}/{record['epochs']}", record)
 
     run_id, result = tracked_training(
@@ -67,7 +73,9 @@ def register_champion(run_id: str) -> ModelRef:
 
 
 @flow(name="bootstrap", log_prints=True)
-def bootstrap_flow(epochs: int | None = None, images: int | None = None, force: bool = False) -> dict:
+def bootstrap_flow(
+    epochs: int | None = None, images: int | None = None, force: bool = False
+) -> dict:
     """Register a first `champion` unless one exists (``force`` trains a new one anyway)."""
     settings = get_settings()
     existing = get_alias(settings, CHAMPION)

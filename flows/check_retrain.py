@@ -7,9 +7,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from monitoring.conditions import retraining_conditions
-from visionloop.events import emit
 from training.retrain_guard import reconcile
 from training.retrain_launcher import launch_retrain
+from visionloop.events import emit
 from visionloop.settings import get_settings
 
 
@@ -27,7 +27,9 @@ def decide() -> dict[str, Any]:
 
 @task
 def start_retrain(trigger: str, reason: str, manual_request_id: int | None) -> dict[str, Any]:
-    launched = launch_retrain(get_settings(), trigger=trigger, reason=reason, retraining_run_id=manual_request_id)
+    launched = launch_retrain(
+        get_settings(), trigger=trigger, reason=reason, retraining_run_id=manual_request_id
+    )
     return {"retraining_run_id": launched.retraining_run_id, "flow_run_id": launched.flow_run_id}
 
 
@@ -39,11 +41,20 @@ def check_and_retrain_flow(dry_run: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
     logger.info(decision["summary"])
     for condition in decision["conditions"]:
-        logger.info("%s %s: %s", "FIRED" if condition["fired"] else "     ", condition["name"], condition["reason"])
-    emit("retrain.conditions", decision["summary"], {"should_retrain": decision["should_retrain"],
-                                                    "trigger": decision["trigger"]})
+        logger.info(
+            "%s %s: %s",
+            "FIRED" if condition["fired"] else "     ",
+            condition["name"],
+            condition["reason"],
+        )
+    emit(
+        "retrain.conditions",
+        decision["summary"],
+        {"should_retrain": decision["should_retrain"], "trigger": decision["trigger"]},
+    )
     launched = None
     if decision["should_retrain"] and not dry_run:
-        launched = start_retrain(decision["trigger"], decision["summary"], decision["manual_request_id"])
+        launched = start_retrain(
+            decision["trigger"], decision["summary"], decision["manual_request_id"]
+        )
     return {**decision, "launched": launched}
-

@@ -18,9 +18,14 @@ def measure(stat_test: str | None) -> dict[str, Any] | None:
     if result is None:
         return None
     return {
-        "id": result.id, "level": DriftLevel(result.level).value, "score": result.drift_score,
-        "share": result.drift_share, "report_key": result.report_key,
-        "drifted": sorted((k for k, v in result.features.items() if isinstance(v, dict) and v["drifted"])),
+        "id": result.id,
+        "level": DriftLevel(result.level).value,
+        "score": result.drift_score,
+        "share": result.drift_share,
+        "report_key": result.report_key,
+        "drifted": sorted(
+            (k for k, v in result.features.items() if isinstance(v, dict) and v["drifted"])
+        ),
     }
 
 
@@ -32,7 +37,9 @@ def drift_flow(stat_test: str | None = None) -> dict[str, Any] | None:
     if summary is None:
         logger.info("too few recent images for a drift verdict")
         return None
-    logger.info("drift %s (score %.2f, share %.2f)", summary["level"], summary["score"], summary["share"])
+    logger.info(
+        "drift %s (score %.2f, share %.2f)", summary["level"], summary["score"], summary["share"]
+    )
     create_markdown_artifact(
         key="drift",
         markdown=(

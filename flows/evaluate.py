@@ -10,12 +10,12 @@ from typing import Any
 from mlflow.entities import Metric, RunTag
 from prefect import flow, get_run_logger
 
-from visionloop.events import emit
 from training.evaluation import EvalResult, evaluate_weights
 from training.gate import DEFAULT_PRIMARY_METRIC, GateDecision, decide
+from training.snapshots import HOLDOUT_HASH_TAG, download_snapshot, get_snapshot
+from visionloop.events import emit
 from visionloop.registry import CHAMPION, ModelRef, client, download_weights, get_alias, get_version
 from visionloop.settings import Settings, get_settings
-from training.snapshots import HOLDOUT_HASH_TAG, download_snapshot, get_snapshot
 
 
 def _metric_name(text: str) -> str:

@@ -6,9 +6,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from training.snapshots import export_reviewed_labels
 from visionloop.formats import DEFAULT_TEST_PERCENT, DEFAULT_VAL_PERCENT, SplitPolicy
 from visionloop.settings import get_settings
-from training.snapshots import export_reviewed_labels
 
 
 @flow(name="export-labels")

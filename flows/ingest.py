@@ -38,11 +38,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from labeling.selection import Candidate, SelectionPolicy, select
-from labeling.tasks import QueueReport, queue_for_review
-from monitoring.drift_state import latest_drift_level
-from visionloop.events import emit
-from visionloop.db import session_scope
 from ingest.pipeline import (
     BatchReport,
     SourceFile,
@@ -52,7 +47,12 @@ from ingest.pipeline import (
     plan_batches,
     unseen,
 )
+from labeling.selection import Candidate, SelectionPolicy, select
+from labeling.tasks import QueueReport, queue_for_review
+from monitoring.drift_state import latest_drift_level
 from serving.predictor import PREDICT_CONF
+from visionloop.db import session_scope
+from visionloop.events import emit
 from visionloop.settings import Settings, get_settings
 from visionloop.storage import ObjectStore
 
@@ -93,10 +93,10 @@ class SettingsTaskRunner(TaskRunner):
         super().__init__()
         self._runner: TaskRunner | None = None
 
-    def duplicate(self) -> "SettingsTaskRunner":
+    def duplicate(self) -> SettingsTaskRunner:
         return type(self)()
 
-    def __enter__(self) -> "SettingsTaskRunner":
+    def __enter__(self) -> SettingsTaskRunner:
         self._runner = ingest_task_runner(get_settings()).__enter__()
         super().__enter__()
         return self
@@ -109,7 +109,7 @@ class SettingsTaskRunner(TaskRunner):
             self._runner = None
             super().__exit__(*exc_info)
 
-    def submit(self, task, parameters, wait_for=None, dependencies=None):  # noqa: ANN001, ANN201
+    def submit(self, task, parameters, wait_for=None, dependencies=None):
         if self._runner is None:
             raise RuntimeError("The task runner must be started before submitting work.")
         return self._runner.submit(task, parameters, wait_for, dependencies)

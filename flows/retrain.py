@@ -25,17 +25,17 @@ from prefect.runtime import flow_run
 from flows.evaluate import evaluate_flow
 from flows.export import export_flow
 from flows.train import train_flow
-from visionloop.formats import DEFAULT_TEST_PERCENT, DEFAULT_VAL_PERCENT
-from visionloop.events import emit
 from monitoring.notify import notify
-from visionloop.db import get_engine
 from training.gate import DEFAULT_PRIMARY_METRIC
-from visionloop.models import RetrainingRun, RetrainStatus
 from training.promotion import promote
-from visionloop.registry import CHAMPION, get_alias
 from training.retrain_guard import GuardLost, acquire, fail_run, holds, release, update_run
-from visionloop.settings import Settings, get_settings
 from training.snapshots import get_snapshot, image_hashes, mark_labels_used, read_manifest
+from visionloop.db import get_engine
+from visionloop.events import emit
+from visionloop.formats import DEFAULT_TEST_PERCENT, DEFAULT_VAL_PERCENT
+from visionloop.models import RetrainingRun, RetrainStatus
+from visionloop.registry import CHAMPION, get_alias
+from visionloop.settings import Settings, get_settings
 
 RETRAIN_CONCURRENCY = "retrain"
 LEASE_SECONDS = 60  # Prefect's minimum: a killed run's slot comes back within about a minute

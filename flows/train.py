@@ -8,12 +8,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from visionloop.events import emit
-from visionloop.registry import CHALLENGER, CHAMPION, download_weights, get_alias, register_weights
 from training.retrain_guard import update_run
-from visionloop.settings import get_settings
 from training.snapshots import SNAPSHOT_HASH_TAG, download_snapshot, get_snapshot
 from training.tracking import tracked_training
+from visionloop.events import emit
+from visionloop.registry import CHALLENGER, CHAMPION, download_weights, get_alias, register_weights
+from visionloop.settings import get_settings
 
 
 @flow(name="train")

@@ -42,9 +42,6 @@ from sqlmodel import Session, col, select
 
 from labeling.selection import Candidate, uncertainty
 from monitoring.features import extract_features
-from visionloop.db import session_scope
-from visionloop.images import DecodedImage, ImageRejected, decode_image
-from visionloop.models import Image, ImageStatus, Prediction
 from serving.predictor import (
     PREDICT_CONF,
     ChampionPredictor,
@@ -52,6 +49,9 @@ from serving.predictor import (
     PredictionResult,
     get_predictor,
 )
+from visionloop.db import session_scope
+from visionloop.images import DecodedImage, ImageRejected, decode_image
+from visionloop.models import Image, ImageStatus, Prediction
 from visionloop.settings import Settings, get_settings
 from visionloop.storage import ObjectStore, content_key, sha256_hex
 

@@ -20,15 +20,15 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
+from ingest.pipeline import prediction_row
 from labeling.selection import Candidate, Selected, SelectionPolicy
 from labeling.selection import select as select_for_review
-from visionloop.events import emit
 from monitoring.features import extract_features
-from visionloop.db import session_scope
-from visionloop.images import decode_image
-from ingest.pipeline import prediction_row
-from visionloop.models import Image, ImageStatus, Prediction
 from serving.predictor import ChampionPredictor
+from visionloop.db import session_scope
+from visionloop.events import emit
+from visionloop.images import decode_image
+from visionloop.models import Image, ImageStatus, Prediction
 from visionloop.settings import Settings
 from visionloop.storage import ObjectStore, content_key, sha256_hex
 
@@ -76,7 +76,9 @@ def _image(content_hash: str) -> Image | None:
 def _prediction(image_id: int, version: str) -> Prediction | None:
     with session_scope() as session:
         return session.exec(
-            select(Prediction).where(Prediction.image_id == image_id, Prediction.model_version == version)
+            select(Prediction).where(
+                Prediction.image_id == image_id, Prediction.model_version == version
+            )
         ).first()
 
 
@@ -94,7 +96,12 @@ def _insert_or_existing(row: Row, existing: Callable[[], Row | None]) -> tuple[R
 
 
 def predict_upload(
-    settings: Settings, data: bytes, *, predictor: ChampionPredictor, store: ObjectStore, filename: str = ""
+    settings: Settings,
+    data: bytes,
+    *,
+    predictor: ChampionPredictor,
+    store: ObjectStore,
+    filename: str = "",
 ) -> Served:
     """Predict ``data`` with the champion and log it; ``ImageRejected`` for an unusable file."""
     decoded = decode_image(data, max_side=predictor.input_size())
@@ -158,15 +165,21 @@ def queue_flagged(settings: Settings, served: Served) -> None:
         return
     try:
         report = queue_for_review(settings, [served.review])
-    except Exception as exc:  # noqa: BLE001 - the prediction was served; review can catch up
-        log.warning("image %s not queued for review: %s: %s", served.image_id, type(exc).__name__, exc)
+    except Exception as exc:
+        log.warning(
+            "image %s not queued for review: %s: %s", served.image_id, type(exc).__name__, exc
+        )
         return
     if report.added:
         emit(
             "queue.added",
             f"image {served.image_id} from the API queued for review ({served.review.reason})",
-            {"images": report.added, "reasons": {str(served.image_id): served.review.reason},
-             "task_ids": {str(i): t for i, t in report.task_ids.items()}, "source": API_SOURCE},
+            {
+                "images": report.added,
+                "reasons": {str(served.image_id): served.review.reason},
+                "task_ids": {str(i): t for i, t in report.task_ids.items()},
+                "source": API_SOURCE,
+            },
         )
 
 

@@ -113,10 +113,13 @@ def _iou(a: Box, b: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def match_count(predicted: Sequence[Box], reviewed: Sequence[Box], min_iou: float = MATCH_IOU) -> int:
+def match_count(
+    predicted: Sequence[Box], reviewed: Sequence[Box], min_iou: float = MATCH_IOU
+) -> int:
     """Greedy one-to-one matches (best overlaps first) with IoU of at least ``min_iou``."""
     pairs = sorted(
-        ((_iou(p, r), i, j) for i, p in enumerate(predicted) for j, r in enumerate(reviewed)), reverse=True
+        ((_iou(p, r), i, j) for i, p in enumerate(predicted) for j, r in enumerate(reviewed)),
+        reverse=True,
     )
     used_p: set[int] = set()
     used_r: set[int] = set()
@@ -151,19 +154,24 @@ def queue_stats(session: Session, class_names: Sequence[str]) -> QueueStats:
     by_status = {status.value: 0 for status in QueueStatus}
     by_reason: dict[str, dict[str, int]] = {}
     rows = session.exec(
-        select(LabelingQueueItem.flagged_reason, LabelingQueueItem.status, func.count())
-        .group_by(LabelingQueueItem.flagged_reason, LabelingQueueItem.status)
+        select(LabelingQueueItem.flagged_reason, LabelingQueueItem.status, func.count()).group_by(
+            LabelingQueueItem.flagged_reason, LabelingQueueItem.status
+        )
     )
     for reason, status, count in rows:
         status = QueueStatus(status).value
         by_status[status] = by_status.get(status, 0) + count
         by_reason.setdefault(reason, {})[status] = count
     sync_errors = session.exec(
-        select(func.count()).select_from(LabelingQueueItem).where(col(LabelingQueueItem.sync_error).is_not(None))
+        select(func.count())
+        .select_from(LabelingQueueItem)
+        .where(col(LabelingQueueItem.sync_error).is_not(None))
     ).one()
 
     verdicts = {verdict.value: 0 for verdict in Verdict}
-    for verdict, count in session.exec(select(ReviewedLabel.verdict, func.count()).group_by(ReviewedLabel.verdict)):
+    for verdict, count in session.exec(
+        select(ReviewedLabel.verdict, func.count()).group_by(ReviewedLabel.verdict)
+    ):
         verdicts[Verdict(verdict).value] = count
     reviewed = sum(verdicts.values())
 

@@ -46,7 +46,7 @@ class SelectionPolicy(BaseModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _band(self) -> "SelectionPolicy":
+    def _band(self) -> SelectionPolicy:
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
         return self
@@ -54,7 +54,7 @@ class SelectionPolicy(BaseModel):
     @classmethod
     def from_settings(
         cls, settings: Settings, *, drift_level: str | None = None, **overrides: object
-    ) -> "SelectionPolicy":
+    ) -> SelectionPolicy:
         """The settings' policy; while drift is yellow or red, confident images are audited at
         ``drift_audit_rate``: under drift the model misses defects with confidence (it finds
         no box), so uncertainty alone would starve the queue of the new conditions."""

@@ -36,8 +36,8 @@ from sqlmodel import Session, col, select
 
 from labeling.label_config import FROM_NAME, TO_NAME
 from labeling.wiring import ReviewProject, review_project
-from visionloop.events import emit
 from visionloop.db import session_scope
+from visionloop.events import emit
 from visionloop.models import (
     Image,
     ImageStatus,

@@ -14,7 +14,7 @@ overrides the last two, never a running retrain).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func
@@ -86,15 +86,19 @@ def evaluate(state: LoopState, settings: Settings) -> RetrainDecision:
         drift_reason = "Drift has not been measured yet."
     else:
         score = f" (score {state.drift_score:.2f})" if state.drift_score is not None else ""
-        drift_reason = (
-            f"Drift level is {level}{score}; retraining starts at red (score {settings.drift_red:g} or more)."
-        )
-    conditions.append(Condition("drift", "trigger", level, DriftLevel.red.value, drift_fired, drift_reason))
+        drift_reason = f"Drift level is {level}{score}; retraining starts at red (score {settings.drift_red:g} or more)."
+    conditions.append(
+        Condition("drift", "trigger", level, DriftLevel.red.value, drift_fired, drift_reason)
+    )
 
     labels_fired = state.new_labels >= settings.min_new_labels
     conditions.append(
         Condition(
-            "new_labels", "trigger", state.new_labels, settings.min_new_labels, labels_fired,
+            "new_labels",
+            "trigger",
+            state.new_labels,
+            settings.min_new_labels,
+            labels_fired,
             f"{_plural(state.new_labels, 'new reviewed label')} since the last training; "
             f"{settings.min_new_labels} or more start a retrain.",
         )
@@ -103,10 +107,15 @@ def evaluate(state: LoopState, settings: Settings) -> RetrainDecision:
     manual = state.manual_request_id is not None
     conditions.append(
         Condition(
-            "manual_request", "trigger", manual, True, manual,
+            "manual_request",
+            "trigger",
+            manual,
+            True,
+            manual,
             f"A retrain was requested by hand (request {state.manual_request_id}"
             f"{': ' + state.manual_reason if state.manual_reason else ''})."
-            if manual else "Nobody has requested a retrain.",
+            if manual
+            else "Nobody has requested a retrain.",
         )
     )
 
@@ -120,14 +129,23 @@ def evaluate(state: LoopState, settings: Settings) -> RetrainDecision:
             f"The champion (version {state.champion_version}) is {age:g} hours old; "
             f"it is retrained after {settings.max_champion_age_hours:g} hours."
         )
-    conditions.append(Condition("champion_age", "trigger", age, settings.max_champion_age_hours, age_fired, age_reason))
+    conditions.append(
+        Condition(
+            "champion_age", "trigger", age, settings.max_champion_age_hours, age_fired, age_reason
+        )
+    )
 
     running = state.running_run_id is not None
     conditions.append(
         Condition(
-            "retrain_running", "blocker", running, False, running,
+            "retrain_running",
+            "blocker",
+            running,
+            False,
+            running,
             f"Retraining run {state.running_run_id} is still running; only one runs at a time."
-            if running else "No retrain is running.",
+            if running
+            else "No retrain is running.",
         )
     )
 
@@ -145,8 +163,12 @@ def evaluate(state: LoopState, settings: Settings) -> RetrainDecision:
         )
     conditions.append(
         Condition(
-            "too_few_labels", "blocker", state.new_labels, settings.min_labels_to_retrain,
-            few and not manual, few_reason,
+            "too_few_labels",
+            "blocker",
+            state.new_labels,
+            settings.min_labels_to_retrain,
+            few and not manual,
+            few_reason,
         )
     )
 
@@ -164,7 +186,14 @@ def evaluate(state: LoopState, settings: Settings) -> RetrainDecision:
         if cooling and manual:
             cooldown_reason += " A manual request overrides it."
     conditions.append(
-        Condition("cooldown", "blocker", since, settings.retrain_cooldown_hours, cooling and not manual, cooldown_reason)
+        Condition(
+            "cooldown",
+            "blocker",
+            since,
+            settings.retrain_cooldown_hours,
+            cooling and not manual,
+            cooldown_reason,
+        )
     )
 
     triggers = [c for c in conditions if c.kind == "trigger" and c.fired]
@@ -176,7 +205,9 @@ def evaluate(state: LoopState, settings: Settings) -> RetrainDecision:
         summary = "No retrain needed: no trigger condition has fired."
     else:
         summary = (
-            "Retrain wanted (" + ", ".join(c.name for c in triggers) + ") but blocked: "
+            "Retrain wanted ("
+            + ", ".join(c.name for c in triggers)
+            + ") but blocked: "
             + " ".join(c.reason for c in blockers)
         )
     return RetrainDecision(
@@ -187,7 +218,7 @@ def evaluate(state: LoopState, settings: Settings) -> RetrainDecision:
 def _aware(moment: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes for timezone-aware columns; all stored times are UTC.
     if moment is not None and moment.tzinfo is None:
-        return moment.replace(tzinfo=timezone.utc)
+        return moment.replace(tzinfo=UTC)
     return moment
 
 
@@ -197,7 +228,9 @@ def gather_state(
     champion_created: datetime | None = None,
     champion_version: str | None = None,
 ) -> LoopState:
-    latest_drift = session.exec(select(DriftResult).order_by(DriftResult.created_at.desc()).limit(1)).first()
+    latest_drift = session.exec(
+        select(DriftResult).order_by(DriftResult.created_at.desc()).limit(1)
+    ).first()
     running = session.exec(
         select(RetrainingRun).where(RetrainingRun.active_lock.is_not(None)).limit(1)
     ).first()
@@ -207,7 +240,9 @@ def gather_state(
         )
     ).one()
     new_labels = session.exec(
-        select(func.count()).select_from(ReviewedLabel).where(ReviewedLabel.used_for_training.is_(False))
+        select(func.count())
+        .select_from(ReviewedLabel)
+        .where(ReviewedLabel.used_for_training.is_(False))
     ).one()
     manual = session.exec(
         select(RetrainingRun)
@@ -241,13 +276,13 @@ def champion_birth(settings: Settings) -> tuple[datetime | None, str | None]:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None, None  # no registered model or no alias yet: there is no champion
         raise
-    return datetime.fromtimestamp(version.creation_timestamp / 1000, tz=timezone.utc), str(version.version)
+    return datetime.fromtimestamp(version.creation_timestamp / 1000, tz=UTC), str(version.version)
 
 
 def retraining_conditions(settings: Settings, now: datetime | None = None) -> RetrainDecision:
     from visionloop.db import session_scope
 
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     created, version = champion_birth(settings)
     with session_scope() as session:
         state = gather_state(session, now, created, version)

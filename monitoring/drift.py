@@ -27,7 +27,9 @@ import pandas as pd
 from visionloop.models import DriftLevel
 
 # Evidently's numeric stat tests by what they return.
-P_VALUE_TESTS = frozenset({"ks", "t_test", "mannw", "anderson", "cramer_von_mises", "empirical_mmd"})
+P_VALUE_TESTS = frozenset(
+    {"ks", "t_test", "mannw", "anderson", "cramer_von_mises", "empirical_mmd"}
+)
 DISTANCE_TESTS = frozenset({"psi", "wasserstein", "jensenshannon", "kl_div", "hellinger"})
 STAT_TESTS = P_VALUE_TESTS | DISTANCE_TESTS
 
@@ -88,10 +90,7 @@ def _comparable_columns(reference: pd.DataFrame, current: pd.DataFrame) -> list[
     shared = [c for c in reference.columns if c in current.columns]
     numeric = [c for c in shared if pd.api.types.is_numeric_dtype(reference[c])]
     # A column constant in both windows carries no signal and breaks several tests.
-    return [
-        c for c in numeric
-        if pd.concat([reference[c], current[c]]).dropna().nunique() > 1
-    ]
+    return [c for c in numeric if pd.concat([reference[c], current[c]]).dropna().nunique() > 1]
 
 
 def compute_drift(
@@ -115,7 +114,9 @@ def compute_drift(
     if not columns:
         raise DriftError("reference and current windows share no varying numeric feature")
     if len(reference) < 2 or len(current) < 2:
-        raise DriftError(f"need at least 2 rows on each side, got {len(reference)} and {len(current)}")
+        raise DriftError(
+            f"need at least 2 rows on each side, got {len(reference)} and {len(current)}"
+        )
 
     report = Report([DataDriftPreset(columns=columns, method=stat_test)])
     with warnings.catch_warnings():
@@ -152,7 +153,11 @@ def compute_drift(
 
     score = max(f.severity for f in features.values())
     share = sum(f.drifted for f in features.values()) / len(features)
-    p_value = min(1.0, min(f.statistic for f in features.values()) * len(features)) if is_p_value else None
+    p_value = (
+        min(1.0, min(f.statistic for f in features.values()) * len(features))
+        if is_p_value
+        else None
+    )
     return DriftOutcome(
         stat_test=stat_test,
         drift_score=round(score, 4),

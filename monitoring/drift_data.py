@@ -34,7 +34,9 @@ from visionloop.storage import ObjectStore, StorageError
 _BATCH = 32
 
 
-def prediction_stats(boxes: Sequence[dict[str, Any]], class_names: Sequence[str]) -> dict[str, float]:
+def prediction_stats(
+    boxes: Sequence[dict[str, Any]], class_names: Sequence[str]
+) -> dict[str, float]:
     confidences = [float(b["conf"]) for b in boxes]
     stats: dict[str, float] = {
         "pred_boxes": float(len(boxes)),
@@ -51,7 +53,9 @@ def reference_key(settings: Settings, ref: ModelRef) -> str:
     return f"drift/reference/{settings.model_name}/v{ref.version}.parquet"
 
 
-def reference_frame(settings: Settings, ref: ModelRef, store: ObjectStore | None = None) -> pd.DataFrame:
+def reference_frame(
+    settings: Settings, ref: ModelRef, store: ObjectStore | None = None
+) -> pd.DataFrame:
     """The champion's reference table, from the cache or built from its training snapshot."""
     from serving.predictor import ChampionPredictor
     from training.snapshots import read_manifest, training_snapshot_of
@@ -73,15 +77,22 @@ def reference_frame(settings: Settings, ref: ModelRef, store: ObjectStore | None
     # The reference is only ever built for the current champion; a fresh predictor resolves it.
     predictor = ChampionPredictor(settings, recheck_s=float("inf"))
     if predictor.model_version() != ref.version:
-        raise DriftError(f"the champion moved away from version {ref.version} while building its reference")
+        raise DriftError(
+            f"the champion moved away from version {ref.version} while building its reference"
+        )
 
     rows: list[dict[str, Any]] = []
     items = manifest["images"]
     for start in range(0, len(items), _BATCH):
-        batch = items[start:start + _BATCH]
-        blobs = [store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + i["image"]) for i in batch]
+        batch = items[start : start + _BATCH]
+        blobs = [
+            store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + i["image"])
+            for i in batch
+        ]
         unseen = [k for k, item in enumerate(batch) if "/train/" not in f"/{item['image']}"]
-        predictions = predictor.predict_batch([decode_image(blobs[k]).rgb for k in unseen]) if unseen else []
+        predictions = (
+            predictor.predict_batch([decode_image(blobs[k]).rgb for k in unseen]) if unseen else []
+        )
         by_index = dict(zip(unseen, predictions))
         for k, blob in enumerate(blobs):
             row: dict[str, Any] = dict(extract_features(blob))
@@ -91,7 +102,9 @@ def reference_frame(settings: Settings, ref: ModelRef, store: ObjectStore | None
     frame = pd.DataFrame(rows)
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
-    store.put_bytes(settings.bucket_reports, key, buffer.getvalue(), "application/vnd.apache.parquet")
+    store.put_bytes(
+        settings.bucket_reports, key, buffer.getvalue(), "application/vnd.apache.parquet"
+    )
     return frame
 
 

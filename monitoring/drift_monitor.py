@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlmodel import select
 
 from monitoring.drift import DriftError, compute_drift
 from monitoring.drift_data import current_frame, reference_frame
-from visionloop.events import emit
 from visionloop.db import session_scope
+from visionloop.events import emit
 from visionloop.models import DriftLevel, DriftResult
 from visionloop.registry import CHAMPION, get_alias
 from visionloop.settings import Settings
@@ -25,10 +25,12 @@ def measure_drift(
     settings: Settings, *, now: datetime | None = None, stat_test: str | None = None
 ) -> DriftResult | None:
     """Measure the current window against the champion's reference; None when too few images."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     champion = get_alias(settings, CHAMPION)
     if champion is None:
-        raise DriftError("there is no champion model, so there is no reference to measure drift against")
+        raise DriftError(
+            "there is no champion model, so there is no reference to measure drift against"
+        )
     current = current_frame(settings, champion.version, now)
     if len(current) < settings.drift_min_window:
         emit(
@@ -39,11 +41,17 @@ def measure_drift(
         return None
     reference = reference_frame(settings, champion)
     outcome = compute_drift(
-        reference, current, stat_test=stat_test or settings.drift_stat_test,
-        yellow=settings.drift_yellow, red=settings.drift_red, with_html=True,
+        reference,
+        current,
+        stat_test=stat_test or settings.drift_stat_test,
+        yellow=settings.drift_yellow,
+        red=settings.drift_red,
+        with_html=True,
     )
     report_key = f"drift/{now:%Y/%m/%d}/{now:%H%M%S}-{outcome.stat_test}.html"
-    ObjectStore(settings).put_bytes(settings.bucket_reports, report_key, outcome.html.encode(), "text/html")
+    ObjectStore(settings).put_bytes(
+        settings.bucket_reports, report_key, outcome.html.encode(), "text/html"
+    )
 
     previous = latest_result()
     result = DriftResult(
@@ -68,8 +76,13 @@ def measure_drift(
             "drift.level_changed",
             f"drift level {previous_level.value if previous_level else 'unknown'} -> {outcome.level.value} "
             f"(score {outcome.drift_score:.2f}; drifted: {shifted})",
-            {"level": outcome.level.value, "previous": previous_level.value if previous_level else None,
-             "score": outcome.drift_score, "drifted": outcome.drifted_features, "result_id": result.id},
+            {
+                "level": outcome.level.value,
+                "previous": previous_level.value if previous_level else None,
+                "score": outcome.drift_score,
+                "drifted": outcome.drifted_features,
+                "result_id": result.id,
+            },
             level="warning" if outcome.level != DriftLevel.green else "info",
         )
     return result

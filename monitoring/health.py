@@ -29,9 +29,7 @@ class ServiceHealth:
         return asdict(self)
 
 
-def _timed(
-    name: str, url: str, setting: str, check: Callable[[], str]
-) -> ServiceHealth:
+def _timed(name: str, url: str, setting: str, check: Callable[[], str]) -> ServiceHealth:
     start = time.perf_counter()
     try:
         detail = check()
@@ -39,7 +37,9 @@ def _timed(
     except Exception as exc:  # a probe reports every failure, it never raises
         detail = f"{type(exc).__name__}: {exc}"
         ok = False
-    return ServiceHealth(name, url, ok, round((time.perf_counter() - start) * 1000, 1), detail, setting)
+    return ServiceHealth(
+        name, url, ok, round((time.perf_counter() - start) * 1000, 1), detail, setting
+    )
 
 
 def _http_ok(url: str, timeout: float, headers: dict | None = None) -> str:
@@ -78,19 +78,27 @@ def probe_s3(settings: Settings, timeout: float = 3.0) -> ServiceHealth:
 
 
 def probe_prefect(settings: Settings, timeout: float = 3.0) -> ServiceHealth:
-    setting = "VISIONLOOP_PREFECT_API_URL" if settings.prefect_api_url else "VISIONLOOP_PREFECT_PORT"
+    setting = (
+        "VISIONLOOP_PREFECT_API_URL" if settings.prefect_api_url else "VISIONLOOP_PREFECT_PORT"
+    )
     return _timed(
-        "prefect", settings.prefect_api, setting,
+        "prefect",
+        settings.prefect_api,
+        setting,
         lambda: _http_ok(f"{settings.prefect_api}/health", timeout),
     )
 
 
 def probe_mlflow(settings: Settings, timeout: float = 3.0) -> ServiceHealth:
     setting = (
-        "VISIONLOOP_MLFLOW_TRACKING_URI" if settings.mlflow_tracking_uri else "VISIONLOOP_MLFLOW_PORT"
+        "VISIONLOOP_MLFLOW_TRACKING_URI"
+        if settings.mlflow_tracking_uri
+        else "VISIONLOOP_MLFLOW_PORT"
     )
     return _timed(
-        "mlflow", settings.mlflow_uri, setting,
+        "mlflow",
+        settings.mlflow_uri,
+        setting,
         lambda: _http_ok(f"{settings.mlflow_uri}/health", timeout),
     )
 
@@ -106,13 +114,19 @@ def probe_label_studio(settings: Settings, timeout: float = 3.0) -> ServiceHealt
         check_token(settings.label_studio, token)
         return "token ok"
 
-    setting = "VISIONLOOP_LABEL_STUDIO_URL" if settings.label_studio_url else "VISIONLOOP_LABEL_STUDIO_PORT"
+    setting = (
+        "VISIONLOOP_LABEL_STUDIO_URL"
+        if settings.label_studio_url
+        else "VISIONLOOP_LABEL_STUDIO_PORT"
+    )
     return _timed("label-studio", settings.label_studio, setting, check)
 
 
 def probe_api(settings: Settings, timeout: float = 3.0) -> ServiceHealth:
     return _timed(
-        "api", settings.api_url, "VISIONLOOP_API_PORT",
+        "api",
+        settings.api_url,
+        "VISIONLOOP_API_PORT",
         lambda: _http_ok(f"{settings.api_url}/api/health", timeout),
     )
 
@@ -135,8 +149,10 @@ def probe_worker(settings: Settings, timeout: float = 3.0) -> ServiceHealth:
         return f"{len(online)} online"
 
     return _timed(
-        "worker", f"{settings.prefect_api}/work_pools/{settings.prefect_work_pool}",
-        "VISIONLOOP_PREFECT_WORK_POOL", check,
+        "worker",
+        f"{settings.prefect_api}/work_pools/{settings.prefect_work_pool}",
+        "VISIONLOOP_PREFECT_WORK_POOL",
+        check,
     )
 
 
@@ -151,5 +167,7 @@ PROBES: dict[str, Callable[[Settings, float], ServiceHealth]] = {
 }
 
 
-def check_all(settings: Settings, names: list[str] | None = None, timeout: float = 3.0) -> list[ServiceHealth]:
+def check_all(
+    settings: Settings, names: list[str] | None = None, timeout: float = 3.0
+) -> list[ServiceHealth]:
     return [PROBES[name](settings, timeout) for name in (names or list(PROBES))]

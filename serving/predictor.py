@@ -21,9 +21,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from training.trainer import configure_ultralytics
 from visionloop.registry import CHAMPION, ModelRef, RegistryError, download_weights, get_alias
 from visionloop.settings import Settings
-from training.trainer import configure_ultralytics
 
 RECHECK_S = 30.0
 """How stale the predictor's idea of the champion may get (seconds)."""

@@ -15,8 +15,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from visionloop.settings import Settings, get_settings, load_settings
 from cli.stack import Stack, free_port
+from visionloop.settings import Settings, get_settings, load_settings
 
 # PostgreSQL proves the production database path; this kind of machine runs one on 5432.
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -26,8 +26,13 @@ POSTGRES_ADMIN_URL = os.environ.get(
 # Everything the suite starts is confined to this data dir and these ports, so a user's own
 # stack (default ports, ./.visionloop) keeps running untouched beside the tests.
 _STACK_ENV_KEYS = (
-    "VISIONLOOP_DATA_DIR", "VISIONLOOP_S3_PORT", "VISIONLOOP_PREFECT_PORT", "VISIONLOOP_MLFLOW_PORT",
-    "VISIONLOOP_LABEL_STUDIO_PORT", "VISIONLOOP_API_PORT", "VISIONLOOP_SCHEDULES_ENABLED",
+    "VISIONLOOP_DATA_DIR",
+    "VISIONLOOP_S3_PORT",
+    "VISIONLOOP_PREFECT_PORT",
+    "VISIONLOOP_MLFLOW_PORT",
+    "VISIONLOOP_LABEL_STUDIO_PORT",
+    "VISIONLOOP_API_PORT",
+    "VISIONLOOP_SCHEDULES_ENABLED",
 )
 
 
@@ -46,7 +51,11 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     }
     # Settings a user may have exported must not point the tests at their servers.
     for key in list(os.environ):
-        if key.startswith("VISIONLOOP_") and key not in _STACK_ENV_KEYS and key != "VISIONLOOP_TEST_POSTGRES_URL":
+        if (
+            key.startswith("VISIONLOOP_")
+            and key not in _STACK_ENV_KEYS
+            and key != "VISIONLOOP_TEST_POSTGRES_URL"
+        ):
             del os.environ[key]
     os.environ.update(env)
     get_settings.cache_clear()

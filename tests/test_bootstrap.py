@@ -12,7 +12,7 @@ from visionloop.synthetic import generate_sample
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
-def test_bootstrap_registers_a_champion(settings: Settings, tmp_path) -> None:  # noqa: ANN001
+def test_bootstrap_registers_a_champion(settings: Settings, tmp_path) -> None:
     from flows.bootstrap import bootstrap_flow
     from visionloop.events import recent
 
@@ -35,7 +35,9 @@ def test_bootstrap_registers_a_champion(settings: Settings, tmp_path) -> None:  
     weights = download_weights(settings, champion, tmp_path / "models")
     model = YOLO(str(weights))
     assert list(model.names.values()) == settings.class_names
-    prediction = model.predict(generate_sample(0, seed=99, size=settings.image_size).image, verbose=False)
+    prediction = model.predict(
+        generate_sample(0, seed=99, size=settings.image_size).image, verbose=False
+    )
     assert prediction[0].boxes is not None
 
     # Progress went out as events, one per epoch.

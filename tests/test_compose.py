@@ -273,7 +273,7 @@ def settings_from(env: dict[str, str]) -> Settings:
 
 
 def test_every_service_exists(raw: dict[str, Any]) -> None:
-    assert SERVICES <= set(raw), f"missing services: {sorted(SERVICES - set(raw))}"
+    assert set(raw) >= SERVICES, f"missing services: {sorted(SERVICES - set(raw))}"
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS_PORTS))
@@ -474,16 +474,16 @@ def test_secrets_are_required_substitutions(raw: dict[str, Any]) -> None:
     for name, service in raw.items():
         for key, value in environment(service).items():
             if SECRET_NAME.search(key) and not key.endswith("_ENABLE_LEGACY_API_TOKEN"):
-                assert required.match(
-                    value
-                ), f"{name}.{key} must be ${{VAR:?message}}, got {value!r}"
+                assert required.match(value), (
+                    f"{name}.{key} must be ${{VAR:?message}}, got {value!r}"
+                )
 
 
 def test_no_literal_password_in_urls(document: dict[str, Any]) -> None:
     for user, password in re.findall(r"://([^:/@\s]+):([^@\s]+)@", "\n".join(strings(document))):
-        assert re.fullmatch(
-            r"\$\{[A-Z_][A-Z0-9_]*:\?[^}]*\}", password
-        ), f"literal password for {user} in a URL: {password!r}"
+        assert re.fullmatch(r"\$\{[A-Z_][A-Z0-9_]*:\?[^}]*\}", password), (
+            f"literal password for {user} in a URL: {password!r}"
+        )
 
 
 def test_secret_variables_have_no_default(document: dict[str, Any]) -> None:
@@ -564,13 +564,13 @@ def test_depends_on_targets_exist_and_are_checkable(raw: dict[str, Any]) -> None
             assert dep in raw, f"{name} depends on unknown service {dep}"
             condition = (spec or {}).get("condition", "service_started")
             if condition == "service_healthy":
-                assert (
-                    "healthcheck" in raw[dep]
-                ), f"{name} waits for {dep} to be healthy; it has no healthcheck"
+                assert "healthcheck" in raw[dep], (
+                    f"{name} waits for {dep} to be healthy; it has no healthcheck"
+                )
             if condition == "service_completed_successfully":
-                assert (
-                    raw[dep].get("restart", "no") == "no"
-                ), f"{dep} is a one-shot job; it must not restart"
+                assert raw[dep].get("restart", "no") == "no", (
+                    f"{dep} is a one-shot job; it must not restart"
+                )
 
 
 @pytest.mark.parametrize("name", ["minio", "postgres"])
@@ -600,9 +600,9 @@ def test_env_files_exist_or_are_optional(raw: dict[str, Any]) -> None:
             if required:
                 assert (ROOT / path).exists(), f"{name} requires env_file {path}"
             else:
-                assert (
-                    ROOT / f"{path}.example"
-                ).exists(), f"{name}: document {path} in {path}.example"
+                assert (ROOT / f"{path}.example").exists(), (
+                    f"{name}: document {path} in {path}.example"
+                )
 
 
 # --- Dockerfiles ---------------------------------------------------------------------------------
@@ -675,9 +675,9 @@ def test_build_context_and_dockerfile_exist(name: str, context: Path, dockerfile
 def test_copied_path_exists(dockerfile: str, context: Path, source: str) -> None:
     # Directories only need to exist (their content is other engineers' code in progress).
     matches = list(context.glob(source)) if any(c in source for c in "*?[") else [context / source]
-    assert any(
-        path.exists() for path in matches
-    ), f"{dockerfile} copies {source}, which does not exist"
+    assert any(path.exists() for path in matches), (
+        f"{dockerfile} copies {source}, which does not exist"
+    )
 
 
 def test_project_image_is_built_from_the_lock_file() -> None:

@@ -63,12 +63,25 @@ def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
     env = _demo_env(data_dir)
     try:
         demo = subprocess.run(
-            [VISIONLOOP, "demo", "--rounds", str(ROUNDS), "--images-per-round", str(PER_ROUND),
-             "--shift-round", str(SHIFT)],
-            env=env, capture_output=True, text=True, timeout=2400,
+            [
+                VISIONLOOP,
+                "demo",
+                "--rounds",
+                str(ROUNDS),
+                "--images-per-round",
+                str(PER_ROUND),
+                "--shift-round",
+                str(SHIFT),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=2400,
         )
     finally:
-        down = subprocess.run([VISIONLOOP, "down"], env=env, capture_output=True, text=True, timeout=300)
+        down = subprocess.run(
+            [VISIONLOOP, "down"], env=env, capture_output=True, text=True, timeout=300
+        )
     output = demo.stdout + demo.stderr
     assert demo.returncode == 0, output[-6000:]
     assert down.returncode == 0, down.stdout + down.stderr

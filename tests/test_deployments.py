@@ -15,7 +15,9 @@ def test_every_deployment_is_registered_with_its_schedule(stack: Stack) -> None:
     recipe = yaml.safe_load((stack.settings.project_dir / "prefect.yaml").read_text())
     api = stack.settings.prefect_api
     registered = httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()
-    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=30).json()}
+    flows = {
+        f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=30).json()
+    }
     by_name = {d["name"]: d for d in registered}
 
     assert set(by_name) == {d["name"] for d in recipe["deployments"]}
@@ -43,5 +45,7 @@ def test_a_deployment_runs_on_the_worker(stack: Stack) -> None:
     """The worker `up` started picks up a deployment run and finishes it."""
     from prefect.deployments import run_deployment
 
-    flow_run = run_deployment("check-and-retrain/check-and-retrain", parameters={"dry_run": True}, timeout=240)
+    flow_run = run_deployment(
+        "check-and-retrain/check-and-retrain", parameters={"dry_run": True}, timeout=240
+    )
     assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state

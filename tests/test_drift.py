@@ -14,7 +14,10 @@ SIZE = 160
 
 
 def _features(n: int, seed: int, drift: DriftParams | None = None) -> pd.DataFrame:
-    rows = [extract_features(encode_jpeg(s.image)) for s in iter_samples(n, seed=seed, size=SIZE, drift=drift)]
+    rows = [
+        extract_features(encode_jpeg(s.image))
+        for s in iter_samples(n, seed=seed, size=SIZE, drift=drift)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -39,7 +42,9 @@ def same_distribution() -> pd.DataFrame:
     ],
     ids=["brightness", "blur", "noise"],
 )
-def test_shift_is_red_and_names_the_feature(reference: pd.DataFrame, drift: DriftParams, feature: str) -> None:
+def test_shift_is_red_and_names_the_feature(
+    reference: pd.DataFrame, drift: DriftParams, feature: str
+) -> None:
     current = _features(150, seed=3, drift=drift)
     outcome = compute_drift(reference, current)
     assert outcome.level == DriftLevel.red, outcome.features_dict()
@@ -50,7 +55,9 @@ def test_shift_is_red_and_names_the_feature(reference: pd.DataFrame, drift: Drif
     assert outcome.drift_share > 0
 
 
-def test_same_distribution_stays_green(reference: pd.DataFrame, same_distribution: pd.DataFrame) -> None:
+def test_same_distribution_stays_green(
+    reference: pd.DataFrame, same_distribution: pd.DataFrame
+) -> None:
     outcome = compute_drift(reference, same_distribution)
     assert outcome.level == DriftLevel.green, outcome.features_dict()
     assert outcome.drifted_features == []
@@ -58,8 +65,12 @@ def test_same_distribution_stays_green(reference: pd.DataFrame, same_distributio
 
 
 @pytest.mark.parametrize("stat_test", ["psi", "wasserstein", "jensenshannon", "mannw"])
-def test_other_stat_tests_see_a_brightness_shift(reference: pd.DataFrame, same_distribution: pd.DataFrame, stat_test: str) -> None:
-    shifted = compute_drift(reference, _features(150, seed=3, drift=DriftParams(brightness=0.2)), stat_test=stat_test)
+def test_other_stat_tests_see_a_brightness_shift(
+    reference: pd.DataFrame, same_distribution: pd.DataFrame, stat_test: str
+) -> None:
+    shifted = compute_drift(
+        reference, _features(150, seed=3, drift=DriftParams(brightness=0.2)), stat_test=stat_test
+    )
     assert shifted.level == DriftLevel.red
     assert shifted.features["brightness"].drifted
     calm = compute_drift(reference, same_distribution, stat_test=stat_test)
@@ -68,12 +79,22 @@ def test_other_stat_tests_see_a_brightness_shift(reference: pd.DataFrame, same_d
     assert (calm.p_value is None) == (stat_test in DISTANCE_TESTS)
 
 
-def test_html_report_and_constant_columns(reference: pd.DataFrame, same_distribution: pd.DataFrame) -> None:
+def test_html_report_and_constant_columns(
+    reference: pd.DataFrame, same_distribution: pd.DataFrame
+) -> None:
     outcome = compute_drift(reference, same_distribution, with_html=True)
     assert "<html" in outcome.html.lower()
     # width and height are constant in both windows: no verdict on them, and no error.
     assert "width" not in outcome.features and "height" not in outcome.features
-    assert set(outcome.features) == {"brightness", "contrast", "blur", "colorfulness", "saturation", "noise", "entropy"}
+    assert set(outcome.features) == {
+        "brightness",
+        "contrast",
+        "blur",
+        "colorfulness",
+        "saturation",
+        "noise",
+        "entropy",
+    }
 
 
 def test_bad_inputs_are_explained(reference: pd.DataFrame) -> None:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from PIL import Image as PILImage
 
+from training.profile import near_duplicate_groups, profile_entries
 from visionloop.formats import (
     LabeledImage,
     LabelError,
@@ -30,7 +31,6 @@ from visionloop.formats import (
     to_coco,
     to_label_studio,
 )
-from training.profile import near_duplicate_groups, profile_entries
 from visionloop.settings import Settings
 from visionloop.synthetic import generate_sample
 
@@ -306,10 +306,10 @@ def test_export_writes_a_content_addressed_snapshot(settings: Settings, tmp_path
 
 
 def test_profile_counts_classes_sizes_and_near_duplicates_across_splits() -> None:
-    from visionloop.formats import Entry
     from training.profile import fingerprint
+    from visionloop.formats import Entry
 
-    def jpeg(image, quality: int = 85, size: int | None = None) -> bytes:  # noqa: ANN001
+    def jpeg(image, quality: int = 85, size: int | None = None) -> bytes:
         buffer = io.BytesIO()
         picture = PILImage.fromarray(image)
         (picture.resize((size, size)) if size else picture).save(buffer, "JPEG", quality=quality)

@@ -17,20 +17,20 @@ import pytest
 from samples import awkward_files, good_jpegs, malformed_files
 from sqlmodel import col, select
 
+from cli.stack import Stack
+from ingest.pipeline import QUARANTINE_PREFIX
 from labeling.provision import client
 from labeling.selection import SelectionPolicy
 from labeling.tasks import IMAGE_ID_KEY
 from labeling.wiring import review_project
-from visionloop.events import recent
 from monitoring.features import FEATURE_NAMES
-from visionloop.db import session_scope
-from ingest.pipeline import QUARANTINE_PREFIX
-from visionloop.models import Image, ImageStatus, LabelingQueueItem, Prediction
 from serving.predictor import ChampionPredictor
+from visionloop.db import session_scope
+from visionloop.events import recent
+from visionloop.models import Image, ImageStatus, LabelingQueueItem, Prediction
 from visionloop.registry import CHAMPION, get_alias, register_weights, set_alias
 from visionloop.registry import client as client_of
 from visionloop.settings import Settings, get_settings
-from cli.stack import Stack
 from visionloop.storage import ObjectStore, sha256_hex
 from visionloop.synthetic import generate_sample
 
@@ -160,7 +160,7 @@ def test_awkward_valid_files_are_ingested(
 
 def test_identical_bytes_are_one_image(
     settings: Settings, first_run: dict[str, Any], files
-) -> None:  # noqa: ANN001
+) -> None:
     digest = sha256_hex(files["good"]["img_000.jpg"])
     with session_scope() as session:
         rows = list(session.exec(select(Image).where(Image.content_hash == digest)))
@@ -305,7 +305,7 @@ def _footprint(settings: Settings) -> dict[str, int]:
 
 def test_a_second_run_adds_nothing_anywhere(
     settings: Settings, first_run: dict[str, Any], files
-) -> None:  # noqa: ANN001
+) -> None:
     before = _footprint(settings)
     summary, _ = run_ingest()
     # Only the one name whose bytes were ingested under another name is read again (the

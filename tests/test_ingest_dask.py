@@ -48,16 +48,16 @@ import pytest
 from samples import awkward_files, good_jpegs, malformed_files
 from sqlmodel import select
 
+from cli.stack import Stack
+from ingest import pipeline as ingest_module
+from ingest.pipeline import SourceFile, ingest_batch, plan_batches
 from labeling.selection import Candidate, SelectionPolicy
 from labeling.selection import select as select_for_review
 from labeling.tasks import IMAGE_ID_KEY
 from labeling.wiring import review_project
-from ingest import pipeline as ingest_module
 from visionloop.db import migrate, session_scope
-from ingest.pipeline import SourceFile, ingest_batch, plan_batches
 from visionloop.models import Image, LabelingQueueItem, Prediction
 from visionloop.settings import Settings, get_settings
-from cli.stack import Stack
 from visionloop.storage import ObjectStore, sha256_hex
 
 BATCH = 6
@@ -140,8 +140,12 @@ def test_concurrent_batches_with_identical_bytes_make_one_image(
     the other batch turns its file into a duplicate and still writes the rest."""
     jpegs = list(good_jpegs(3, seed=301).values())
     paths = {}
-    for name, data in {"a/shared.jpg": jpegs[0], "b/shared.jpg": jpegs[0],
-                       "a/own.jpg": jpegs[1], "b/own.jpg": jpegs[2]}.items():
+    for name, data in {
+        "a/shared.jpg": jpegs[0],
+        "b/shared.jpg": jpegs[0],
+        "a/own.jpg": jpegs[1],
+        "b/own.jpg": jpegs[2],
+    }.items():
         path = tmp_path / name
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(data)
@@ -151,7 +155,7 @@ def test_concurrent_batches_with_identical_bytes_make_one_image(
     looked = threading.local()
     real_known = ingest_module._known_hashes
 
-    def known_then_wait(session, hashes):  # noqa: ANN001, ANN202
+    def known_then_wait(session, hashes):
         found = real_known(session, hashes)
         if not getattr(looked, "once", False):  # the batch's look before writing, not a recheck
             looked.once = True
@@ -297,8 +301,13 @@ def _left_behind(settings: Settings, files: dict[str, bytes]) -> dict[str, Any]:
         "outcomes": outcomes,
         "images": {
             i.content_hash: dict(
-                status=_ingested(i.status), object_key=i.object_key, size_bytes=i.size_bytes,
-                width=i.width, height=i.height, format=i.format, features=i.features,
+                status=_ingested(i.status),
+                object_key=i.object_key,
+                size_bytes=i.size_bytes,
+                width=i.width,
+                height=i.height,
+                format=i.format,
+                features=i.features,
                 quarantine_reason=i.quarantine_reason,
             )
             for i in images
@@ -312,9 +321,7 @@ def _left_behind(settings: Settings, files: dict[str, bytes]) -> dict[str, Any]:
             hash_of[q.image_id]: (q.flagged_reason, q.confidence_score, q.status) for q in queue
         },
         "queued_status": {i.content_hash for i in images if _value(i.status) == "queued"},
-        "policy_picks": {
-            hash_of[s.image_id] for s in select_for_review(candidates, POLICY)
-        },
+        "policy_picks": {hash_of[s.image_id] for s in select_for_review(candidates, POLICY)},
         "tasks": sorted(hash_of[t.data[IMAGE_ID_KEY]] for t in tasks),
         "linked": sorted(hash_of[q.image_id] for q in queue if q.label_studio_task_id),
     }

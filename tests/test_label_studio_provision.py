@@ -47,15 +47,21 @@ class RunningLabelStudio:
 
 
 @pytest.fixture(scope="module")
-def label_studio(stack) -> RunningLabelStudio:  # noqa: ANN001
+def label_studio(stack) -> RunningLabelStudio:
     s = stack.settings
-    return RunningLabelStudio(s.label_studio, s.label_studio_username, s.label_studio_password.get_secret_value())
+    return RunningLabelStudio(
+        s.label_studio, s.label_studio_username, s.label_studio_password.get_secret_value()
+    )
 
 
 @pytest.fixture(scope="module")
-def access(label_studio: RunningLabelStudio, stack):  # noqa: ANN001
+def access(label_studio: RunningLabelStudio, stack):
     got = provision(
-        label_studio.url, label_studio.username, label_studio.password, stack.settings.label_studio_project, CLASSES
+        label_studio.url,
+        label_studio.username,
+        label_studio.password,
+        stack.settings.label_studio_project,
+        CLASSES,
     )
     # `up` provisioned this very project and token already: provisioning again changes nothing.
     assert got.token == stack.settings.label_studio_token.get_secret_value()

@@ -16,14 +16,14 @@ import pytest
 from samples import good_jpegs
 from sqlmodel import col, select
 
+from cli.stack import Stack
 from labeling.label_config import FROM_NAME, TO_NAME
 from labeling.selection import SelectionPolicy
 from labeling.wiring import ReviewProject, ensure_webhook, review_project, webhook_url
-from visionloop.events import recent
 from visionloop.db import session_scope
+from visionloop.events import recent
 from visionloop.models import Image, LabelingQueueItem, QueueStatus, ReviewedLabel, Verdict
 from visionloop.settings import Settings, get_settings
-from cli.stack import Stack
 from visionloop.storage import ObjectStore
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

@@ -22,11 +22,16 @@ def test_plan_rejects_nonsense() -> None:
 
 
 @pytest.mark.stack
-def test_rounds_upload_new_images_with_their_ground_truth(settings: Settings, tmp_path) -> None:  # noqa: ANN001
+def test_rounds_upload_new_images_with_their_ground_truth(settings: Settings, tmp_path) -> None:
     store = ObjectStore(settings)
     truth = GroundTruth(tmp_path / "truth.json")
-    plan = StreamPlan(rounds=2, images_per_round=3, shift_round=1, broken_every=2,
-                      drift=DriftParams(brightness=-0.3))
+    plan = StreamPlan(
+        rounds=2,
+        images_per_round=3,
+        shift_round=1,
+        broken_every=2,
+        drift=DriftParams(brightness=-0.3),
+    )
     first = upload_round(settings, plan, 0, truth, run_tag="t1", store=store)
     second = upload_round(settings, plan, 1, truth, run_tag="t1", store=store)
 
@@ -44,9 +49,12 @@ def test_rounds_upload_new_images_with_their_ground_truth(settings: Settings, tm
         data = store.get_bytes(settings.bucket_incoming, key)
         boxes = reloaded.get(sha256_hex(data))
         assert boxes is not None
-        assert all(0 <= cx <= 1 and 0 <= cy <= 1 and 0 < w <= 1 and 0 < h <= 1 for _, cx, cy, w, h in boxes)
-        from PIL import Image
+        assert all(
+            0 <= cx <= 1 and 0 <= cy <= 1 and 0 < w <= 1 and 0 < h <= 1 for _, cx, cy, w, h in boxes
+        )
         import io
+
+        from PIL import Image
 
         brightness.append(np.asarray(Image.open(io.BytesIO(data)).convert("L")).mean())
     assert np.mean(brightness[3:]) < np.mean(brightness[:3]) - 30  # the lighting changed
@@ -57,21 +65,63 @@ def test_rounds_upload_new_images_with_their_ground_truth(settings: Settings, tm
 
 def test_report_renders_every_section() -> None:
     report = {
-        "run_tag": "20261121-120000", "started_at": "a", "finished_at": "b",
-        "images": {"files": 5, "ingested": 4, "quarantined": 1, "queued": 2, "labelled": 2,
-                   "quarantine_reasons": {"bad.jpg": "not an image: HTML document"},
-                   "queued_by_reason": {"confidence_band": 2}, "reviewers": {"x": 2}},
-        "rounds": [{"round": 0, "drifted": False, "uploaded": 4, "queued": 2, "labelled": 2,
-                    "drift_level": "red", "decision": "Retrain now: drift."}],
-        "drift": [{"at": "2026-11-21T12:00:00", "level": "red", "score": 0.9,
-                   "drifted_features": ["brightness"]}],
-        "retrains": [{"id": 3, "trigger": "drift", "promoted": True, "status": "succeeded",
-                      "reason": "Drift is red.", "reasons": ["mAP50-95 rose."], "error": None}],
-        "comparison": {"holdout_hash": "f" * 64, "holdout_images": 9,
-                       "before": {"version": "1", "metrics": {"mAP50": 0.4, "mAP50-95": 0.2}},
-                       "after": {"version": "2", "metrics": {"mAP50": 0.9, "mAP50-95": 0.5}}},
+        "run_tag": "20261121-120000",
+        "started_at": "a",
+        "finished_at": "b",
+        "images": {
+            "files": 5,
+            "ingested": 4,
+            "quarantined": 1,
+            "queued": 2,
+            "labelled": 2,
+            "quarantine_reasons": {"bad.jpg": "not an image: HTML document"},
+            "queued_by_reason": {"confidence_band": 2},
+            "reviewers": {"x": 2},
+        },
+        "rounds": [
+            {
+                "round": 0,
+                "drifted": False,
+                "uploaded": 4,
+                "queued": 2,
+                "labelled": 2,
+                "drift_level": "red",
+                "decision": "Retrain now: drift.",
+            }
+        ],
+        "drift": [
+            {
+                "at": "2026-11-21T12:00:00",
+                "level": "red",
+                "score": 0.9,
+                "drifted_features": ["brightness"],
+            }
+        ],
+        "retrains": [
+            {
+                "id": 3,
+                "trigger": "drift",
+                "promoted": True,
+                "status": "succeeded",
+                "reason": "Drift is red.",
+                "reasons": ["mAP50-95 rose."],
+                "error": None,
+            }
+        ],
+        "comparison": {
+            "holdout_hash": "f" * 64,
+            "holdout_images": 9,
+            "before": {"version": "1", "metrics": {"mAP50": 0.4, "mAP50-95": 0.2}},
+            "after": {"version": "2", "metrics": {"mAP50": 0.9, "mAP50-95": 0.5}},
+        },
     }
     text = render_markdown(report)
-    for needle in ("not an image: HTML document", "| 0 | no | 4 | 2 | 2 | red |", "brightness",
-                   "Retraining run 3 (drift): promoted", "- mAP50-95 rose.", "| after | 2 | 0.900 | 0.500 |"):
+    for needle in (
+        "not an image: HTML document",
+        "| 0 | no | 4 | 2 | 2 | red |",
+        "brightness",
+        "Retraining run 3 (drift): promoted",
+        "- mAP50-95 rose.",
+        "| after | 2 | 0.900 | 0.500 |",
+    ):
         assert needle in text, needle

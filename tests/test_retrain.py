@@ -20,11 +20,11 @@ import psutil
 import pytest
 from sqlmodel import select
 
+from cli.stack import Stack
 from visionloop.db import session_scope
 from visionloop.models import ActivityEvent, Image, RetrainingRun, RetrainStatus, ReviewedLabel
 from visionloop.registry import CHALLENGER, CHAMPION, PREVIOUS, client, get_alias
 from visionloop.settings import Settings
-from cli.stack import Stack
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -45,7 +45,7 @@ def reviewed(stack: Stack) -> list[str]:
 class _Hook(BaseHTTPRequestHandler):
     received: list[dict] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         _Hook.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
         self.send_response(204)
         self.end_headers()
@@ -203,7 +203,7 @@ def _flow_run_process(stack: Stack, flow_run_id: str) -> psutil.Process | None:
     return None
 
 
-def _wait(what: str, check, timeout: float):  # noqa: ANN001, ANN202
+def _wait(what: str, check, timeout: float):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -213,7 +213,7 @@ def _wait(what: str, check, timeout: float):  # noqa: ANN001, ANN202
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _final_state(flow_run_id: str):  # noqa: ANN202 - a Prefect State, or None while running
+def _final_state(flow_run_id: str):
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as prefect:

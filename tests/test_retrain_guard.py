@@ -10,12 +10,12 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from sqlalchemy.engine import Engine
 
+from cli.stack import free_port
 from training import retrain_guard
+from training.retrain_guard import RetrainBusy, acquire, create_run, current_holder, release
 from visionloop.db import make_engine, migrate
 from visionloop.models import RetrainingRun, RetrainStatus
-from training.retrain_guard import RetrainBusy, acquire, create_run, current_holder, release
 from visionloop.settings import Settings, load_settings
-from cli.stack import free_port
 
 
 @pytest.fixture(params=["sqlite_url", "postgres_url"])
@@ -107,7 +107,7 @@ def test_a_requested_run_is_picked_up_once(engine: Engine, outcomes: dict) -> No
 class _Hook(BaseHTTPRequestHandler):
     received: list[dict] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         _Hook.received.append(json.loads(body))
         self.send_response(204)
@@ -119,8 +119,8 @@ class _Hook(BaseHTTPRequestHandler):
 
 @pytest.mark.stack
 def test_notifications_reach_the_webhook_and_never_raise(settings: Settings) -> None:
-    from visionloop.events import recent
     from monitoring.notify import notify
+    from visionloop.events import recent
 
     server = HTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()

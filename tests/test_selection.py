@@ -99,7 +99,9 @@ def test_ties_follow_content_not_ids() -> None:
     confs = [[0.5] if i % 2 else [] for i in range(12)]  # six exact ties, six confident
     first = select([Candidate(i, h, c) for i, (h, c) in enumerate(zip(hashes, confs))], policy)
     ids = {i: 100 - i for i in range(12)}  # reversed id order
-    second = select([Candidate(ids[i], h, c) for i, (h, c) in enumerate(zip(hashes, confs))], policy)
+    second = select(
+        [Candidate(ids[i], h, c) for i, (h, c) in enumerate(zip(hashes, confs))], policy
+    )
     content = {i: h for i, h in enumerate(hashes)} | {ids[i]: h for i, h in enumerate(hashes)}
     assert [content[s.image_id] for s in first] == [content[s.image_id] for s in second]
     assert [s.reason for s in first].count("margin") >= 1

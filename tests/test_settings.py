@@ -60,8 +60,12 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 def test_dotenv_and_generated_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     data_dir = tmp_path / "state"
     data_dir.mkdir()
-    (data_dir / SECRETS_FILE).write_text("VISIONLOOP_API_TOKEN=from-secrets\nVISIONLOOP_S3_SECRET_KEY=s3-generated\n")
-    (tmp_path / ".env").write_text(f"VISIONLOOP_DATA_DIR={data_dir}\nVISIONLOOP_S3_SECRET_KEY=s3-from-dotenv\n")
+    (data_dir / SECRETS_FILE).write_text(
+        "VISIONLOOP_API_TOKEN=from-secrets\nVISIONLOOP_S3_SECRET_KEY=s3-generated\n"
+    )
+    (tmp_path / ".env").write_text(
+        f"VISIONLOOP_DATA_DIR={data_dir}\nVISIONLOOP_S3_SECRET_KEY=s3-from-dotenv\n"
+    )
     s = load_settings()
     assert s.data_dir == data_dir.resolve()
     assert s.api_token.get_secret_value() == "from-secrets"

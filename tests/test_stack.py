@@ -12,15 +12,23 @@ import httpx
 import psutil
 import pytest
 
-from visionloop.settings import load_settings
 from cli.stack import SERVICE_ORDER, Stack, StackError, free_port
+from visionloop.settings import load_settings
 
 pytestmark = pytest.mark.stack
 
 
 def test_status_reports_every_service_healthy_with_latency(stack: Stack) -> None:
     states = stack.status()
-    assert {s.name for s in states} == {"database", "s3", "prefect", "mlflow", "label-studio", "api", "worker"}
+    assert {s.name for s in states} == {
+        "database",
+        "s3",
+        "prefect",
+        "mlflow",
+        "label-studio",
+        "api",
+        "worker",
+    }
     for state in states:
         assert state.health is not None and state.health.ok, f"{state.name}: {state.health}"
         assert state.health.latency_ms > 0
@@ -29,8 +37,12 @@ def test_status_reports_every_service_healthy_with_latency(stack: Stack) -> None
 def test_status_cli_prints_each_service(stack: Stack) -> None:
     env = {**os.environ, **stack.platform_env()}
     done = subprocess.run(
-        [sys.executable, "-m", "cli.app", "status"], env=env, capture_output=True, text=True,
-        timeout=120, cwd=Path(__file__).parents[1],
+        [sys.executable, "-m", "cli.app", "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
     )
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ("database", "s3", "prefect", "mlflow", "label-studio", "api", "worker"):
@@ -49,16 +61,28 @@ def test_second_up_reuses_running_services(stack: Stack) -> None:
 def test_api_reports_dependency_health(stack: Stack) -> None:
     body = httpx.get(f"{stack.settings.api_url}/api/system/health", timeout=30).json()
     assert body["healthy"] is True, body
-    assert {s["name"] for s in body["services"]} == {"database", "s3", "prefect", "mlflow", "label-studio"}
+    assert {s["name"] for s in body["services"]} == {
+        "database",
+        "s3",
+        "prefect",
+        "mlflow",
+        "label-studio",
+    }
 
 
 def _isolated(tmp_path: Path, **env: str) -> Stack:
     """A second stack in its own data dir and ports, for tests that start or break things."""
     overrides = {
         "data_dir": tmp_path / "state",
-        "s3_port": free_port(), "prefect_port": free_port(), "mlflow_port": free_port(),
-        "label_studio_port": free_port(), "api_port": free_port(),
-        "s3_secret_key": "", "api_token": "", "label_studio_password": "", "label_studio_token": "",
+        "s3_port": free_port(),
+        "prefect_port": free_port(),
+        "mlflow_port": free_port(),
+        "label_studio_port": free_port(),
+        "api_port": free_port(),
+        "s3_secret_key": "",
+        "api_token": "",
+        "label_studio_password": "",
+        "label_studio_token": "",
     }
     overrides.update(env)
     return Stack(load_settings(**overrides))
@@ -70,7 +94,9 @@ def test_port_in_use_names_port_and_setting(stack: Stack, tmp_path: Path) -> Non
         squatter.listen()
         port = squatter.getsockname()[1]
         isolated = _isolated(tmp_path, prefect_port=port)
-        with pytest.raises(StackError, match=rf"port {port} for prefect .* VISIONLOOP_PREFECT_PORT"):
+        with pytest.raises(
+            StackError, match=rf"port {port} for prefect .* VISIONLOOP_PREFECT_PORT"
+        ):
             isolated.up(only=["prefect"])
     assert isolated.running_pid("prefect") is None
 
@@ -84,7 +110,9 @@ def test_unreachable_external_server_names_the_setting(stack: Stack, tmp_path: P
 
 def test_wrong_label_studio_token_names_the_setting(stack: Stack, tmp_path: Path) -> None:
     s = stack.settings
-    isolated = _isolated(tmp_path, label_studio_url=s.label_studio, label_studio_token="not-a-token")
+    isolated = _isolated(
+        tmp_path, label_studio_url=s.label_studio, label_studio_token="not-a-token"
+    )
     with pytest.raises(Exception, match="VISIONLOOP_LABEL_STUDIO_TOKEN"):
         isolated.up(only=["label-studio"])
 
@@ -96,9 +124,16 @@ def test_down_stops_only_what_up_started(stack: Stack, tmp_path: Path) -> None:
         isolated.up(only=["s3", "prefect"])
         pids = {name: isolated.running_pid(name) for name in ("s3", "prefect")}
         assert all(pids.values())
-        family = [p for pid in pids.values() for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]]
+        family = [
+            p
+            for pid in pids.values()
+            for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        ]
         states = isolated.down()
-        assert {s.name: s.action for s in states if s.name in pids} == {"s3": "stopped", "prefect": "stopped"}
+        assert {s.name: s.action for s in states if s.name in pids} == {
+            "s3": "stopped",
+            "prefect": "stopped",
+        }
         assert not [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert not list((isolated.root / "run").glob("*.json"))
         # The session's own stack and unrelated processes are untouched.

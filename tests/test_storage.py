@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from visionloop.settings import Settings
 from cli.stack import free_port
+from visionloop.settings import Settings
 from visionloop.storage import ObjectStore, StorageError, content_key, sha256_hex
 
 pytestmark = pytest.mark.stack

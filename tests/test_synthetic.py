@@ -96,8 +96,8 @@ def test_boxes_are_valid_and_every_class_appears(class_names: list[str]) -> None
         per_image.append(len(s.boxes))
         for cls, cx, cy, w, h in s.boxes:
             assert isinstance(cls, int) and 0 <= cls < len(class_names)
-            assert 0 <= cx - w / 2 and cx + w / 2 <= 1
-            assert 0 <= cy - h / 2 and cy + h / 2 <= 1
+            assert cx - w / 2 >= 0 and cx + w / 2 <= 1
+            assert cy - h / 2 >= 0 and cy + h / 2 <= 1
             # At least ~2 px each way and never the whole frame.
             assert 2 / 160 <= w < 0.9 and 2 / 160 <= h < 0.9
             counts[cls] += 1

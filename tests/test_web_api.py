@@ -23,10 +23,13 @@ from sqlmodel import Session, col, delete, select
 from api import deps
 from api.main import create_app
 from api.routes import serving as serving_routes
-from labeling.selection import Selected
-from visionloop.events import emit
+from cli.stack import Stack
 from ingest import upload as serving
+from labeling.selection import Selected
+from serving.predictor import ChampionPredictor
+from training.retrain_guard import create_run, update_run
 from visionloop.db import engine_for, migrate, session_scope
+from visionloop.events import emit
 from visionloop.models import (
     DriftResult,
     Image,
@@ -38,12 +41,9 @@ from visionloop.models import (
     ReviewedLabel,
     Verdict,
 )
-from serving.predictor import ChampionPredictor
 from visionloop.registry import CHAMPION, PREVIOUS, get_alias, register_weights, set_alias
 from visionloop.registry import client as mlflow_client
-from training.retrain_guard import create_run, update_run
 from visionloop.settings import Settings, get_settings
-from cli.stack import Stack
 from visionloop.storage import ObjectStore
 from visionloop.synthetic import encode_jpeg, generate_sample
 
@@ -98,11 +98,25 @@ def test_docs_spec_and_dashboard_are_served(client: TestClient) -> None:
     assert "swagger" in client.get("/docs").text.lower()
     paths = client.get("/openapi.json").json()["paths"]
     for path in (
-        "/api/retraining/status", "/api/retraining/trigger", "/api/retraining/history",
-        "/api/retraining/conditions", "/api/labeling/queue", "/api/labeling/stats", "/api/labeling/webhook",
-        "/api/labeling/export", "/api/metrics/drift", "/api/metrics/drift/history", "/api/metrics/drift/report",
-        "/api/models", "/api/models/{version}/promote", "/api/models/rollback", "/api/predict", "/api/images",
-        "/api/system/health", "/api/system/resources", "/api/events/stream",
+        "/api/retraining/status",
+        "/api/retraining/trigger",
+        "/api/retraining/history",
+        "/api/retraining/conditions",
+        "/api/labeling/queue",
+        "/api/labeling/stats",
+        "/api/labeling/webhook",
+        "/api/labeling/export",
+        "/api/metrics/drift",
+        "/api/metrics/drift/history",
+        "/api/metrics/drift/report",
+        "/api/models",
+        "/api/models/{version}/promote",
+        "/api/models/rollback",
+        "/api/predict",
+        "/api/images",
+        "/api/system/health",
+        "/api/system/resources",
+        "/api/events/stream",
     ):
         assert path in paths, path
     page = client.get("/dashboard")
@@ -114,7 +128,10 @@ def test_docs_spec_and_dashboard_are_served(client: TestClient) -> None:
 def test_the_token_guards_every_mutating_operation(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     mutating = [
-        path.replace("{version}", "1") for path, ops in spec["paths"].items() for method in ops if method != "get"
+        path.replace("{version}", "1")
+        for path, ops in spec["paths"].items()
+        for method in ops
+        if method != "get"
     ]
     assert len(mutating) >= 6
     for path in mutating:
@@ -125,11 +142,20 @@ def test_the_token_guards_every_mutating_operation(client: TestClient) -> None:
 
 def test_the_webhook_answers_in_the_same_json(client: TestClient) -> None:
     # The webhook belongs to the label-sync tests; here only its place in this app's error scheme.
-    ignored = client.post("/api/labeling/webhook", headers=auth(), json={"action": "PROJECT_UPDATED"})
-    assert ignored.status_code == 202 and ignored.json() == {"action": "PROJECT_UPDATED", "tasks": []}
-    assert_error(client.post("/api/labeling/webhook", headers=auth(), json=[1, 2]), 422, "validation_error")
+    ignored = client.post(
+        "/api/labeling/webhook", headers=auth(), json={"action": "PROJECT_UPDATED"}
+    )
+    assert ignored.status_code == 202 and ignored.json() == {
+        "action": "PROJECT_UPDATED",
+        "tasks": [],
+    }
+    assert_error(
+        client.post("/api/labeling/webhook", headers=auth(), json=[1, 2]), 422, "validation_error"
+    )
     broken = client.post(
-        "/api/labeling/webhook", headers={**auth(), "Content-Type": "application/json"}, content=b"\xff{"
+        "/api/labeling/webhook",
+        headers={**auth(), "Content-Type": "application/json"},
+        content=b"\xff{",
     )
     assert_error(broken, 400, "bad_request")
 
@@ -202,8 +228,13 @@ def test_conditions_explain_every_condition(client: TestClient, champion: str) -
     body = client.get("/api/retraining/conditions").json()
     names = [c["name"] for c in body["conditions"]]
     assert names == [
-        "drift", "new_labels", "manual_request", "champion_age", "retrain_running",
-        "too_few_labels", "cooldown",
+        "drift",
+        "new_labels",
+        "manual_request",
+        "champion_age",
+        "retrain_running",
+        "too_few_labels",
+        "cooldown",
     ]
     assert all(c["reason"] and c["kind"] in ("trigger", "blocker") for c in body["conditions"])
     age = next(c for c in body["conditions"] if c["name"] == "champion_age")
@@ -237,7 +268,9 @@ def test_status_and_history_show_runs(client: TestClient, champion: str) -> None
         assert [c["name"] for c in status["conditions"]["conditions"]][0] == "drift"
     finally:
         with session_scope() as session:
-            session.exec(delete(RetrainingRun).where(col(RetrainingRun.id).in_([r.id for r in runs])))
+            session.exec(
+                delete(RetrainingRun).where(col(RetrainingRun.id).in_([r.id for r in runs]))
+            )
 
 
 def _cancel_and_wait(flow_run_id: str, timeout: float = 180.0) -> str:
@@ -249,10 +282,14 @@ def _cancel_and_wait(flow_run_id: str, timeout: float = 180.0) -> str:
     with get_client(sync_client=True) as prefect:
         flow_run = prefect.read_flow_run(UUID(flow_run_id))
         if flow_run.state is not None and flow_run.state.is_scheduled():
-            prefect.set_flow_run_state(flow_run.id, Cancelled(message="cancelled by the API test"), force=True)
+            prefect.set_flow_run_state(
+                flow_run.id, Cancelled(message="cancelled by the API test"), force=True
+            )
         elif flow_run.state is None or not flow_run.state.is_final():
             # Started already: the worker stops the process when it sees Cancelling.
-            prefect.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the API test"), force=True)
+            prefect.set_flow_run_state(
+                flow_run.id, Cancelling(message="cancelled by the API test"), force=True
+            )
         while time.monotonic() < deadline:
             state = prefect.read_flow_run(flow_run.id).state
             if state is not None and state.is_final():
@@ -262,10 +299,20 @@ def _cancel_and_wait(flow_run_id: str, timeout: float = 180.0) -> str:
 
 
 @pytest.mark.timeout(600)
-def test_trigger_starts_the_retrain_deployment_and_refuses_a_second(client: TestClient, champion: str) -> None:
+def test_trigger_starts_the_retrain_deployment_and_refuses_a_second(
+    client: TestClient, champion: str
+) -> None:
     assert_error(client.post("/api/retraining/trigger", json={"reason": "x"}), 401, "unauthorized")
-    assert_error(client.post("/api/retraining/trigger", headers=auth(), json={"reason": 5}), 422, "validation_error")
-    assert_error(client.post("/api/retraining/trigger", headers=auth(), json={"why": "x"}), 422, "validation_error")
+    assert_error(
+        client.post("/api/retraining/trigger", headers=auth(), json={"reason": 5}),
+        422,
+        "validation_error",
+    )
+    assert_error(
+        client.post("/api/retraining/trigger", headers=auth(), json={"why": "x"}),
+        422,
+        "validation_error",
+    )
 
     started = client.post("/api/retraining/trigger", headers=auth(), json={"reason": "api test"})
     assert started.status_code == 202, started.text
@@ -283,7 +330,9 @@ def test_trigger_starts_the_retrain_deployment_and_refuses_a_second(client: Test
         assert deployment.name == "retrain"
         assert flow_run.parameters["retraining_run_id"] == launched["retraining_run_id"]
 
-        busy = assert_error(client.post("/api/retraining/trigger", headers=auth()), 409, "retrain_running")
+        busy = assert_error(
+            client.post("/api/retraining/trigger", headers=auth()), 409, "retrain_running"
+        )
         assert busy["retraining_run_id"] == launched["retraining_run_id"]
         assert busy["flow_run_id"] == launched["flow_run_id"]
         assert client.get("/api/retraining/status").json()["state"] in ("queued", "running")
@@ -304,11 +353,17 @@ def test_a_launch_that_fails_is_a_503_and_leaves_no_pending_request(
         raise ConnectionError("Prefect is down")
 
     overrides[deps.retrain_launcher] = lambda: broken
-    body = assert_error(client.post("/api/retraining/trigger", headers=auth()), 503, "service_unavailable")
+    body = assert_error(
+        client.post("/api/retraining/trigger", headers=auth()), 503, "service_unavailable"
+    )
     assert "Prefect is down" in body["detail"]
     with session_scope() as session:
         run = session.exec(select(RetrainingRun).order_by(col(RetrainingRun.id).desc())).first()
-    assert run is not None and run.status == RetrainStatus.cancelled and "Prefect is down" in (run.error or "")
+    assert (
+        run is not None
+        and run.status == RetrainStatus.cancelled
+        and "Prefect is down" in (run.error or "")
+    )
 
 
 # --- models and serving ------------------------------------------------------------------------
@@ -353,28 +408,52 @@ def test_predict_serves_the_champion_logs_it_and_follows_the_alias(
     assert ObjectStore(settings).exists(settings.bucket_images, row.object_key)
     assert logged is not None and logged.source == "api" and logged.model_version == champion
 
-    again = client.post("/api/predict", headers=auth(), files=upload(image, "other-name.png")).json()
+    again = client.post(
+        "/api/predict", headers=auth(), files=upload(image, "other-name.png")
+    ).json()
     assert again["image_id"] == served["image_id"] and again["new_image"] is False
     assert again["prediction_id"] == served["prediction_id"]  # one prediction per image and version
 
     with second_version(settings) as other:
         models = client.get("/api/models").json()
-        assert models["champion"] == champion and other in [v["version"] for v in models["versions"]]
+        assert models["champion"] == champion and other in [
+            v["version"] for v in models["versions"]
+        ]
         listed = next(v for v in models["versions"] if v["version"] == champion)
-        assert "champion" in listed["aliases"] and listed["snapshot_hash"] and "mAP50" in listed["metrics"]
+        assert (
+            "champion" in listed["aliases"]
+            and listed["snapshot_hash"]
+            and "mAP50" in listed["metrics"]
+        )
 
-        promoted = client.post(f"/api/models/{other}/promote", headers=auth(), json={"reason": "api test"})
+        promoted = client.post(
+            f"/api/models/{other}/promote", headers=auth(), json={"reason": "api test"}
+        )
         assert promoted.json() == {"champion": other, "previous": champion, "changed": True}
-        assert client.post(f"/api/models/{other}/promote", headers=auth()).json()["changed"] is False
+        assert (
+            client.post(f"/api/models/{other}/promote", headers=auth()).json()["changed"] is False
+        )
         swapped = client.post("/api/predict", headers=auth(), files=upload(image)).json()
-        assert swapped["model_version"] == other and swapped["prediction_id"] != served["prediction_id"]
+        assert (
+            swapped["model_version"] == other
+            and swapped["prediction_id"] != served["prediction_id"]
+        )
 
-        back = client.post("/api/models/rollback", headers=auth(), json={"reason": "api test"}).json()
+        back = client.post(
+            "/api/models/rollback", headers=auth(), json={"reason": "api test"}
+        ).json()
         assert back == {"champion": champion, "previous": other, "changed": True}
-        assert client.post("/api/predict", headers=auth(), files=upload(image)).json()["model_version"] == champion
+        assert (
+            client.post("/api/predict", headers=auth(), files=upload(image)).json()["model_version"]
+            == champion
+        )
 
-        assert_error(client.post("/api/models/rollback", headers=auth(), json={"to_version": "987654"}), 404)
-        to_other = client.post("/api/models/rollback", headers=auth(), json={"to_version": other}).json()
+        assert_error(
+            client.post("/api/models/rollback", headers=auth(), json={"to_version": "987654"}), 404
+        )
+        to_other = client.post(
+            "/api/models/rollback", headers=auth(), json={"to_version": other}
+        ).json()
         assert to_other["champion"] == other
     assert get_alias(settings, CHAMPION).version == champion
 
@@ -388,34 +467,52 @@ def test_promote_and_rollback_refuse_what_cannot_be_done(
     assert_error(client.post("/api/models/987654/promote", headers=auth()), 404, "not_found")
     assert_error(client.post("/api/models/abc/promote", headers=auth()), 422, "validation_error")
     assert_error(client.post("/api/models/1/promote", headers=auth(), json={"reason": 1}), 422)
-    assert_error(client.post("/api/models/rollback", headers=auth(), json={"to_version": "v1"}), 422)
+    assert_error(
+        client.post("/api/models/rollback", headers=auth(), json={"to_version": "v1"}), 422
+    )
     assert_error(client.get("/api/models?limit=0"), 422, "validation_error")
     # A registered model with no versions at all: nothing to list, nothing to roll back to.
-    empty = get_settings().model_copy(update={"model_name": f"visionloop-empty-{uuid.uuid4().hex[:6]}"})
+    empty = get_settings().model_copy(
+        update={"model_name": f"visionloop-empty-{uuid.uuid4().hex[:6]}"}
+    )
     overrides[deps.settings] = lambda: empty
     assert client.get("/api/models").json() == {
-        "model_name": empty.model_name, "champion": None, "aliases": {}, "versions": []
+        "model_name": empty.model_name,
+        "champion": None,
+        "aliases": {},
+        "versions": [],
     }
     body = assert_error(client.post("/api/models/rollback", headers=auth()), 409, "conflict")
     assert "previous" in body["detail"]
-    assert_error(client.post("/api/predict", headers=auth(), files=upload(jpeg(5))), 503, "no_champion")
+    assert_error(
+        client.post("/api/predict", headers=auth(), files=upload(jpeg(5))), 503, "no_champion"
+    )
 
 
 def test_predict_refuses_bad_uploads_with_the_reason(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, champion: str
 ) -> None:
     text = assert_error(
-        client.post("/api/predict", headers=auth(), files=upload(b"camera 7 notes", "notes.jpg")), 422, "invalid_image"
+        client.post("/api/predict", headers=auth(), files=upload(b"camera 7 notes", "notes.jpg")),
+        422,
+        "invalid_image",
     )
     assert text["code"] == "not_an_image" and "text" in text["detail"]
     truncated = jpeg(77)[:300]
-    assert assert_error(client.post("/api/predict", headers=auth(), files=upload(truncated)), 422)["code"] in (
-        "truncated", "corrupt",
+    assert assert_error(client.post("/api/predict", headers=auth(), files=upload(truncated)), 422)[
+        "code"
+    ] in (
+        "truncated",
+        "corrupt",
     )
     missing = assert_error(client.post("/api/predict", headers=auth()), 422, "validation_error")
     assert missing["errors"][0]["loc"] == ["body", "file"]
     monkeypatch.setattr(serving_routes, "MAX_UPLOAD_BYTES", 100)
-    assert_error(client.post("/api/predict", headers=auth(), files=upload(jpeg(78))), 413, "payload_too_large")
+    assert_error(
+        client.post("/api/predict", headers=auth(), files=upload(jpeg(78))),
+        413,
+        "payload_too_large",
+    )
 
 
 def test_a_flagged_prediction_joins_the_review_queue(
@@ -424,9 +521,13 @@ def test_a_flagged_prediction_joins_the_review_queue(
     reason = f"api-test-{uuid.uuid4().hex[:6]}"
     # Whatever this tiny model predicts, selection flags the image.
     monkeypatch.setattr(
-        serving, "select_for_review", lambda candidates, _policy: [Selected(candidates[0].image_id, reason, 1.0, 0.5)]
+        serving,
+        "select_for_review",
+        lambda candidates, _policy: [Selected(candidates[0].image_id, reason, 1.0, 0.5)],
     )
-    response = client.post("/api/predict", headers=auth(), files=upload(jpeg(4242 + uuid.uuid4().int % 1000)))
+    response = client.post(
+        "/api/predict", headers=auth(), files=upload(jpeg(4242 + uuid.uuid4().int % 1000))
+    )
     assert response.status_code == 200 and response.json()["flagged_reason"] == reason
     # TestClient returns after the background task (queueing in Label Studio) has run.
     page = client.get(f"/api/labeling/queue?flagged_reason={reason}").json()
@@ -446,7 +547,11 @@ def test_uploads_land_in_the_incoming_bucket(client: TestClient) -> None:
     assert stored["key"].startswith("uploads/") and stored["key"].endswith(".jpg")
     assert ObjectStore(settings).get_bytes(settings.bucket_incoming, stored["key"]) == data
     assert client.post("/api/images", headers=auth(), files=upload(data)).json()["created"] is False
-    assert_error(client.post("/api/images", headers=auth(), files=upload(b"%PDF-1.4 no")), 422, "invalid_image")
+    assert_error(
+        client.post("/api/images", headers=auth(), files=upload(b"%PDF-1.4 no")),
+        422,
+        "invalid_image",
+    )
     assert_error(client.post("/api/images", files=upload(data)), 401, "unauthorized")
 
 
@@ -460,23 +565,36 @@ def seeded_reviews(reason: str, specs: list[dict[str, Any]]) -> Iterator[list[in
     image_ids: list[int] = []
     with session_scope() as session:
         for spec in specs:
-            image = Image(content_hash=uuid.uuid4().hex * 2, object_key=f"test/{uuid.uuid4().hex}.jpg", size_bytes=1)
+            image = Image(
+                content_hash=uuid.uuid4().hex * 2,
+                object_key=f"test/{uuid.uuid4().hex}.jpg",
+                size_bytes=1,
+            )
             session.add(image)
             session.flush()
-            prediction = Prediction(image_id=image.id, model_version="seed", boxes=spec.get("predicted", []))
+            prediction = Prediction(
+                image_id=image.id, model_version="seed", boxes=spec.get("predicted", [])
+            )
             session.add(prediction)
             session.flush()
             session.add(
                 LabelingQueueItem(
-                    image_id=image.id, prediction_id=prediction.id, image_path=f"s3://images/{image.object_key}",
-                    confidence_score=spec.get("confidence", 0.5), status=spec["status"], flagged_reason=reason,
+                    image_id=image.id,
+                    prediction_id=prediction.id,
+                    image_path=f"s3://images/{image.object_key}",
+                    confidence_score=spec.get("confidence", 0.5),
+                    status=spec["status"],
+                    flagged_reason=reason,
                 )
             )
             if "verdict" in spec:
                 session.add(
                     ReviewedLabel(
-                        image_id=image.id, image_path=image.object_key, boxes=spec.get("reviewed", []),
-                        verdict=spec["verdict"], prediction_model_version="seed",
+                        image_id=image.id,
+                        image_path=image.object_key,
+                        boxes=spec.get("reviewed", []),
+                        verdict=spec["verdict"],
+                        prediction_model_version="seed",
                     )
                 )
             image_ids.append(image.id)  # type: ignore[arg-type]
@@ -504,15 +622,28 @@ def test_queue_filters_and_pages(client: TestClient) -> None:
     with seeded_reviews(reason, specs) as image_ids:
         page = client.get(f"/api/labeling/queue?flagged_reason={reason}&limit=2").json()
         assert page["total"] == 3 and [i["image_id"] for i in page["items"]] == image_ids[:0:-1]
-        oldest = client.get(f"/api/labeling/queue?flagged_reason={reason}&order=oldest&limit=1&offset=1").json()
+        oldest = client.get(
+            f"/api/labeling/queue?flagged_reason={reason}&order=oldest&limit=1&offset=1"
+        ).json()
         assert [i["image_id"] for i in oldest["items"]] == [image_ids[1]]
         pending = client.get(f"/api/labeling/queue?flagged_reason={reason}&status=pending").json()
         assert pending["total"] == 2
-        band = client.get(f"/api/labeling/queue?flagged_reason={reason}&min_confidence=0.5&max_confidence=0.6").json()
+        band = client.get(
+            f"/api/labeling/queue?flagged_reason={reason}&min_confidence=0.5&max_confidence=0.6"
+        ).json()
         assert [i["image_id"] for i in band["items"]] == [image_ids[2]]
-        later = client.get(f"/api/labeling/queue?flagged_reason={reason}&created_after=2999-01-01T00:00:00Z").json()
+        later = client.get(
+            f"/api/labeling/queue?flagged_reason={reason}&created_after=2999-01-01T00:00:00Z"
+        ).json()
         assert later["total"] == 0
-    for bad in ("status=lost", "limit=501", "offset=-1", "min_confidence=2", "order=random", "created_after=yesterday"):
+    for bad in (
+        "status=lost",
+        "limit=501",
+        "offset=-1",
+        "min_confidence=2",
+        "order=random",
+        "created_after=yesterday",
+    ):
         assert_error(client.get(f"/api/labeling/queue?{bad}"), 422, "validation_error")
 
 
@@ -520,11 +651,19 @@ def test_stats_count_the_queue_agreement_and_class_errors(client: TestClient) ->
     reason = f"api-stats-{uuid.uuid4().hex[:6]}"
     specs = [
         {"status": QueueStatus.pending},
-        {"status": QueueStatus.labeled, "verdict": Verdict.accepted,
-         "predicted": [SCRATCH], "reviewed": [SCRATCH_REVIEWED]},
+        {
+            "status": QueueStatus.labeled,
+            "verdict": Verdict.accepted,
+            "predicted": [SCRATCH],
+            "reviewed": [SCRATCH_REVIEWED],
+        },
         # the model saw a scratch that is not there and missed a dent
-        {"status": QueueStatus.approved, "verdict": Verdict.rejected,
-         "predicted": [SCRATCH], "reviewed": [DENT_REVIEWED]},
+        {
+            "status": QueueStatus.approved,
+            "verdict": Verdict.rejected,
+            "predicted": [SCRATCH],
+            "reviewed": [DENT_REVIEWED],
+        },
     ]
     before = client.get("/api/labeling/stats").json()
     with seeded_reviews(reason, specs):
@@ -557,14 +696,19 @@ def test_export_hands_out_a_snapshot_in_every_format(client: TestClient, champio
     archive = zipfile.ZipFile(io.BytesIO(latest.content))
     names = archive.namelist()
     spec = yaml.safe_load(archive.read("data.yaml"))
-    assert spec["names"] == dict(enumerate(settings.class_names)) and "train" in spec and "val" in spec
+    assert (
+        spec["names"] == dict(enumerate(settings.class_names)) and "train" in spec and "val" in spec
+    )
     labels = [n for n in names if n.startswith("labels/")]
     images = [n for n in names if n.startswith("images/")]
     assert labels and len(labels) == len(images) and "manifest.json" in names
     assert "attachment" in latest.headers["content-disposition"]
 
     coco = client.get(f"/api/labeling/export?format=coco&snapshot_id={chosen}").json()
-    assert len(coco["images"]) == len(images) and [c["name"] for c in coco["categories"]] == settings.class_names
+    assert (
+        len(coco["images"]) == len(images)
+        and [c["name"] for c in coco["categories"]] == settings.class_names
+    )
     studio = client.get(f"/api/labeling/export?format=labelstudio&snapshot_id={chosen}").json()
     assert len(studio) == len(images) and "annotations" in studio[0]
     assert newest["id"] >= chosen
@@ -582,18 +726,44 @@ def test_drift_latest_history_and_report(client: TestClient) -> None:
     settings = get_settings()
     store = ObjectStore(settings)
     report_key = f"drift/api-test/{uuid.uuid4().hex}.html"
-    store.put_bytes(settings.bucket_reports, report_key, b"<html><body>evidently says hi</body></html>", "text/html")
+    store.put_bytes(
+        settings.bucket_reports,
+        report_key,
+        b"<html><body>evidently says hi</body></html>",
+        "text/html",
+    )
     features = {
-        "brightness": {"name": "brightness", "statistic": 1e-9, "p_value": 1e-9, "threshold": 0.05,
-                       "drifted": True, "severity": 0.9},
-        "blur": {"name": "blur", "statistic": 0.4, "p_value": 0.4, "threshold": 0.05, "drifted": False,
-                 "severity": 0.01},
+        "brightness": {
+            "name": "brightness",
+            "statistic": 1e-9,
+            "p_value": 1e-9,
+            "threshold": 0.05,
+            "drifted": True,
+            "severity": 0.9,
+        },
+        "blur": {
+            "name": "blur",
+            "statistic": 0.4,
+            "p_value": 0.4,
+            "threshold": 0.05,
+            "drifted": False,
+            "severity": 0.01,
+        },
         "_p_value": 1e-8,
     }
     rows = [
         DriftResult(stat_test="ks", drift_score=0.1, drift_share=0.0, level="green", features={}),
-        DriftResult(stat_test="ks", drift_score=0.9, drift_share=0.5, dataset_drift=True, level="red",
-                    window_size=60, reference_size=40, features=features, report_key=report_key),
+        DriftResult(
+            stat_test="ks",
+            drift_score=0.9,
+            drift_share=0.5,
+            dataset_drift=True,
+            level="red",
+            window_size=60,
+            reference_size=40,
+            features=features,
+            report_key=report_key,
+        ),
     ]
     with session_scope() as session:
         for row in rows:
@@ -602,7 +772,10 @@ def test_drift_latest_history_and_report(client: TestClient) -> None:
     try:
         latest = client.get("/api/metrics/drift").json()
         assert latest["id"] == ids[1] and latest["level"] == "red" and latest["p_value"] == 1e-8
-        assert [f["name"] for f in latest["features"]] == ["brightness", "blur"]  # most severe first
+        assert [f["name"] for f in latest["features"]] == [
+            "brightness",
+            "blur",
+        ]  # most severe first
         assert latest["report_url"] == f"/api/metrics/drift/{ids[1]}/report"
         assert client.get(f"/api/metrics/drift/{ids[0]}").json()["report_url"] is None
 
@@ -610,7 +783,10 @@ def test_drift_latest_history_and_report(client: TestClient) -> None:
         assert (history["yellow"], history["red"]) == (settings.drift_yellow, settings.drift_red)
         assert [p["id"] for p in history["points"]][-2:] == ids  # oldest first
         assert len(client.get("/api/metrics/drift/history?limit=1").json()["points"]) == 1
-        assert client.get("/api/metrics/drift/history?since=2999-01-01T00:00:00Z").json()["points"] == []
+        assert (
+            client.get("/api/metrics/drift/history?since=2999-01-01T00:00:00Z").json()["points"]
+            == []
+        )
 
         for path in ("/api/metrics/drift/report", f"/api/metrics/drift/{ids[1]}/report"):
             report = client.get(path)

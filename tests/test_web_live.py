@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
+from cli.stack import Stack
 from visionloop.events import emit
 from visionloop.settings import get_settings
-from cli.stack import Stack
 
 pytestmark = [pytest.mark.stack]
 
@@ -41,8 +41,13 @@ def test_the_running_api_answers_with_the_platform_state(api_url: str) -> None:
     assert health["healthy"] is True, health
     conditions = httpx.get(f"{api_url}/api/retraining/conditions", timeout=60).json()
     assert [c["name"] for c in conditions["conditions"]] == [
-        "drift", "new_labels", "manual_request", "champion_age", "retrain_running",
-        "too_few_labels", "cooldown",
+        "drift",
+        "new_labels",
+        "manual_request",
+        "champion_age",
+        "retrain_running",
+        "too_few_labels",
+        "cooldown",
     ]
     refused = httpx.post(f"{api_url}/api/retraining/trigger", timeout=30)
     assert refused.status_code == 401 and refused.json()["error"] == "unauthorized"
@@ -83,7 +88,9 @@ class SseReader:
                     return found
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"no matching event within {timeout} s; got {self.events[-5:]}")
+                    raise AssertionError(
+                        f"no matching event within {timeout} s; got {self.events[-5:]}"
+                    )
                 self._cond.wait(left)
 
     def close(self) -> None:
@@ -99,13 +106,17 @@ def test_the_event_stream_replays_then_goes_live_and_resumes(api_url: str) -> No
         live = emit(f"{kind}.during", "emitted while connected", {"n": 1})
         seen = reader.wait_for(lambda e: e["id"] == live.id, timeout=20)
         assert seen["kind"] == f"{kind}.during" and seen["payload"] == {"n": 1}
-        assert reader.ids == sorted(reader.ids) and reader.ids[-1] == live.id  # ids let a client resume
+        assert (
+            reader.ids == sorted(reader.ids) and reader.ids[-1] == live.id
+        )  # ids let a client resume
     finally:
         reader.close()
 
     # A reconnecting EventSource sends Last-Event-ID and gets exactly what it missed.
     missed = [emit(f"{kind}.missed", f"missed {i}") for i in range(3)]
-    resumed = SseReader(f"{api_url}/api/events/stream?kind={kind}", headers={"Last-Event-ID": str(live.id)})
+    resumed = SseReader(
+        f"{api_url}/api/events/stream?kind={kind}", headers={"Last-Event-ID": str(live.id)}
+    )
     try:
         resumed.wait_for(lambda e: e["id"] == missed[-1].id)
         assert [e["id"] for e in resumed.events] == [m.id for m in missed]
@@ -129,9 +140,17 @@ def browser() -> Iterator[Any]:
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1400,1600",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,1600",
     ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -156,15 +175,32 @@ def test_the_dashboard_shows_an_emitted_event_live(api_url: str, browser: Any) -
     wait.until(lambda _: text("retrain-state") not in ("", "–"))  # the panels loaded from the API
     wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#health li"))
     settings = get_settings()
-    assert browser.find_element(By.ID, "link-mlflow").get_attribute("href").rstrip("/") == settings.mlflow_uri
+    assert (
+        browser.find_element(By.ID, "link-mlflow").get_attribute("href").rstrip("/")
+        == settings.mlflow_uri
+    )
 
     # The training panel and the feed change when a flow (here: this process) emits events.
     run = -int(time.time())  # no real retraining run has a negative id
     before = text("training-epoch")
-    emit("training.started", "training a challenger (browser test)", {"retraining_run_id": run, "epochs": 7})
+    emit(
+        "training.started",
+        "training a challenger (browser test)",
+        {"retraining_run_id": run, "epochs": 7},
+    )
     marker = f"browser test {uuid.uuid4().hex[:8]}"
-    emit("training.epoch", marker, {"retraining_run_id": run, "epoch": 3, "epochs": 7, "mAP50": 0.42,
-                                    "mAP50-95": 0.2, "box_loss": 1.25})
+    emit(
+        "training.epoch",
+        marker,
+        {
+            "retraining_run_id": run,
+            "epoch": 3,
+            "epochs": 7,
+            "mAP50": 0.42,
+            "mAP50-95": 0.2,
+            "box_loss": 1.25,
+        },
+    )
     wait.until(lambda _: text("training-epoch") == "epoch 3/7 · mAP50 0.420")
     assert text("training-epoch") != before
     assert browser.find_elements(By.CSS_SELECTOR, '#training-chart polyline[data-series="mAP50"]')
@@ -178,5 +214,9 @@ def test_the_dashboard_shows_an_emitted_event_live(api_url: str, browser: Any) -
     wait.until(lambda _: "VISIONLOOP_API_TOKEN" in text("trigger-result"))
 
     browser.save_screenshot(str(SCREENSHOT))
-    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "401" not in e["message"]]
+    errors = [
+        e
+        for e in browser.get_log("browser")
+        if e["level"] == "SEVERE" and "401" not in e["message"]
+    ]
     assert not errors, errors

@@ -21,13 +21,13 @@ from schemathesis.checks import positive_data_acceptance
 
 from api import deps
 from api.main import create_app
+from cli.stack import Stack
+from training.retrain_guard import update_run
+from training.retrain_launcher import LaunchedRetrain
 from visionloop.models import RetrainStatus
 from visionloop.registry import CHAMPION, PREVIOUS, get_alias, set_alias
 from visionloop.registry import client as mlflow_client
-from training.retrain_guard import update_run
-from training.retrain_launcher import LaunchedRetrain
 from visionloop.settings import Settings, get_settings
-from cli.stack import Stack
 
 pytestmark = [pytest.mark.stack]
 
@@ -39,7 +39,9 @@ def _launch_nothing(
     _settings: Settings, *, trigger: str, reason: str, retraining_run_id: int | None = None
 ) -> LaunchedRetrain:
     assert retraining_run_id is not None
-    update_run(retraining_run_id, status=RetrainStatus.cancelled, error="not started: schemathesis run")
+    update_run(
+        retraining_run_id, status=RetrainStatus.cancelled, error="not started: schemathesis run"
+    )
     return LaunchedRetrain(retraining_run_id, str(uuid.uuid4()))
 
 

@@ -9,12 +9,12 @@ from fastapi.testclient import TestClient
 
 from api import errors
 from api.telemetry import RequestLog, TelemetryMiddleware, percentile
-from visionloop.images import ImageRejected
-from visionloop.models import RetrainingRun
+from labeling.review_queue import class_errors, match_count
 from serving.predictor import NoChampionError
 from training.retrain_guard import RetrainBusy
-from labeling.review_queue import class_errors, match_count
 from training.snapshot_export import _only
+from visionloop.images import ImageRejected
+from visionloop.models import RetrainingRun
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +140,17 @@ def test_class_error_rates_come_from_the_corrections() -> None:
             [_rev("scratch", 0.2, 0.2, 0.2, 0.2), _rev("dent", 0.5, 0.5, 0.1, 0.1)],
         ),
         # a stain drawn the wrong class: one false stain, one missed dent
-        ([_pred("stain", 0.4, 0.4, 0.6, 0.6)], [{"cls": 1, "cx": 0.5, "cy": 0.5, "w": 0.2, "h": 0.2}]),
+        (
+            [_pred("stain", 0.4, 0.4, 0.6, 0.6)],
+            [{"cls": 1, "cx": 0.5, "cy": 0.5, "w": 0.2, "h": 0.2}],
+        ),
     ]
     rows = {row.name: row for row in class_errors(pairs, ["scratch", "dent", "stain"])}
-    assert (rows["scratch"].predicted, rows["scratch"].reviewed, rows["scratch"].matched) == (2, 1, 1)
+    assert (rows["scratch"].predicted, rows["scratch"].reviewed, rows["scratch"].matched) == (
+        2,
+        1,
+        1,
+    )
     assert rows["scratch"].false_positives == 1 and rows["scratch"].error_rate == 0.5
     assert rows["dent"].missed == 2 and rows["dent"].error_rate == 1.0
     assert rows["stain"].false_positives == 1
@@ -163,6 +170,8 @@ def test_holdout_exports_keep_only_their_images() -> None:
         "categories": [],
     }
     kept = _only(coco, "coco", {"b"})
-    assert [i["sha256"] for i in kept["images"]] == ["b"] and [a["image_id"] for a in kept["annotations"]] == [1]
+    assert [i["sha256"] for i in kept["images"]] == ["b"] and [
+        a["image_id"] for a in kept["annotations"]
+    ] == [1]
     tasks = [{"meta": {"image_hash": "a"}}, {"meta": {"image_hash": "b"}}]
     assert _only(tasks, "labelstudio", {"a"}) == [tasks[0]]

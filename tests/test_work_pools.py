@@ -173,7 +173,9 @@ def test_one_pool_per_variant_and_its_type(variant: str, variants: dict[str, Any
     # The README creates it with that type; the worker starts with that pool and type.
     readme = (DEPLOYMENTS / "README.md").read_text()
     assert re.search(rf"prefect work-pool create {pool} --type {variant}\b", readme), pool
-    deploy = rf"prefect (--no-prompt )?deploy --prefect-file deployments/{VARIANTS[variant].name} --all"
+    deploy = (
+        rf"prefect (--no-prompt )?deploy --prefect-file deployments/{VARIANTS[variant].name} --all"
+    )
     assert re.search(deploy, readme), deploy
     if variant == "docker":
         worker = load(DEPLOYMENTS / "compose.docker-pool.yml")["services"]["docker-worker"]
@@ -197,7 +199,10 @@ def test_flow_runs_use_the_image_compose_builds(
     for deployment in variants[variant]["deployments"]:
         variables = deployment["work_pool"]["job_variables"]
         assert variables["image"] == app["image"], deployment["name"]
-    policies = {d["work_pool"]["job_variables"]["image_pull_policy"] for d in variants[variant]["deployments"]}
+    policies = {
+        d["work_pool"]["job_variables"]["image_pull_policy"]
+        for d in variants[variant]["deployments"]
+    }
     # Docker: built on the worker's host, never pulled. Kubernetes: loaded or pulled once.
     assert policies == {"Never" if variant == "docker" else "IfNotPresent"}
 
@@ -264,7 +269,9 @@ def test_docker_flow_runs_get_the_compose_wiring(
             if placeholders:
                 assert placeholders <= set(compose_env), placeholders
                 continue
-            expected = POOLS["docker"] if name == "VISIONLOOP_PREFECT_WORK_POOL" else compose_env[name]
+            expected = (
+                POOLS["docker"] if name == "VISIONLOOP_PREFECT_WORK_POOL" else compose_env[name]
+            )
             assert str(value) == expected, name
         # What the flow run gets once `prefect deploy` has filled the placeholders in, from
         # its own environment (templating exactly as `prefect deploy` does).
@@ -280,7 +287,9 @@ def test_docker_flow_runs_get_the_compose_wiring(
         }
         settings = settings_from(filled)
         assert settings.db_url.startswith("postgresql://") and "@postgres:5432/" in settings.db_url
-        assert settings.s3_host == "minio:9000" and settings.label_studio == "http://label-studio:8080"
+        assert (
+            settings.s3_host == "minio:9000" and settings.label_studio == "http://label-studio:8080"
+        )
 
 
 def _secret() -> dict[str, Any]:
@@ -330,7 +339,9 @@ def test_ingest_fans_out_over_the_dask_cluster_of_the_manifest(variants: dict[st
     assert container["args"][:3] == ["dask", "worker", settings.dask_address]
     assert container["image"] == ingest["work_pool"]["job_variables"]["image"]
     # A batch on a Dask worker sees exactly the settings a flow run sees.
-    base_env = {k: v for k, v in job_env(ingest).items() if "DASK" not in k and "TASK_RUNNER" not in k}
+    base_env = {
+        k: v for k, v in job_env(ingest).items() if "DASK" not in k and "TASK_RUNNER" not in k
+    }
     assert {e["name"]: e["value"] for e in container["env"]} == base_env
     assert container["envFrom"] == [{"secretRef": {"name": _secret()["metadata"]["name"]}}]
     for doc in docs:
@@ -364,7 +375,9 @@ def test_job_variables_pass_the_servers_validation(variant: str, variants: dict[
 
 def test_training_gets_more_resources_than_the_rest(variants: dict[str, Any]) -> None:
     docker = {d["name"]: d["work_pool"]["job_variables"] for d in variants["docker"]["deployments"]}
-    k8s = {d["name"]: d["work_pool"]["job_variables"] for d in variants["kubernetes"]["deployments"]}
+    k8s = {
+        d["name"]: d["work_pool"]["job_variables"] for d in variants["kubernetes"]["deployments"]
+    }
     for name in docker:
         assert quantity(docker[name]["mem_limit"]) > 0
         requests = {k: quantity(k8s[name][k]) for k in ("cpu_request", "memory_request")}
@@ -433,7 +446,9 @@ def test_the_kubernetes_worker_may_do_what_it_must_and_no_more() -> None:
         assert doc["metadata"]["namespace"] == NAMESPACE
     assert not [d for d in docs if d["kind"].startswith("Cluster")]
     assert binding["roleRef"] == {
-        "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
     }
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}

@@ -7,13 +7,13 @@ metrics and the training snapshot's hash from each version's run, read on every 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from mlflow.exceptions import MlflowException, RestException
 
+from training.snapshots import SNAPSHOT_HASH_TAG
 from visionloop.registry import CHAMPION, client
 from visionloop.settings import Settings
-from training.snapshots import SNAPSHOT_HASH_TAG
 
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
@@ -53,7 +53,9 @@ def require_version(settings: Settings, version: str) -> None:
         client(settings).get_model_version(settings.model_name, version)
     except RestException as exc:
         if exc.error_code in _MISSING:
-            raise UnknownModelVersion(f"model {settings.model_name!r} has no version {version!r}") from None
+            raise UnknownModelVersion(
+                f"model {settings.model_name!r} has no version {version!r}"
+            ) from None
         raise
 
 
@@ -87,7 +89,7 @@ def catalog(settings: Settings, limit: int = 20) -> Catalog:
             VersionInfo(
                 version=str(mv.version),
                 aliases=by_version.get(str(mv.version), []),
-                created_at=datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc),
+                created_at=datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=UTC),
                 status=str(mv.status),
                 run_id=mv.run_id,
                 source=mv.source,

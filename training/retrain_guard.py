@@ -12,7 +12,7 @@ this guard; the guard is what still holds when that limit is bypassed or its lea
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -45,7 +45,7 @@ class GuardLost(RuntimeError):
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def create_run(trigger: str, reason: str = "", engine: Engine | None = None) -> RetrainingRun:
@@ -236,7 +236,7 @@ def fail_run(
             if mlflow.get_run(run.mlflow_run_id).info.status == "RUNNING":
                 mlflow.set_tag(run.mlflow_run_id, "visionloop.error", error[:5000])
                 mlflow.set_terminated(run.mlflow_run_id, status="FAILED")
-    except Exception as exc:  # noqa: BLE001 - the guard must be released even if MLflow is down
+    except Exception as exc:
         notes.append(f"cleanup incomplete: {type(exc).__name__}: {exc}")
     full_error = error + (f" ({'; '.join(notes)})" if notes else "")
     return release(

@@ -12,17 +12,17 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlmodel import col, func, select
 
-from visionloop.events import emit
-from visionloop.db import get_engine, session_scope
-from visionloop.models import ActivityEvent, RetrainingRun, RetrainStatus
 from training.retrain_guard import RetrainBusy, create_run, current_holder, reconcile, update_run
 from training.retrain_launcher import LaunchedRetrain
+from visionloop.db import get_engine, session_scope
+from visionloop.events import emit
+from visionloop.models import ActivityEvent, RetrainingRun, RetrainStatus
 from visionloop.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class RetrainingStatus:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def launched_pending(engine: Engine | None = None) -> RetrainingRun | None:
@@ -62,7 +62,10 @@ def launched_pending(engine: Engine | None = None) -> RetrainingRun | None:
     with session_scope(engine) as session:
         return session.exec(
             select(RetrainingRun)
-            .where(RetrainingRun.status == RetrainStatus.pending, col(RetrainingRun.prefect_flow_run_id).is_not(None))
+            .where(
+                RetrainingRun.status == RetrainStatus.pending,
+                col(RetrainingRun.prefect_flow_run_id).is_not(None),
+            )
             .order_by(col(RetrainingRun.id))
             .limit(1)
         ).first()
@@ -93,8 +96,13 @@ def request_retrain(
             raise LaunchFailed(error) from exc
     emit(
         "retrain.requested",
-        f"retrain requested by hand (run {launched.retraining_run_id})" + (f": {reason}" if reason else ""),
-        {"retraining_run_id": launched.retraining_run_id, "flow_run_id": launched.flow_run_id, "reason": reason},
+        f"retrain requested by hand (run {launched.retraining_run_id})"
+        + (f": {reason}" if reason else ""),
+        {
+            "retraining_run_id": launched.retraining_run_id,
+            "flow_run_id": launched.flow_run_id,
+            "reason": reason,
+        },
     )
     return launched
 
@@ -121,7 +129,8 @@ def _progress(run_id: int, engine: Engine | None = None, scan: int = 500) -> Pro
                 break
     not_metrics = ("epoch", "epochs", "retraining_run_id", "snapshot_id")
     metrics = {
-        k: float(v) for k, v in (epoch or {}).items()
+        k: float(v)
+        for k, v in (epoch or {}).items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in not_metrics
     }
     return Progress(
@@ -136,7 +145,7 @@ def retraining_status(settings: Settings, engine: Engine | None = None) -> Retra
     reconcile_error = None
     try:
         reconcile(settings, engine)
-    except Exception as exc:  # noqa: BLE001 - Prefect down must not hide what the database knows
+    except Exception as exc:
         reconcile_error = f"could not reconcile with Prefect: {type(exc).__name__}: {exc}"
         log.warning(reconcile_error)
     holder = current_holder(engine)
@@ -144,17 +153,25 @@ def retraining_status(settings: Settings, engine: Engine | None = None) -> Retra
     with session_scope(engine) as session:
         last = session.exec(
             select(RetrainingRun)
-            .where(col(RetrainingRun.status).in_(FINISHED), col(RetrainingRun.finished_at).is_not(None))
+            .where(
+                col(RetrainingRun.status).in_(FINISHED), col(RetrainingRun.finished_at).is_not(None)
+            )
             .order_by(col(RetrainingRun.finished_at).desc(), col(RetrainingRun.id).desc())
             .limit(1)
         ).first()
     state = "running" if holder else "queued" if current else "idle"
-    progress = _progress(current.id, engine) if current is not None and current.id is not None else None
+    progress = (
+        _progress(current.id, engine) if current is not None and current.id is not None else None
+    )
     return RetrainingStatus(state, current, progress, last, reconcile_error)
 
 
 def retraining_history(
-    *, limit: int, offset: int, status: str | None = None, trigger: str | None = None,
+    *,
+    limit: int,
+    offset: int,
+    status: str | None = None,
+    trigger: str | None = None,
     engine: Engine | None = None,
 ) -> tuple[int, list[RetrainingRun]]:
     """A page of retraining runs, newest first, and how many match in all."""
@@ -165,5 +182,7 @@ def retraining_history(
         if trigger:
             query = query.where(RetrainingRun.trigger == trigger)
         total = session.exec(select(func.count()).select_from(query.subquery())).one()
-        rows = session.exec(query.order_by(col(RetrainingRun.id).desc()).offset(offset).limit(limit)).all()
+        rows = session.exec(
+            query.order_by(col(RetrainingRun.id).desc()).offset(offset).limit(limit)
+        ).all()
     return int(total), list(rows)

@@ -22,11 +22,11 @@ from typing import IO, Any, Literal
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
-from visionloop.formats import SPLITS, data_yaml
+from training.snapshots import SnapshotError, read_manifest
 from visionloop.db import session_scope
+from visionloop.formats import SPLITS, data_yaml
 from visionloop.models import DatasetSnapshot
 from visionloop.settings import Settings
-from training.snapshots import SnapshotError, read_manifest
 from visionloop.storage import ObjectStore, StorageError
 
 ExportFormat = Literal["yolo", "coco", "labelstudio"]
@@ -71,7 +71,9 @@ def snapshot_for_export(snapshot_id: int | None, engine: Engine | None = None) -
             .limit(1)
         ).first()
     if row is None:
-        raise UnknownSnapshot("there is no dataset snapshot yet; export the reviewed labels first (flow export-labels)")
+        raise UnknownSnapshot(
+            "there is no dataset snapshot yet; export the reviewed labels first (flow export-labels)"
+        )
     return row
 
 
@@ -79,7 +81,9 @@ def _document(settings: Settings, store: ObjectStore, snapshot: DatasetSnapshot,
     try:
         return json.loads(store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + name))
     except StorageError as exc:
-        raise UnknownSnapshot(f"snapshot {snapshot.manifest_hash[:12]} has no {name}: {exc}") from exc
+        raise UnknownSnapshot(
+            f"snapshot {snapshot.manifest_hash[:12]} has no {name}: {exc}"
+        ) from exc
 
 
 def _only(document: Any, fmt: str, hashes: set[str]) -> Any:
@@ -93,7 +97,10 @@ def _only(document: Any, fmt: str, hashes: set[str]) -> Any:
 
 
 def export_snapshot(
-    settings: Settings, snapshot: DatasetSnapshot, fmt: ExportFormat, store: ObjectStore | None = None
+    settings: Settings,
+    snapshot: DatasetSnapshot,
+    fmt: ExportFormat,
+    store: ObjectStore | None = None,
 ) -> Export:
     store = store or ObjectStore(settings)
     stem = f"visionloop-{snapshot.kind}-{snapshot.manifest_hash[:12]}"
@@ -102,7 +109,9 @@ def export_snapshot(
     except SnapshotError as exc:  # the row exists but its files do not
         raise UnknownSnapshot(str(exc)) from exc
     if fmt == "yolo":
-        return Export(f"{stem}-yolo.zip", "application/zip", _yolo_zip(settings, store, snapshot, manifest))
+        return Export(
+            f"{stem}-yolo.zip", "application/zip", _yolo_zip(settings, store, snapshot, manifest)
+        )
     document = _document(settings, store, snapshot, _DOCUMENTS[fmt])
     if snapshot.kind == "holdout":
         document = _only(document, fmt, {item["image_hash"] for item in manifest["images"]})
@@ -112,7 +121,9 @@ def export_snapshot(
     return Export(f"{stem}-{fmt}.json", "application/json", body)
 
 
-def _yolo_zip(settings: Settings, store: ObjectStore, snapshot: DatasetSnapshot, manifest: dict[str, Any]) -> IO[bytes]:
+def _yolo_zip(
+    settings: Settings, store: ObjectStore, snapshot: DatasetSnapshot, manifest: dict[str, Any]
+) -> IO[bytes]:
     items = manifest["images"]
     present = [split for split in SPLITS if any(item["split"] == split for item in items)]
     body = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)
@@ -122,7 +133,9 @@ def _yolo_zip(settings: Settings, store: ObjectStore, snapshot: DatasetSnapshot,
         return item, get(item["image"]), get(item["label"])
 
     with zipfile.ZipFile(body, "w") as archive:
-        archive.writestr("data.yaml", data_yaml(manifest["class_names"], {s: f"images/{s}" for s in present}))
+        archive.writestr(
+            "data.yaml", data_yaml(manifest["class_names"], {s: f"images/{s}" for s in present})
+        )
         archive.writestr("manifest.json", json.dumps(manifest, indent=1), zipfile.ZIP_DEFLATED)
         with ThreadPoolExecutor(_IO_THREADS) as pool:
             for item, image, label in pool.map(fetch, items):

@@ -35,6 +35,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
+from training.profile import fingerprint, profile_entries
+from visionloop.db import get_engine, session_scope
+from visionloop.events import emit
 from visionloop.formats import (
     Entry,
     LabeledImage,
@@ -48,10 +51,7 @@ from visionloop.formats import (
     to_coco,
     to_label_studio,
 )
-from visionloop.events import emit
-from visionloop.db import get_engine, session_scope
 from visionloop.models import DatasetSnapshot, Image, ReviewedLabel
-from training.profile import fingerprint, profile_entries
 from visionloop.registry import ModelRef, client
 from visionloop.settings import Settings
 from visionloop.storage import ObjectStore, StorageError, sha256_hex

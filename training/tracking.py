@@ -9,9 +9,9 @@ from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 
+from training.trainer import EpochCallback, TrainResult, train_yolo
 from visionloop.registry import WEIGHTS_DIR, client, code_version, ensure_experiment
 from visionloop.settings import Settings
-from training.trainer import EpochCallback, TrainResult, train_yolo
 
 
 def tracked_training(
@@ -33,10 +33,12 @@ def tracked_training(
     it while the run is live (a killed process can then still have its run ended by others).
     """
     mlflow = client(settings)
-    all_tags = {"mlflow.runName": run_name, "visionloop.code_version": code_version(), **(tags or {})}
-    run = mlflow.create_run(
-        ensure_experiment(settings), tags=all_tags, run_name=run_name
-    )
+    all_tags = {
+        "mlflow.runName": run_name,
+        "visionloop.code_version": code_version(),
+        **(tags or {}),
+    }
+    run = mlflow.create_run(ensure_experiment(settings), tags=all_tags, run_name=run_name)
     run_id = run.info.run_id
     all_params = {
         "model_source": model_source,
@@ -52,7 +54,11 @@ def tracked_training(
     def _log_epoch(record: dict[str, Any]) -> None:
         now = int(time.time() * 1000)
         step = int(record["epoch"])
-        metrics = [Metric(k, float(v), now, step) for k, v in record.items() if k not in ("epoch", "epochs")]
+        metrics = [
+            Metric(k, float(v), now, step)
+            for k, v in record.items()
+            if k not in ("epoch", "epochs")
+        ]
         if metrics:
             mlflow.log_batch(run_id, metrics=metrics)
         if on_epoch:
@@ -82,7 +88,9 @@ def tracked_training(
         )
     except BaseException as exc:
         mlflow.set_tag(run_id, "visionloop.error", f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.set_terminated(run_id, status="FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
+        mlflow.set_terminated(
+            run_id, status="FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED"
+        )
         raise
     mlflow.set_terminated(run_id, status="FINISHED")
     return run_id, result

@@ -71,7 +71,11 @@ def train_yolo(
     def _epoch_end(trainer: Any) -> None:
         if trainer.epoch + 1 > trainer.epochs:
             return  # the final validation of best.pt fires this hook once more
-        losses = trainer.label_loss_items(trainer.tloss, prefix="train") if trainer.tloss is not None else {}
+        losses = (
+            trainer.label_loss_items(trainer.tloss, prefix="train")
+            if trainer.tloss is not None
+            else {}
+        )
         record = {
             "epoch": trainer.epoch + 1,
             "epochs": trainer.epochs,

@@ -12,7 +12,6 @@ from sqlmodel import select
 from visionloop.db import session_scope
 from visionloop.models import ActivityEvent
 
-
 Listener = Callable[[ActivityEvent], None]
 _listeners: list[Listener] = []
 
@@ -40,7 +39,9 @@ def emit(
 
 
 def recent(
-    limit: int = 100, since: datetime | None = None, kind_prefix: str | None = None,
+    limit: int = 100,
+    since: datetime | None = None,
+    kind_prefix: str | None = None,
     engine: Engine | None = None,
 ) -> list[ActivityEvent]:
     with session_scope(engine) as session:

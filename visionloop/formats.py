@@ -91,8 +91,8 @@ class SplitPolicy:
 
     def __post_init__(self) -> None:
         if not (
-            0 <= self.test_percent
-            and 0 <= self.val_percent
+            self.test_percent >= 0
+            and self.val_percent >= 0
             and self.test_percent + self.val_percent < 100
         ):
             raise ValueError(

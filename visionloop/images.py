@@ -178,7 +178,7 @@ def decode_image(
     decoded_size = image.size
     try:
         ImageOps.exif_transpose(image, in_place=True)
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not cost a good image
+    except Exception:
         pass
     if image.size != decoded_size:  # rotated by 90 degrees
         width, height = height, width

@@ -7,7 +7,7 @@ string, review tasks by their Label Studio task id, flow runs by their Prefect f
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Index, String, Text, UniqueConstraint
@@ -15,7 +15,7 @@ from sqlmodel import Field, SQLModel
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class ImageStatus(str, enum.Enum):
@@ -71,7 +71,9 @@ class Image(SQLModel, table=True):
     features: dict[str, float] | None = Field(default=None, sa_type=JSON)
     status: ImageStatus = Field(default=ImageStatus.ingested, sa_type=String(16), index=True)
     quarantine_reason: str | None = Field(default=None, sa_type=Text)
-    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True), index=True)
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_type=DateTime(timezone=True), index=True
+    )
 
 
 class Prediction(SQLModel, table=True):
@@ -90,7 +92,9 @@ class Prediction(SQLModel, table=True):
     min_confidence: float | None = None
     uncertainty: float | None = Field(default=None, description="Higher means less sure.")
     source: str = Field(default="ingest", sa_type=String(16), description="ingest | api")
-    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True), index=True)
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_type=DateTime(timezone=True), index=True
+    )
 
 
 class LabelingQueueItem(SQLModel, table=True):
@@ -112,7 +116,9 @@ class LabelingQueueItem(SQLModel, table=True):
     sync_error: str | None = Field(
         default=None, sa_type=Text, description="Why the last annotation synced was rejected."
     )
-    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True), index=True)
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_type=DateTime(timezone=True), index=True
+    )
     labeled_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
 
 
@@ -142,7 +148,12 @@ class DatasetSnapshot(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     manifest_hash: str = Field(sa_type=String(64), unique=True, index=True)
-    kind: str = Field(default="training", sa_type=String(16), index=True, description="training | holdout | bootstrap")
+    kind: str = Field(
+        default="training",
+        sa_type=String(16),
+        index=True,
+        description="training | holdout | bootstrap",
+    )
     object_prefix: str = Field(sa_type=String(1024))
     manifest_key: str | None = Field(default=None, sa_type=String(1024))
     num_images: int = 0
@@ -151,7 +162,9 @@ class DatasetSnapshot(SQLModel, table=True):
     num_test: int = 0
     class_names: list[str] = Field(default_factory=list, sa_type=JSON)
     profile: dict[str, Any] | None = Field(default=None, sa_type=JSON)
-    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True), index=True)
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_type=DateTime(timezone=True), index=True
+    )
 
 
 class RetrainingRun(SQLModel, table=True):
@@ -159,7 +172,9 @@ class RetrainingRun(SQLModel, table=True):
     __table_args__ = (Index("ix_retraining_runs_status_started", "status", "started_at"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    trigger: str = Field(sa_type=String(32), description="drift | labels | manual | schedule | bootstrap")
+    trigger: str = Field(
+        sa_type=String(32), description="drift | labels | manual | schedule | bootstrap"
+    )
     reason: str = Field(default="", sa_type=Text)
     status: RetrainStatus = Field(default=RetrainStatus.pending, sa_type=String(16), index=True)
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
@@ -182,7 +197,9 @@ class DriftResult(SQLModel, table=True):
     __tablename__ = "drift_results"
 
     id: int | None = Field(default=None, primary_key=True)
-    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True), index=True)
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_type=DateTime(timezone=True), index=True
+    )
     model_version: str | None = Field(default=None, sa_type=String(64))
     stat_test: str = Field(sa_type=String(32))
     drift_score: float
@@ -200,7 +217,9 @@ class ActivityEvent(SQLModel, table=True):
     __table_args__ = (Index("ix_activity_events_kind_created", "kind", "created_at"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True), index=True)
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_type=DateTime(timezone=True), index=True
+    )
     kind: str = Field(sa_type=String(64), description="ingest.progress, training.epoch, ...")
     level: str = Field(default="info", sa_type=String(16))
     message: str = Field(default="", sa_type=Text)

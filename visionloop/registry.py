@@ -45,10 +45,16 @@ def client(settings: Settings) -> MlflowClient:
 
 def code_version() -> str:
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).parent,
-        ).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -117,7 +123,9 @@ def download_weights(settings: Settings, ref: ModelRef, dst: Path) -> Path:
         return weights
     target.mkdir(parents=True, exist_ok=True)
     mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{ref.source}/{WEIGHTS_FILE}", dst_path=str(target), tracking_uri=settings.mlflow_uri
+        artifact_uri=f"{ref.source}/{WEIGHTS_FILE}",
+        dst_path=str(target),
+        tracking_uri=settings.mlflow_uri,
     )
     if not weights.exists():
         raise RegistryError(f"model version {ref.version} has no {WEIGHTS_DIR}/{WEIGHTS_FILE}")

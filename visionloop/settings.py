@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing import Annotated, Literal
 
 
 class Settings(BaseSettings):
@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     )
     s3_access_key: str = Field(default="visionloop")
     s3_secret_key: SecretStr = Field(
-        default=SecretStr(""), description="Empty means the one generated in <data_dir>/secrets.env."
+        default=SecretStr(""),
+        description="Empty means the one generated in <data_dir>/secrets.env.",
     )
     s3_secure: bool = Field(default=False, description="Use HTTPS for the S3 API.")
     s3_region: str = Field(default="us-east-1")
@@ -80,7 +81,8 @@ class Settings(BaseSettings):
     )
     label_studio_username: str = Field(default="admin@visionloop.local")
     label_studio_password: SecretStr = Field(
-        default=SecretStr(""), description="Empty means the one generated in <data_dir>/secrets.env."
+        default=SecretStr(""),
+        description="Empty means the one generated in <data_dir>/secrets.env.",
     )
     label_studio_project: str = Field(default="visionloop review")
     label_studio_version: str = Field(default="1.23.2")
@@ -100,8 +102,12 @@ class Settings(BaseSettings):
         default_factory=lambda: ["scratch", "dent", "stain"],
         description="Detector classes, comma separated in the environment.",
     )
-    model_yaml: str = Field(default="yolov8n.yaml", description="Architecture when no weights exist.")
-    initial_weights: str = Field(default="", description="Optional .pt to start the first model from.")
+    model_yaml: str = Field(
+        default="yolov8n.yaml", description="Architecture when no weights exist."
+    )
+    initial_weights: str = Field(
+        default="", description="Optional .pt to start the first model from."
+    )
     image_size: int = Field(default=160)
     train_epochs: int = Field(default=40)
     train_batch: int = Field(default=16)
@@ -124,7 +130,9 @@ class Settings(BaseSettings):
     drift_stat_test: str = Field(
         default="ks", description="Evidently stat test: ks, psi, wasserstein, jensenshannon, ..."
     )
-    drift_window_hours: float = Field(default=24.0, description="Current window: the last N hours...")
+    drift_window_hours: float = Field(
+        default=24.0, description="Current window: the last N hours..."
+    )
     drift_window_size: int = Field(default=500, description="...or at most the last N images.")
     drift_min_window: int = Field(default=30, description="Fewer images than this: no verdict.")
     min_new_labels: int = Field(default=100)
@@ -168,9 +176,7 @@ class Settings(BaseSettings):
             raise ValueError(f"VISIONLOOP_CLASS_NAMES has duplicates: {value}")
         return value
 
-    @field_validator(
-        "mlflow_port", "prefect_port", "label_studio_port", "api_port", "s3_port"
-    )
+    @field_validator("mlflow_port", "prefect_port", "label_studio_port", "api_port", "s3_port")
     @classmethod
     def _valid_port(cls, value: int) -> int:
         if not 1 <= value <= 65535:
@@ -178,7 +184,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_thresholds(self) -> "Settings":
+    def _check_thresholds(self) -> Settings:
         if not 0 <= self.uncertainty_low < self.uncertainty_high <= 1:
             raise ValueError(
                 "need 0 <= VISIONLOOP_UNCERTAINTY_LOW < VISIONLOOP_UNCERTAINTY_HIGH <= 1, got "

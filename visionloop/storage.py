@@ -98,13 +98,19 @@ class ObjectStore:
         """Create the platform's buckets that are missing; returns the ones created."""
         created = []
         for bucket in buckets or self.settings.all_buckets:
-            if not self._call(f"check bucket {bucket}", lambda b=bucket: self.client.bucket_exists(b)):
+            if not self._call(
+                f"check bucket {bucket}", lambda b=bucket: self.client.bucket_exists(b)
+            ):
                 try:
-                    self._call(f"create bucket {bucket}", lambda b=bucket: self.client.make_bucket(b))
+                    self._call(
+                        f"create bucket {bucket}", lambda b=bucket: self.client.make_bucket(b)
+                    )
                     created.append(bucket)
                 except StorageError as exc:
                     # Another process won the race: that is what we wanted anyway.
-                    if "BucketAlreadyOwnedByYou" not in str(exc) and "BucketAlreadyExists" not in str(exc):
+                    if "BucketAlreadyOwnedByYou" not in str(
+                        exc
+                    ) and "BucketAlreadyExists" not in str(exc):
                         raise
         return created
 
@@ -157,7 +163,9 @@ class ObjectStore:
                 raise StorageError(f"s3://{bucket}/{key} does not exist") from exc
             raise
 
-    def list_objects(self, bucket: str, prefix: str = "", recursive: bool = True) -> Iterator[ObjectInfo]:
+    def list_objects(
+        self, bucket: str, prefix: str = "", recursive: bool = True
+    ) -> Iterator[ObjectInfo]:
         objects = self._call(
             f"list s3://{bucket}/{prefix}",
             lambda: list(self.client.list_objects(bucket, prefix=prefix, recursive=recursive)),
@@ -175,5 +183,7 @@ class ObjectStore:
 
         return self._call(
             f"presign s3://{bucket}/{key}",
-            lambda: self.client.presigned_get_object(bucket, key, expires=timedelta(seconds=expires_s)),
+            lambda: self.client.presigned_get_object(
+                bucket, key, expires=timedelta(seconds=expires_s)
+            ),
         )

@@ -152,9 +152,11 @@ def _draw_mask(class_id: int, rng: np.random.Generator, size: int) -> np.ndarray
     s = float(size)
     margin = 0.12 * s
     cx, cy = rng.uniform(margin, s - margin, 2)
-    shape = ("scratch", "dent", "stain")[class_id] if class_id < 3 else _EXTRA_SHAPES[
-        (class_id - 3) % len(_EXTRA_SHAPES)
-    ]
+    shape = (
+        ("scratch", "dent", "stain")[class_id]
+        if class_id < 3
+        else _EXTRA_SHAPES[(class_id - 3) % len(_EXTRA_SHAPES)]
+    )
     aa = cv2.LINE_AA
     if shape == "scratch":
         # A scuff of a few near-parallel strokes: one thin line alone gives a box so narrow

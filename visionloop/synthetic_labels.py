@@ -9,8 +9,8 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
-from visionloop.formats import YoloBox, box_dicts
 from visionloop.db import session_scope
+from visionloop.formats import YoloBox, box_dicts
 from visionloop.models import Image, ImageStatus, ReviewedLabel, Verdict
 from visionloop.settings import Settings
 from visionloop.storage import ObjectStore, content_key, sha256_hex

@@ -33,7 +33,9 @@ HEARTBEAT_S = 15.0
 MAX_BATCH = 500
 
 
-def events_after(after_id: int | None, limit: int, kind_prefix: str | None = None) -> list[EventOut]:
+def events_after(
+    after_id: int | None, limit: int, kind_prefix: str | None = None
+) -> list[EventOut]:
     """Events after ``after_id`` (the first ``limit``), or else the newest ``limit``; oldest first."""
     with session_scope() as session:
         query = select(ActivityEvent)
@@ -53,8 +55,12 @@ def _message(event: EventOut) -> str:
 
 @router.get("", response_model=list[EventOut], responses=responses(422))
 def events(
-    after_id: Annotated[int | None, Query(ge=0, le=MAX_ID, description="Only events with a larger id.")] = None,
-    kind: Annotated[str | None, Query(max_length=64, description="Only kinds starting with this: training.")] = None,
+    after_id: Annotated[
+        int | None, Query(ge=0, le=MAX_ID, description="Only events with a larger id.")
+    ] = None,
+    kind: Annotated[
+        str | None, Query(max_length=64, description="Only kinds starting with this: training.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_BATCH)] = 100,
 ) -> list[EventOut]:
     """Recent activity events, oldest first: the newest ``limit``, or those after ``after_id``."""
@@ -64,13 +70,18 @@ def events(
 @router.get(
     "/stream",
     response_class=Response,  # the 200 is an event stream, the errors beside it JSON
-    responses={**content("text/event-stream", "Server-sent events, one per activity event."), **responses(422)},
+    responses={
+        **content("text/event-stream", "Server-sent events, one per activity event."),
+        **responses(422),
+    },
 )
 async def stream(
     request: Request,
     replay: Annotated[int, Query(ge=0, le=MAX_BATCH, description="Recent events sent first.")] = 50,
     kind: Annotated[str | None, Query(max_length=64)] = None,
-    last_event_id: Annotated[int | None, Header(ge=0, le=MAX_ID, description="Sent by EventSource.")] = None,
+    last_event_id: Annotated[
+        int | None, Header(ge=0, le=MAX_ID, description="Sent by EventSource.")
+    ] = None,
 ) -> StreamingResponse:
     """Activity events as they happen (ingest progress, queue growth, training stages and epochs,
     promotions, drift level changes, alerts); the newest ``replay`` first, or everything after

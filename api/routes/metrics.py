@@ -21,7 +21,9 @@ _P_VALUE_KEY = "_p_value"  # stored beside the per-feature entries by monitoring
 
 
 def _drift_out(row: DriftResult) -> DriftOut:
-    features = {k: v for k, v in (row.features or {}).items() if k != _P_VALUE_KEY and isinstance(v, dict)}
+    features = {
+        k: v for k, v in (row.features or {}).items() if k != _P_VALUE_KEY and isinstance(v, dict)
+    }
     ranked = sorted(features.values(), key=lambda f: -float(f.get("severity", 0.0)))
     return DriftOut.model_validate(
         {
@@ -36,7 +38,9 @@ def _drift_out(row: DriftResult) -> DriftOut:
 def _latest(session: Session) -> DriftResult:
     row = session.exec(select(DriftResult).order_by(col(DriftResult.id).desc()).limit(1)).first()
     if row is None:
-        raise NotFound("drift has not been measured yet (the drift flow runs hourly, or start it in Prefect)")
+        raise NotFound(
+            "drift has not been measured yet (the drift flow runs hourly, or start it in Prefect)"
+        )
     return row
 
 
@@ -78,7 +82,9 @@ def _report(settings: Settings, store: ObjectStore, row: DriftResult) -> HTMLRes
     try:
         html = store.get_bytes(settings.bucket_reports, row.report_key)
     except StorageError as exc:
-        raise NotFound(f"the report of drift result {row.id} is gone from the object store: {exc}") from exc
+        raise NotFound(
+            f"the report of drift result {row.id} is gone from the object store: {exc}"
+        ) from exc
     return HTMLResponse(html)
 
 
@@ -98,6 +104,12 @@ def drift_result(session: SessionDep, result_id: ResultId) -> DriftOut:
     return _drift_out(_result(session, result_id))
 
 
-@router.get("/drift/{result_id}/report", response_class=Response, responses={**_HTML, **responses(404, 422, 503)})
-def report(session: SessionDep, settings: SettingsDep, store: StoreDep, result_id: ResultId) -> HTMLResponse:
+@router.get(
+    "/drift/{result_id}/report",
+    response_class=Response,
+    responses={**_HTML, **responses(404, 422, 503)},
+)
+def report(
+    session: SessionDep, settings: SettingsDep, store: StoreDep, result_id: ResultId
+) -> HTMLResponse:
     return _report(settings, store, _result(session, result_id))

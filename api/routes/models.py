@@ -36,7 +36,9 @@ def promote_version(
     """Make ``version`` the champion; the one it replaces becomes `previous`. Serving follows
     within the predictor's recheck interval, without a restart."""
     require_version(settings, version)
-    change = promote(settings, version, reason=(body.reason if body else "") or "promoted through the API")
+    change = promote(
+        settings, version, reason=(body.reason if body else "") or "promoted through the API"
+    )
     return AliasChangeOut.model_validate(change)
 
 
@@ -46,13 +48,17 @@ def promote_version(
     dependencies=[Token],
     responses={**AUTH, **BODY, **responses(404, 409)},
 )
-def rollback_champion(settings: SettingsDep, body: Annotated[RollbackIn | None, Body()] = None) -> AliasChangeOut:
+def rollback_champion(
+    settings: SettingsDep, body: Annotated[RollbackIn | None, Body()] = None
+) -> AliasChangeOut:
     """Make `previous` (or ``to_version``) the champion again; 409 when there is nothing to go back to."""
     body = body or RollbackIn()
     if body.to_version is not None:
         require_version(settings, body.to_version)
     try:
-        change = rollback(settings, body.to_version, reason=body.reason or "rolled back through the API")
+        change = rollback(
+            settings, body.to_version, reason=body.reason or "rolled back through the API"
+        )
     except RegistryError as exc:  # no `previous` alias: a state, not an outage
         raise Conflict(str(exc)) from exc
     return AliasChangeOut.model_validate(change)

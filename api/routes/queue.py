@@ -14,9 +14,9 @@ from sqlmodel import col, func, select
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.errors import responses
 from api.schemas import MAX_ID, IsoDatetime, Offset, Page, QueueItemOut, QueueStatsOut, SnapshotOut
-from visionloop.models import DatasetSnapshot, QueueStatus
 from labeling.review_queue import QueueFilter, queue_page, queue_stats
 from training.snapshot_export import ExportFormat, export_snapshot, snapshot_for_export
+from visionloop.models import DatasetSnapshot, QueueStatus
 
 router = APIRouter(prefix="/api/labeling", tags=["labeling"])
 
@@ -35,10 +35,17 @@ def queue(
     offset: Offset = 0,
 ) -> Page[QueueItemOut]:
     """Queue items matching every filter given, newest first unless ``order=oldest``."""
-    where = QueueFilter(status, flagged_reason, min_confidence, max_confidence, created_after, created_before)
-    total, rows = queue_page(session, where, limit=limit, offset=offset, newest_first=order == "newest")
+    where = QueueFilter(
+        status, flagged_reason, min_confidence, max_confidence, created_after, created_before
+    )
+    total, rows = queue_page(
+        session, where, limit=limit, offset=offset, newest_first=order == "newest"
+    )
     return Page[QueueItemOut](
-        total=total, limit=limit, offset=offset, items=[QueueItemOut.model_validate(r) for r in rows]
+        total=total,
+        limit=limit,
+        offset=offset,
+        items=[QueueItemOut.model_validate(r) for r in rows],
     )
 
 
@@ -54,7 +61,12 @@ def stats(session: SessionDep, settings: SettingsDep) -> QueueStatsOut:
             "labeled": result.by_status.get(QueueStatus.labeled.value, 0),
             "approved": result.by_status.get(QueueStatus.approved.value, 0),
             "classes": [
-                {**c.__dict__, "false_positives": c.false_positives, "missed": c.missed, "error_rate": c.error_rate}
+                {
+                    **c.__dict__,
+                    "false_positives": c.false_positives,
+                    "missed": c.missed,
+                    "error_rate": c.error_rate,
+                }
                 for c in result.classes
             ],
         }
@@ -85,8 +97,10 @@ def snapshots(
     responses={
         200: {
             "description": "The snapshot: a zip for yolo, JSON for coco and labelstudio.",
-            "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}},
-                        "application/json": {}},
+            "content": {
+                "application/zip": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {},
+            },
         },
         **responses(404, 422, 503),
     },
@@ -94,8 +108,10 @@ def snapshots(
 def export(
     settings: SettingsDep,
     store: StoreDep,
-    format: ExportFormat = "yolo",  # noqa: A002 - the query parameter's public name
-    snapshot_id: Annotated[int | None, Query(ge=1, le=MAX_ID, description="Default: the newest one.")] = None,
+    format: ExportFormat = "yolo",
+    snapshot_id: Annotated[
+        int | None, Query(ge=1, le=MAX_ID, description="Default: the newest one.")
+    ] = None,
 ) -> StreamingResponse:
     """A dataset snapshot as a YOLO zip, COCO JSON or Label Studio JSON."""
     snapshot = snapshot_for_export(snapshot_id)

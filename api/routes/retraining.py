@@ -19,9 +19,14 @@ from api.schemas import (
     TriggerOut,
 )
 from monitoring.conditions import retraining_conditions
+from training.retrain_requests import (
+    LaunchFailed,
+    request_retrain,
+    retraining_history,
+    retraining_status,
+)
 from visionloop.models import RetrainingRun, RetrainStatus
 from visionloop.registry import CHAMPION, get_alias
-from training.retrain_requests import LaunchFailed, request_retrain, retraining_history, retraining_status
 
 router = APIRouter(prefix="/api/retraining", tags=["retraining"])
 
@@ -64,7 +69,10 @@ def history(
         limit=limit, offset=offset, status=status.value if status else None, trigger=trigger
     )
     return Page[RetrainingRunOut](
-        total=total, limit=limit, offset=offset, items=[RetrainingRunOut.model_validate(r) for r in rows]
+        total=total,
+        limit=limit,
+        offset=offset,
+        items=[RetrainingRunOut.model_validate(r) for r in rows],
     )
 
 
