@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from visionloop.events import EventKind
+
 if TYPE_CHECKING:
     from visionloop.settings import Settings
 
@@ -136,7 +138,7 @@ def _stage_times(run_id: int, started: float, finished: float) -> dict[str, floa
             e
             for e in session.exec(
                 select(ActivityEvent)
-                .where(ActivityEvent.kind == "retrain.stage")
+                .where(ActivityEvent.kind == EventKind.RETRAIN_STAGE.value)
                 .order_by(ActivityEvent.id)
             )
             if e.payload.get("retraining_run_id") == run_id

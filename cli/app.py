@@ -179,13 +179,15 @@ def bootstrap(
     settings = _settings()
     _use_stack_env(settings)
     from flows.bootstrap import bootstrap_flow
-    from visionloop.events import subscribe
+    from visionloop.events import EventKind, subscribe
 
     total = epochs or settings.train_epochs
     with _bar("training the first champion (epochs)", total) as advance:
         unsubscribe = subscribe(
             lambda event: (
-                advance(event.payload.get("epoch", 0)) if event.kind == "training.epoch" else None
+                advance(event.payload.get("epoch", 0))
+                if event.kind == EventKind.TRAINING_EPOCH
+                else None
             )
         )
         try:

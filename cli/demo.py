@@ -31,6 +31,7 @@ from cli.simulated_reviewer import SIMULATED_REVIEWER_EMAIL, review_open_tasks
 from training.evaluation import evaluate_weights
 from training.snapshots import download_snapshot, get_snapshot
 from visionloop.db import session_scope
+from visionloop.events import EventKind
 from visionloop.models import ActivityEvent, RetrainingRun, RetrainStatus
 from visionloop.registry import CHAMPION, download_weights, get_alias, get_version
 from visionloop.settings import Settings
@@ -98,7 +99,7 @@ def run_step(ui: StoryUI, label: str, name: str, parameters: dict[str, Any], tim
     return flow_run_id
 
 
-def _events_since(kind: str, since: datetime) -> list[ActivityEvent]:
+def _events_since(kind: EventKind, since: datetime) -> list[ActivityEvent]:
     return [e for e in loop_report.rows_since(ActivityEvent, since) if e.kind == kind]
 
 
@@ -113,7 +114,7 @@ def wait_for_retrain(run_id: int, ui: StoryUI, epochs: int, timeout: float) -> R
             assert run is not None
             done = [
                 e.payload.get("epoch", 0)
-                for e in _events_since("training.epoch", started)
+                for e in _events_since(EventKind.TRAINING_EPOCH, started)
                 if e.payload.get("retraining_run_id") == run_id
             ]
             if done:
@@ -219,7 +220,7 @@ def run_story(
             {},
             flow_timeout,
         )
-        decisions = _events_since("retrain.conditions", round_started)
+        decisions = _events_since(EventKind.RETRAIN_CONDITIONS, round_started)
         record.decision = decisions[-1].message if decisions else "(no decision recorded)"
         ui.say(
             f"round {index}: {record.uploaded} uploaded ({'drifted' if record.drifted else 'normal'}), "

@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger, task
 
 from training.snapshots import SNAPSHOT_HASH_TAG, materialise, yolo_folder_sources
 from training.tracking import tracked_training
-from visionloop.events import emit
+from visionloop.events import EventKind, emit
 from visionloop.registry import CHAMPION, ModelRef, get_alias, register_weights
 from visionloop.settings import get_settings
 from visionloop.synthetic import write_yolo_dataset
@@ -52,7 +52,11 @@ def train_seed_model(
         logger.info(
             "epoch %s/%s mAP50=%.3f", record["epoch"], record["epochs"], record.get("mAP50", 0.0)
         )
-        emit("training.epoch", f"bootstrap epoch {record['epoch']}/{record['epochs']}", record)
+        emit(
+            EventKind.TRAINING_EPOCH,
+            f"bootstrap epoch {record['epoch']}/{record['epochs']}",
+            record,
+        )
 
     run_id, result = tracked_training(
         settings,
@@ -82,13 +86,13 @@ def bootstrap_flow(
     if existing is not None and not force:
         return {"created": False, "version": existing.version, "run_id": existing.run_id}
 
-    emit("training.started", "bootstrap training started")
+    emit(EventKind.TRAINING_STARTED, "bootstrap training started")
     data_yaml = generate_seed_set(images or settings.bootstrap_images, settings.seed)
     snapshot_hash = snapshot_seed_set(data_yaml)
     run_id, metrics = train_seed_model(data_yaml, epochs or settings.train_epochs, snapshot_hash)
     ref = register_champion(run_id)
     emit(
-        "model.promoted",
+        EventKind.MODEL_PROMOTED,
         f"bootstrap model version {ref.version} is the champion (mAP50 {metrics.get('mAP50', 0):.3f})",
         {"version": ref.version, "run_id": run_id, "metrics": metrics},
     )

@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger, task
 from monitoring.conditions import retraining_conditions
 from training.retrain_guard import reconcile
 from training.retrain_launcher import launch_retrain
-from visionloop.events import emit
+from visionloop.events import EventKind, emit
 from visionloop.settings import get_settings
 
 
@@ -48,7 +48,7 @@ def check_and_retrain_flow(dry_run: bool = False) -> dict[str, Any]:
             condition["reason"],
         )
     emit(
-        "retrain.conditions",
+        EventKind.RETRAIN_CONDITIONS,
         decision["summary"],
         {"should_retrain": decision["should_retrain"], "trigger": decision["trigger"]},
     )

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from training.evaluation import EvalResult, evaluate_weights
 from training.gate import DEFAULT_PRIMARY_METRIC, GateDecision, decide
 from training.snapshots import HOLDOUT_HASH_TAG, download_snapshot, get_snapshot
-from visionloop.events import emit
+from visionloop.events import EventKind, emit
 from visionloop.registry import CHAMPION, ModelRef, client, download_weights, get_alias, get_version
 from visionloop.settings import Settings, get_settings
 
@@ -136,7 +136,7 @@ def evaluate_flow(
             decision,
         )
     emit(
-        "evaluation.finished",
+        EventKind.EVALUATION_FINISHED,
         f"challenger version {challenger_ref.version} vs "
         + (f"champion version {champion_ref.version}" if champion_ref else "no champion")
         + f": {'promote' if decision.promote else 'keep the champion'}",

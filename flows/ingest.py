@@ -52,7 +52,7 @@ from labeling.tasks import QueueReport, queue_for_review
 from monitoring.drift_state import latest_drift_level
 from serving.predictor import PREDICT_CONF
 from visionloop.db import session_scope
-from visionloop.events import emit
+from visionloop.events import EventKind, emit
 from visionloop.settings import Settings, get_settings
 from visionloop.storage import ObjectStore
 
@@ -157,7 +157,7 @@ def queue_uncertain(candidates: list[Candidate], policy: SelectionPolicy) -> Que
     )
     if report.added:
         emit(
-            "queue.added",
+            EventKind.QUEUE_ADDED,
             f"{len(report.added)} images queued for review",
             {
                 "images": report.added,
@@ -237,7 +237,7 @@ def ingest_flow(
         logger.info(message)
         update_progress_artifact(progress, percent)
         emit(
-            "ingest.progress",
+            EventKind.INGEST_PROGRESS,
             message,
             {"done": done, "total": len(files), **totals, "files_per_second": rate},
         )
@@ -283,7 +283,7 @@ def ingest_flow(
     }
     create_markdown_artifact(_summary_markdown(summary, quarantined), key="ingest-summary")
     emit(
-        "ingest.completed",
+        EventKind.INGEST_COMPLETED,
         f"ingest: {summary['ingested']} new images, {summary['quarantined']} quarantined, "
         f"{summary['queued']} queued for review",
         {k: v for k, v in summary.items() if k != "queued_images"},

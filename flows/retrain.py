@@ -31,7 +31,7 @@ from training.promotion import promote
 from training.retrain_guard import GuardLost, acquire, fail_run, holds, release, update_run
 from training.snapshots import get_snapshot, image_hashes, mark_labels_used, read_manifest
 from visionloop.db import get_engine
-from visionloop.events import emit
+from visionloop.events import EventKind, emit
 from visionloop.formats import DEFAULT_TEST_PERCENT, DEFAULT_VAL_PERCENT
 from visionloop.models import RetrainingRun, RetrainStatus
 from visionloop.registry import CHAMPION, get_alias
@@ -57,7 +57,7 @@ def ensure_concurrency_limit(name: str = RETRAIN_CONCURRENCY, slots: int = 1) ->
 def _stage(run: RetrainingRun, stage: str) -> None:
     get_run_logger().info("retraining run %s: %s", run.id, stage)
     emit(
-        "retrain.stage",
+        EventKind.RETRAIN_STAGE,
         f"retraining run {run.id}: {stage}",
         {"retraining_run_id": run.id, "stage": stage},
     )
@@ -200,7 +200,7 @@ def retrain_flow(
             run_id=retraining_run_id,
         )
         emit(
-            "retrain.started",
+            EventKind.RETRAIN_STARTED,
             f"retraining run {run.id} started ({trigger}{': ' + reason if reason else ''})",
             {"retraining_run_id": run.id, "trigger": trigger, "flow_run_id": flow_run_id},
         )
@@ -220,7 +220,7 @@ def retrain_flow(
         except BaseException as exc:
             failed = fail_run(settings, run.id, _describe(exc))
             notify(
-                "retrain.failed",
+                EventKind.RETRAIN_FAILED,
                 f"retraining run {run.id} failed: {failed.error}",
                 {"retraining_run_id": run.id, "error": failed.error},
                 webhook_url=webhook,
@@ -236,7 +236,7 @@ def retrain_flow(
         f"champion stays version {summary['champion_version']}"
     )
     notify(
-        "retrain.finished",
+        EventKind.RETRAIN_FINISHED,
         f"retraining run {run.id} finished: {verdict}",
         {
             k: summary[k]

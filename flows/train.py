@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from training.retrain_guard import update_run
 from training.snapshots import SNAPSHOT_HASH_TAG, download_snapshot, get_snapshot
 from training.tracking import tracked_training
-from visionloop.events import emit
+from visionloop.events import EventKind, emit
 from visionloop.registry import CHALLENGER, CHAMPION, download_weights, get_alias, register_weights
 from visionloop.settings import get_settings
 
@@ -47,7 +47,7 @@ def train_flow(
         source = settings.initial_weights or settings.model_yaml
     context = {"retraining_run_id": retraining_run_id, "snapshot_id": snapshot.id}
     emit(
-        "training.started",
+        EventKind.TRAINING_STARTED,
         f"training a challenger on snapshot {snapshot.manifest_hash[:12]} for {epochs} epochs from "
         + (f"champion version {base.version}" if base else source),
         {
@@ -73,7 +73,7 @@ def train_flow(
             record.get("mAP50-95", 0.0),
         )
         emit(
-            "training.epoch",
+            EventKind.TRAINING_EPOCH,
             f"epoch {record['epoch']}/{record['epochs']}: mAP50 {record.get('mAP50', 0.0):.3f}",
             {**context, "stage": "train", **record},
         )
@@ -104,7 +104,7 @@ def train_flow(
     ref = register_weights(settings, run_id, alias=CHALLENGER)
     shutil.rmtree(run_dir, ignore_errors=True)  # the weights live in MLflow now; one copy is enough
     emit(
-        "training.finished",
+        EventKind.TRAINING_FINISHED,
         f"challenger version {ref.version} trained "
         f"(validation mAP50 {result.metrics.get('mAP50', 0.0):.3f})",
         {**context, "stage": "train", "version": ref.version, "metrics": result.metrics},

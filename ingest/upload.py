@@ -26,7 +26,7 @@ from labeling.selection import select as select_for_review
 from monitoring.features import extract_features
 from serving.predictor import ChampionPredictor
 from visionloop.db import session_scope
-from visionloop.events import emit
+from visionloop.events import EventKind, emit
 from visionloop.images import decode_image
 from visionloop.models import Image, ImageStatus, Prediction
 from visionloop.settings import Settings
@@ -172,7 +172,7 @@ def queue_flagged(settings: Settings, served: Served) -> None:
         return
     if report.added:
         emit(
-            "queue.added",
+            EventKind.QUEUE_ADDED,
             f"image {served.image_id} from the API queued for review ({served.review.reason})",
             {
                 "images": report.added,

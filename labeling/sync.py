@@ -37,7 +37,7 @@ from sqlmodel import Session, col, select
 from labeling.label_config import FROM_NAME, TO_NAME
 from labeling.wiring import ReviewProject, review_project
 from visionloop.db import session_scope
-from visionloop.events import emit
+from visionloop.events import EventKind, emit
 from visionloop.models import (
     Image,
     ImageStatus,
@@ -106,7 +106,7 @@ def announce(report: SyncReport, via: str) -> None:
     if not report.changed:
         return
     emit(
-        "labels.synced",
+        EventKind.LABELS_SYNCED,
         f"{len(report.labeled)} reviewed labels synced, {len(report.rejected)} annotations "
         f"rejected ({via})",
         {**report.summary(), "labeled_tasks": report.labeled, "via": via},

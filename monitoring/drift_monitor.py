@@ -9,7 +9,7 @@ from sqlmodel import select
 from monitoring.drift import DriftError, compute_drift
 from monitoring.drift_data import current_frame, reference_frame
 from visionloop.db import session_scope
-from visionloop.events import emit
+from visionloop.events import EventKind, emit
 from visionloop.models import DriftLevel, DriftResult
 from visionloop.registry import CHAMPION, get_alias
 from visionloop.settings import Settings
@@ -34,7 +34,7 @@ def measure_drift(
     current = current_frame(settings, champion.version, now)
     if len(current) < settings.drift_min_window:
         emit(
-            "drift.skipped",
+            EventKind.DRIFT_SKIPPED,
             f"drift not measured: {len(current)} recent images, {settings.drift_min_window} needed",
             {"window_size": len(current), "needed": settings.drift_min_window},
         )
@@ -73,7 +73,7 @@ def measure_drift(
     if previous_level != outcome.level:
         shifted = ", ".join(outcome.drifted_features[:3]) or "no feature"
         emit(
-            "drift.level_changed",
+            EventKind.DRIFT_LEVEL_CHANGED,
             f"drift level {previous_level.value if previous_level else 'unknown'} -> {outcome.level.value} "
             f"(score {outcome.drift_score:.2f}; drifted: {shifted})",
             {

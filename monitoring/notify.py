@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from visionloop.events import emit
+from visionloop.events import EventKind, emit
 
 log = logging.getLogger(__name__)
 WEBHOOK_TIMEOUT_S = 5.0
@@ -24,7 +24,7 @@ def _where(url: str) -> str:
 
 
 def notify(
-    kind: str,
+    kind: EventKind,
     message: str,
     payload: dict[str, Any] | None = None,
     *,
@@ -56,7 +56,7 @@ def notify(
         )
         log.warning("webhook at %s refused notification %s: %s", where, kind, reason)
         emit(
-            "notification.failed",
+            EventKind.NOTIFICATION_FAILED,
             f"webhook at {where} did not take the {kind} notification: {reason}",
             {"kind": kind, "webhook": where},
             level="warning",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from visionloop.events import emit
+from visionloop.events import EventKind, emit
 from visionloop.registry import CHAMPION, PREVIOUS, RegistryError, get_alias, get_version, set_alias
 from visionloop.settings import Settings
 
@@ -32,7 +32,7 @@ def promote(settings: Settings, version: str, reason: str = "") -> AliasChange:
     set_alias(settings, CHAMPION, version)
     old = current.version if current else None
     emit(
-        "model.promoted",
+        EventKind.MODEL_PROMOTED,
         f"model version {version} is the champion"
         + (f" (was {old})" if old else "")
         + (f": {reason}" if reason else ""),
@@ -60,7 +60,7 @@ def rollback(settings: Settings, to_version: str | None = None, reason: str = ""
         set_alias(settings, PREVIOUS, current.version)
     old = current.version if current else None
     emit(
-        "model.rolled_back",
+        EventKind.MODEL_ROLLED_BACK,
         f"champion rolled back to model version {to_version}"
         + (f" from {old}" if old else "")
         + (f": {reason}" if reason else ""),

@@ -21,7 +21,7 @@ from sqlmodel import col, func, select
 from training.retrain_guard import RetrainBusy, create_run, current_holder, reconcile, update_run
 from training.retrain_launcher import LaunchedRetrain
 from visionloop.db import get_engine, session_scope
-from visionloop.events import emit
+from visionloop.events import EventKind, emit
 from visionloop.models import ActivityEvent, RetrainingRun, RetrainStatus
 from visionloop.settings import Settings
 
@@ -95,7 +95,7 @@ def request_retrain(
             update_run(run.id, status=RetrainStatus.cancelled, finished_at=_now(), error=error)
             raise LaunchFailed(error) from exc
     emit(
-        "retrain.requested",
+        EventKind.RETRAIN_REQUESTED,
         f"retrain requested by hand (run {launched.retraining_run_id})"
         + (f": {reason}" if reason else ""),
         {
@@ -112,17 +112,17 @@ def _progress(run_id: int, engine: Engine | None = None, scan: int = 500) -> Pro
     stage: str | None = None
     epoch: dict[str, Any] | None = None
     with session_scope(engine) as session:
-        for kind in ("retrain.stage", "training.epoch"):
+        for kind in (EventKind.RETRAIN_STAGE, EventKind.TRAINING_EPOCH):
             rows = session.exec(
                 select(ActivityEvent)
-                .where(ActivityEvent.kind == kind)
+                .where(ActivityEvent.kind == kind.value)
                 .order_by(col(ActivityEvent.id).desc())
                 .limit(scan)
             )
             for event in rows:
                 if event.payload.get("retraining_run_id") != run_id:
                     continue
-                if kind == "retrain.stage":
+                if kind == EventKind.RETRAIN_STAGE:
                     stage = event.payload.get("stage")
                 else:
                     epoch = event.payload

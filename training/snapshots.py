@@ -37,7 +37,7 @@ from sqlmodel import select
 
 from training.profile import fingerprint, profile_entries
 from visionloop.db import get_engine, session_scope
-from visionloop.events import emit
+from visionloop.events import EventKind, emit
 from visionloop.formats import (
     Entry,
     LabeledImage,
@@ -305,7 +305,7 @@ def materialise(
         ),
     )
     emit(
-        "snapshot.created",
+        EventKind.SNAPSHOT_CREATED,
         f"{kind} snapshot {digest[:12]}: {len(entries)} images "
         f"({row.num_train} train, {row.num_val} val, {row.num_test} test), "
         f"{profile['boxes']} boxes",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from enum import Enum
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -11,6 +12,32 @@ from sqlmodel import select
 
 from visionloop.db import session_scope
 from visionloop.models import ActivityEvent
+
+
+class EventKind(str, Enum):
+    """Every kind of activity event; the API and the dashboard read this list too."""
+
+    TRAINING_STARTED = "training.started"
+    TRAINING_EPOCH = "training.epoch"
+    TRAINING_FINISHED = "training.finished"
+    EVALUATION_FINISHED = "evaluation.finished"
+    MODEL_PROMOTED = "model.promoted"
+    MODEL_ROLLED_BACK = "model.rolled_back"
+    RETRAIN_REQUESTED = "retrain.requested"
+    RETRAIN_CONDITIONS = "retrain.conditions"
+    RETRAIN_STARTED = "retrain.started"
+    RETRAIN_STAGE = "retrain.stage"
+    RETRAIN_FAILED = "retrain.failed"
+    RETRAIN_FINISHED = "retrain.finished"
+    INGEST_PROGRESS = "ingest.progress"
+    INGEST_COMPLETED = "ingest.completed"
+    QUEUE_ADDED = "queue.added"
+    LABELS_SYNCED = "labels.synced"
+    SNAPSHOT_CREATED = "snapshot.created"
+    DRIFT_SKIPPED = "drift.skipped"
+    DRIFT_LEVEL_CHANGED = "drift.level_changed"
+    NOTIFICATION_FAILED = "notification.failed"
+
 
 Listener = Callable[[ActivityEvent], None]
 _listeners: list[Listener] = []
@@ -23,14 +50,17 @@ def subscribe(listener: Listener) -> Callable[[], None]:
 
 
 def emit(
-    kind: str,
+    kind: EventKind,
     message: str,
     payload: dict[str, Any] | None = None,
     *,
     level: str = "info",
     engine: Engine | None = None,
 ) -> ActivityEvent:
-    event = ActivityEvent(kind=kind, message=message, payload=payload or {}, level=level)
+    # Stored as its plain value: an unknown kind fails here, not in a reader's filter.
+    event = ActivityEvent(
+        kind=EventKind(kind).value, message=message, payload=payload or {}, level=level
+    )
     with session_scope(engine) as session:
         session.add(event)
     for listener in list(_listeners):

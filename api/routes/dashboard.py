@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response
+
+from visionloop.events import EventKind
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
@@ -24,3 +26,14 @@ def root() -> RedirectResponse:
 def dashboard() -> FileResponse:
     # No caching: a dashboard left open across an upgrade reloads the new page.
     return FileResponse(STATIC_DIR / "dashboard.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/dashboard/event-kinds.js")
+def event_kinds() -> Response:
+    """The event kinds as a script, so the page names them from the one list the platform emits."""
+    kinds = ", ".join(f'{kind.name}: "{kind.value}"' for kind in EventKind)
+    return Response(
+        f"const EventKind = Object.freeze({{{kinds}}});\n",
+        media_type="text/javascript",
+        headers={"Cache-Control": "no-cache"},
+    )

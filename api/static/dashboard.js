@@ -209,8 +209,8 @@ async function loadTraining() {
 }
 
 function onTrainingEvent(event) {
-  if (event.kind === "training.started") { startSeries(event); renderTraining(); }
-  else if (event.kind === "training.epoch") addEpoch(event);
+  if (event.kind === EventKind.TRAINING_STARTED) { startSeries(event); renderTraining(); }
+  else if (event.kind === EventKind.TRAINING_EPOCH) addEpoch(event);
 }
 
 // --- drift -------------------------------------------------------------------------------------
@@ -360,11 +360,11 @@ function addToFeed(event, fresh) {
 function route(event) {
   const kind = event.kind;
   if (kind.startsWith("training.")) onTrainingEvent(event);
-  if (kind === "retrain.stage") showStage(event.payload.stage);
-  if (kind.startsWith("retrain.") || kind.startsWith("training.finished")) soon("status", loadStatus);
+  if (kind === EventKind.RETRAIN_STAGE) showStage(event.payload.stage);
+  if (kind.startsWith("retrain.") || kind === EventKind.TRAINING_FINISHED) soon("status", loadStatus);
   if (kind.startsWith("drift.")) { soon("drift", loadDrift); soon("status", loadStatus); }
   if (kind.startsWith("queue.") || kind.startsWith("labels.")) { soon("queue", loadQueue); soon("status", loadStatus); }
-  if (kind.startsWith("model.") || kind === "training.finished") { soon("models", loadModels); soon("status", loadStatus); }
+  if (kind.startsWith("model.") || kind === EventKind.TRAINING_FINISHED) { soon("models", loadModels); soon("status", loadStatus); }
 }
 
 // The panels were loaded with everything up to the newest event at start-up: events up to it
