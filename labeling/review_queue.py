@@ -4,7 +4,7 @@ Reviewer agreement is the share of reviewed pre-annotations the reviewer accepte
 (``Verdict.accepted``). Per-class error rates come from the corrections themselves: the boxes
 the model predicted for a reviewed image are matched one-to-one against the reviewed boxes
 of the same class (IoU at least 0.5, best overlaps first); an unmatched predicted box is a
-false positive, an unmatched reviewed box a miss (seed 001's "where the model does badly").
+false positive, an unmatched reviewed box a miss.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class Flag:
     score: float
     """Higher means more worth reviewing; ranks images within the budget."""
     confidence: float
-    """The confidence of the box that decided (seed 004's ``confidence_score``)."""
+    """The confidence of the box that decided."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Label sync: reviewers' annotations in Label Studio become the platform's reviewed labels.
 
-Label Studio owns the annotations (DESIGN.md, "Sources of truth"); ``sync_labels`` pulls
+Label Studio owns the annotations (ARCHITECTURE.md, "Where each fact lives"); ``sync_labels`` pulls
 them and brings each queue row and its reviewed label in line, so running it twice changes
 nothing the second time. The webhook calls it for the tasks an event names; the label-sync
 flow calls it for every queued task, catching whatever a webhook missed.

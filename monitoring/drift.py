@@ -9,7 +9,7 @@ verdicts this module derives one number a person can act on, the drift score in 
   r = 1 is exactly the test's drift threshold;
 * its severity is ``1 - 0.7 ** r``: 0.3 at the threshold, 0.7 at about 3.4 times the evidence;
 * the drift score is the worst feature's severity, and the level is green / yellow / red by the
-  configured thresholds (seed 004: 0.3 and 0.7).
+  configured thresholds (0.3 and 0.7 by default).
 
 So one strongly shifted feature (a darker line camera, a blurred lens) turns the level red
 on its own, while a window from the reference distribution stays green.

@@ -1,6 +1,6 @@
 """Predicting with the model MLflow calls `champion`, hot-swapped when the alias moves.
 
-Which version is the champion is MLflow's fact (DESIGN.md, "Sources of truth"): the
+Which version is the champion is MLflow's fact (ARCHITECTURE.md, "Where each fact lives"): the
 predictor asks the registry at most every ``recheck_s`` seconds and, when the alias points
 elsewhere, downloads that version's weights (cached per version under
 ``<data_dir>/models``) and swaps the model between two batches. Flows and the API share one

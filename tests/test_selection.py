@@ -65,7 +65,7 @@ def test_confidence_band_takes_images_with_a_box_in_the_band() -> None:
         (1, "confidence_band"),
         (3, "confidence_band"),
     ]
-    # The box that decided is recorded (seed 004's confidence_score), nearest the middle first.
+    # The box that decided is recorded, nearest the middle first.
     assert [s.confidence for s in chosen] == [0.55, 0.69]
 
 

@@ -1,4 +1,4 @@
-"""The platform database: every fact the loop owns (see DESIGN.md, "Sources of truth").
+"""The platform database: every fact the loop owns (ARCHITECTURE.md, "Where each fact lives").
 
 Facts owned elsewhere are referenced, never copied: model versions by their MLflow version
 string, review tasks by their Label Studio task id, flow runs by their Prefect flow-run id.
@@ -35,7 +35,7 @@ class QueueStatus(str, enum.Enum):
 
 
 class Verdict(str, enum.Enum):
-    """The reviewer's judgement of the champion's pre-annotation (seed 000's feedback)."""
+    """The reviewer's judgement of the champion's pre-annotation."""
 
     accepted = "accepted"
     corrected = "corrected"
