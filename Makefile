@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.synced
 
-.PHONY: demo test install down browser
+.PHONY: demo test lint install down browser
 
 $(STAMP): pyproject.toml uv.lock
 	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
@@ -16,10 +16,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/visionloop demo
 
-## Command 2: the whole test suite (it starts and stops the servers it needs itself).
-## The dashboard's browser test drives Debian's headless Chromium.
-test: $(STAMP) browser
+## Command 2: lint, the layers contract, then the whole test suite (it starts and stops the
+## servers it needs itself). The dashboard's browser test drives Debian's headless Chromium.
+test: lint browser
 	$(VENV)/bin/python -m pytest
+
+## Ruff's rules and format, and the import-linter contract (pyproject.toml) that keeps each
+## package to the layers below it.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 browser:
 	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || \

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Annotated, Protocol
 
 from fastapi import Depends, Request
+from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from api.security import require_api_token
@@ -27,12 +28,28 @@ def settings() -> Settings:
 SettingsDep = Annotated[Settings, Depends(settings)]
 
 
-def db_session(settings: SettingsDep) -> Iterator[Session]:
-    with Session(engine_for(settings.db_url), expire_on_commit=False) as session:
-        yield session
+def db_engine(settings: SettingsDep) -> Engine:
+    return engine_for(settings.db_url)
 
 
-SessionDep = Annotated[Session, Depends(db_session)]
+EngineDep = Annotated[Engine, Depends(db_engine)]
+"""For what outlives one request's session (the event stream polls with a session per poll)."""
+
+
+def db_session(engine: EngineDep) -> Iterator[Session]:
+    """The request's session: commits when the route returns, rolls back when it raises."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+# "function" scope: the commit happens before the response is sent, so a client never sees a
+# success for a write that then fails to commit.
+SessionDep = Annotated[Session, Depends(db_session, scope="function")]
 
 
 def predictor(settings: SettingsDep) -> ChampionPredictor:

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger, task
 from monitoring.conditions import retraining_conditions
 from training.retrain_guard import reconcile
 from training.retrain_launcher import launch_retrain
+from visionloop.db import session_scope
 from visionloop.events import EventKind, emit
 from visionloop.settings import get_settings
 
@@ -22,7 +23,8 @@ def release_dead_guard() -> int | None:
 
 @task
 def decide() -> dict[str, Any]:
-    return retraining_conditions(get_settings()).as_dict()
+    with session_scope() as session:
+        return retraining_conditions(session, get_settings()).as_dict()
 
 
 @task

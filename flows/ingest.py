@@ -203,7 +203,10 @@ def ingest_flow(
     logger = get_run_logger()
     # Under drift (yellow or red) the champion's confidence cannot be trusted to pick images:
     # the review audit widens (see SelectionPolicy.from_settings).
-    policy = selection or SelectionPolicy.from_settings(settings, drift_level=latest_drift_level())
+    with session_scope() as session:
+        policy = selection or SelectionPolicy.from_settings(
+            settings, drift_level=latest_drift_level(session)
+        )
     started = time.perf_counter()
 
     files = find_new_files(prefix, folder)

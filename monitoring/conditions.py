@@ -2,7 +2,8 @@
 
 One function over the platform's state decides; the check-and-retrain flow and the API both
 call it, so the answer a person reads is the one the flow acted on. Every condition reports its
-value, its threshold, whether it fired, and a plain sentence.
+value, its threshold, whether it fired, and a plain sentence. Conditions are plain functions
+over a ``LoopState``, registered in ``CONDITIONS`` by name and kind; ``evaluate`` runs them all.
 
 Triggers (any one suffices): drift level red, enough new reviewed labels, a manual request,
 a champion past its maximum age (or no champion at all). Blockers (any one stops it): a retrain
@@ -13,9 +14,10 @@ overrides the last two, never a running retrain).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import func
 from sqlmodel import Session, select
@@ -29,11 +31,13 @@ from visionloop.models import (
 )
 from visionloop.settings import Settings
 
+ConditionKind = Literal["trigger", "blocker"]
+
 
 @dataclass(frozen=True)
 class Condition:
     name: str
-    kind: str  # "trigger" | "blocker"
+    kind: ConditionKind
     value: Any
     threshold: Any
     fired: bool
@@ -67,6 +71,11 @@ class LoopState:
     champion_created: datetime | None = None
     champion_version: str | None = None
 
+    @property
+    def has_manual_request(self) -> bool:
+        """A pending manual request, which overrides the cooldown and the label minimum."""
+        return self.manual_request_id is not None
+
 
 def _hours(delta: timedelta) -> float:
     return round(delta.total_seconds() / 3600, 2)
@@ -76,142 +85,164 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def evaluate(state: LoopState, settings: Settings) -> RetrainDecision:
-    """The decision, from facts alone: no I/O, so every combination is easy to test."""
-    conditions: list[Condition] = []
+@dataclass(frozen=True)
+class Finding:
+    """One condition's verdict on the state; the registry adds its name and kind."""
 
+    value: Any
+    threshold: Any
+    fired: bool
+    reason: str
+
+
+ConditionCheck = Callable[[LoopState, Settings], Finding]
+
+
+@dataclass(frozen=True)
+class RegisteredCondition:
+    name: str
+    kind: ConditionKind
+    check: ConditionCheck
+
+
+CONDITIONS: dict[str, RegisteredCondition] = {}
+"""Every condition by name, in the order a person reads them: triggers, then blockers. The first
+trigger that fired names the retrain, so this order is also the triggers' precedence."""
+
+
+def condition(name: str, kind: ConditionKind) -> Callable[[ConditionCheck], ConditionCheck]:
+    def register(check: ConditionCheck) -> ConditionCheck:
+        CONDITIONS[name] = RegisteredCondition(name, kind, check)
+        return check
+
+    return register
+
+
+@condition("drift", "trigger")
+def drift_is_red(state: LoopState, settings: Settings) -> Finding:
     level = state.drift_level
-    drift_fired = level == DriftLevel.red.value
     if level is None:
-        drift_reason = "Drift has not been measured yet."
+        reason = "Drift has not been measured yet."
     else:
         score = f" (score {state.drift_score:.2f})" if state.drift_score is not None else ""
-        drift_reason = f"Drift level is {level}{score}; retraining starts at red (score {settings.drift_red:g} or more)."
-    conditions.append(
-        Condition("drift", "trigger", level, DriftLevel.red.value, drift_fired, drift_reason)
-    )
-
-    labels_fired = state.new_labels >= settings.min_new_labels
-    conditions.append(
-        Condition(
-            "new_labels",
-            "trigger",
-            state.new_labels,
-            settings.min_new_labels,
-            labels_fired,
-            f"{_plural(state.new_labels, 'new reviewed label')} since the last training; "
-            f"{settings.min_new_labels} or more start a retrain.",
+        reason = (
+            f"Drift level is {level}{score}; retraining starts at red "
+            f"(score {settings.drift_red:g} or more)."
         )
+    red = DriftLevel.red.value
+    return Finding(level, red, level == red, reason)
+
+
+@condition("new_labels", "trigger")
+def enough_new_labels(state: LoopState, settings: Settings) -> Finding:
+    return Finding(
+        state.new_labels,
+        settings.min_new_labels,
+        state.new_labels >= settings.min_new_labels,
+        f"{_plural(state.new_labels, 'new reviewed label')} since the last training; "
+        f"{settings.min_new_labels} or more start a retrain.",
     )
 
-    manual = state.manual_request_id is not None
-    conditions.append(
-        Condition(
-            "manual_request",
-            "trigger",
-            manual,
-            True,
-            manual,
-            f"A retrain was requested by hand (request {state.manual_request_id}"
-            f"{': ' + state.manual_reason if state.manual_reason else ''})."
-            if manual
-            else "Nobody has requested a retrain.",
-        )
-    )
 
+@condition("manual_request", "trigger")
+def manual_request(state: LoopState, settings: Settings) -> Finding:
+    manual = state.has_manual_request
+    if manual:
+        detail = f": {state.manual_reason}" if state.manual_reason else ""
+        reason = f"A retrain was requested by hand (request {state.manual_request_id}{detail})."
+    else:
+        reason = "Nobody has requested a retrain."
+    return Finding(manual, True, manual, reason)
+
+
+@condition("champion_age", "trigger")
+def champion_too_old(state: LoopState, settings: Settings) -> Finding:
+    limit = settings.max_champion_age_hours
     if state.champion_created is None:
-        age, age_fired = None, True
-        age_reason = "There is no champion model yet, so one must be trained."
-    else:
-        age = _hours(state.now - state.champion_created)
-        age_fired = age >= settings.max_champion_age_hours
-        age_reason = (
-            f"The champion (version {state.champion_version}) is {age:g} hours old; "
-            f"it is retrained after {settings.max_champion_age_hours:g} hours."
-        )
-    conditions.append(
-        Condition(
-            "champion_age", "trigger", age, settings.max_champion_age_hours, age_fired, age_reason
-        )
+        return Finding(None, limit, True, "There is no champion model yet, so one must be trained.")
+    age = _hours(state.now - state.champion_created)
+    reason = (
+        f"The champion (version {state.champion_version}) is {age:g} hours old; "
+        f"it is retrained after {limit:g} hours."
     )
+    return Finding(age, limit, age >= limit, reason)
 
+
+@condition("retrain_running", "blocker")
+def retrain_running(state: LoopState, settings: Settings) -> Finding:
     running = state.running_run_id is not None
-    conditions.append(
-        Condition(
-            "retrain_running",
-            "blocker",
-            running,
-            False,
-            running,
-            f"Retraining run {state.running_run_id} is still running; only one runs at a time."
-            if running
-            else "No retrain is running.",
-        )
+    reason = (
+        f"Retraining run {state.running_run_id} is still running; only one runs at a time."
+        if running
+        else "No retrain is running."
     )
+    return Finding(running, False, running, reason)
 
-    few = state.new_labels < settings.min_labels_to_retrain
+
+@condition("too_few_labels", "blocker")
+def too_few_labels(state: LoopState, settings: Settings) -> Finding:
+    needed = settings.min_labels_to_retrain
+    labels = _plural(state.new_labels, "new reviewed label")
+    few = state.new_labels < needed
     if not few:
-        few_reason = (
-            f"{_plural(state.new_labels, 'new reviewed label')} to learn from; automatic "
-            f"retrains need {settings.min_labels_to_retrain}."
-        )
+        reason = f"{labels} to learn from; automatic retrains need {needed}."
     else:
-        few_reason = (
-            f"Only {_plural(state.new_labels, 'new reviewed label')} to learn from; automatic "
-            f"retrains wait for {settings.min_labels_to_retrain}"
-            + (", but a manual request overrides that." if manual else ".")
-        )
-    conditions.append(
-        Condition(
-            "too_few_labels",
-            "blocker",
-            state.new_labels,
-            settings.min_labels_to_retrain,
-            few and not manual,
-            few_reason,
-        )
-    )
+        override = ", but a manual request overrides that." if state.has_manual_request else "."
+        reason = f"Only {labels} to learn from; automatic retrains wait for {needed}{override}"
+    return Finding(state.new_labels, needed, few and not state.has_manual_request, reason)
 
+
+@condition("cooldown", "blocker")
+def cooling_down(state: LoopState, settings: Settings) -> Finding:
+    cooldown = settings.retrain_cooldown_hours
     if state.last_retrain_finished is None:
-        since, cooling = None, False
-        cooldown_reason = "No retrain has finished yet, so there is no cooldown."
-    else:
-        since = _hours(state.now - state.last_retrain_finished)
-        cooling = since < settings.retrain_cooldown_hours
-        cooldown_reason = (
-            f"The last retrain finished {since:g} hours ago; the cooldown is "
-            f"{settings.retrain_cooldown_hours:g} hours"
-            + (" and has not passed yet." if cooling else " and has passed.")
+        return Finding(
+            None, cooldown, False, "No retrain has finished yet, so there is no cooldown."
         )
-        if cooling and manual:
-            cooldown_reason += " A manual request overrides it."
-    conditions.append(
-        Condition(
-            "cooldown",
-            "blocker",
-            since,
-            settings.retrain_cooldown_hours,
-            cooling and not manual,
-            cooldown_reason,
-        )
+    since = _hours(state.now - state.last_retrain_finished)
+    cooling = since < cooldown
+    reason = (
+        f"The last retrain finished {since:g} hours ago; the cooldown is {cooldown:g} hours"
+        + (" and has not passed yet." if cooling else " and has passed.")
     )
+    if cooling and state.has_manual_request:
+        reason += " A manual request overrides it."
+    return Finding(since, cooldown, cooling and not state.has_manual_request, reason)
 
+
+def _summary(triggers: list[Condition], blockers: list[Condition]) -> str:
+    if not triggers:
+        return "No retrain needed: no trigger condition has fired."
+    if not blockers:
+        return "Retrain now: " + " ".join(c.reason for c in triggers)
+    wanted = ", ".join(c.name for c in triggers)
+    return f"Retrain wanted ({wanted}) but blocked: " + " ".join(c.reason for c in blockers)
+
+
+def evaluate(state: LoopState, settings: Settings) -> RetrainDecision:
+    """The decision, from facts alone: no I/O, so every combination is easy to test."""
+    conditions = []
+    for registered in CONDITIONS.values():
+        finding = registered.check(state, settings)
+        conditions.append(
+            Condition(
+                registered.name,
+                registered.kind,
+                finding.value,
+                finding.threshold,
+                finding.fired,
+                finding.reason,
+            )
+        )
     triggers = [c for c in conditions if c.kind == "trigger" and c.fired]
     blockers = [c for c in conditions if c.kind == "blocker" and c.fired]
     should = bool(triggers) and not blockers
-    if should:
-        summary = "Retrain now: " + " ".join(c.reason for c in triggers)
-    elif not triggers:
-        summary = "No retrain needed: no trigger condition has fired."
-    else:
-        summary = (
-            "Retrain wanted ("
-            + ", ".join(c.name for c in triggers)
-            + ") but blocked: "
-            + " ".join(c.reason for c in blockers)
-        )
     return RetrainDecision(
-        should, triggers[0].name if should else None, summary, conditions, state.manual_request_id
+        should_retrain=should,
+        trigger=triggers[0].name if should else None,
+        summary=_summary(triggers, blockers),
+        conditions=conditions,
+        manual_request_id=state.manual_request_id,
     )
 
 
@@ -222,41 +253,59 @@ def _aware(moment: datetime | None) -> datetime | None:
     return moment
 
 
+def _latest_drift(session: Session) -> DriftResult | None:
+    return session.exec(
+        select(DriftResult).order_by(DriftResult.created_at.desc()).limit(1)
+    ).first()
+
+
+def _running_retrain(session: Session) -> RetrainingRun | None:
+    return session.exec(
+        select(RetrainingRun).where(RetrainingRun.active_lock.is_not(None)).limit(1)
+    ).first()
+
+
+def _last_retrain_finished(session: Session) -> datetime | None:
+    finished = (RetrainStatus.succeeded, RetrainStatus.failed)
+    return session.exec(
+        select(func.max(RetrainingRun.finished_at)).where(RetrainingRun.status.in_(finished))
+    ).one()
+
+
+def _new_label_count(session: Session) -> int:
+    count = session.exec(
+        select(func.count())
+        .select_from(ReviewedLabel)
+        .where(ReviewedLabel.used_for_training.is_(False))
+    ).one()
+    return int(count)
+
+
+def _pending_manual_request(session: Session) -> RetrainingRun | None:
+    return session.exec(
+        select(RetrainingRun)
+        .where(RetrainingRun.trigger == "manual", RetrainingRun.status == RetrainStatus.pending)
+        .order_by(RetrainingRun.created_at)
+        .limit(1)
+    ).first()
+
+
 def gather_state(
     session: Session,
     now: datetime,
     champion_created: datetime | None = None,
     champion_version: str | None = None,
 ) -> LoopState:
-    latest_drift = session.exec(
-        select(DriftResult).order_by(DriftResult.created_at.desc()).limit(1)
-    ).first()
-    running = session.exec(
-        select(RetrainingRun).where(RetrainingRun.active_lock.is_not(None)).limit(1)
-    ).first()
-    last_finished = session.exec(
-        select(func.max(RetrainingRun.finished_at)).where(
-            RetrainingRun.status.in_([RetrainStatus.succeeded, RetrainStatus.failed])
-        )
-    ).one()
-    new_labels = session.exec(
-        select(func.count())
-        .select_from(ReviewedLabel)
-        .where(ReviewedLabel.used_for_training.is_(False))
-    ).one()
-    manual = session.exec(
-        select(RetrainingRun)
-        .where(RetrainingRun.trigger == "manual", RetrainingRun.status == RetrainStatus.pending)
-        .order_by(RetrainingRun.created_at)
-        .limit(1)
-    ).first()
+    latest_drift = _latest_drift(session)
+    running = _running_retrain(session)
+    manual = _pending_manual_request(session)
     return LoopState(
         now=now,
         drift_level=DriftLevel(latest_drift.level).value if latest_drift else None,
         drift_score=latest_drift.drift_score if latest_drift else None,
-        new_labels=int(new_labels),
+        new_labels=_new_label_count(session),
         running_run_id=running.id if running else None,
-        last_retrain_finished=_aware(last_finished),
+        last_retrain_finished=_aware(_last_retrain_finished(session)),
         manual_request_id=manual.id if manual else None,
         manual_reason=manual.reason if manual else "",
         champion_created=_aware(champion_created),
@@ -279,11 +328,10 @@ def champion_birth(settings: Settings) -> tuple[datetime | None, str | None]:
     return datetime.fromtimestamp(version.creation_timestamp / 1000, tz=UTC), str(version.version)
 
 
-def retraining_conditions(settings: Settings, now: datetime | None = None) -> RetrainDecision:
-    from visionloop.db import session_scope
-
+def retraining_conditions(
+    session: Session, settings: Settings, now: datetime | None = None
+) -> RetrainDecision:
+    """The decision on the platform's current state (the database's and MLflow's)."""
     now = now or datetime.now(UTC)
     created, version = champion_birth(settings)
-    with session_scope() as session:
-        state = gather_state(session, now, created, version)
-    return evaluate(state, settings)
+    return evaluate(gather_state(session, now, created, version), settings)

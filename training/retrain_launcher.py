@@ -4,16 +4,50 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydantic import BaseModel, ConfigDict
+
+from training.gate import DEFAULT_PRIMARY_METRIC
 from training.retrain_guard import create_run, update_run
+from visionloop.formats import DEFAULT_TEST_PERCENT, DEFAULT_VAL_PERCENT
 from visionloop.settings import Settings
 
 RETRAIN_DEPLOYMENT = "retrain/retrain"
+
+
+class RetrainParams(BaseModel):
+    """The retrain flow's one parameter; unset (None) training and gate values come from the
+    settings when the run starts.
+
+    It lives here rather than next to the flow because the launcher below builds it: a
+    deployment run is then checked against the same model before it is queued.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    trigger: str = "manual"
+    reason: str = ""
+    epochs: int | None = None
+    batch: int | None = None
+    from_scratch: bool = False
+    # The pending run recorded by whoever asked for the retrain; without it one is recorded.
+    retraining_run_id: int | None = None
+    margin: float | None = None
+    tolerance: float | None = None
+    primary_metric: str = DEFAULT_PRIMARY_METRIC
+    test_percent: int = DEFAULT_TEST_PERCENT
+    val_percent: int = DEFAULT_VAL_PERCENT
+    notify_webhook_url: str | None = None
 
 
 @dataclass(frozen=True)
 class LaunchedRetrain:
     retraining_run_id: int
     flow_run_id: str
+
+
+def deployment_parameters(params: RetrainParams) -> dict[str, object]:
+    """The deployment run's parameters: only what was set, so the flow's defaults apply."""
+    return {"params": params.model_dump(mode="json", exclude_unset=True)}
 
 
 def launch_retrain(
@@ -27,9 +61,10 @@ def launch_retrain(
     from prefect.deployments import run_deployment
 
     run_id = retraining_run_id or create_run(trigger, reason).id
+    params = RetrainParams(trigger=trigger, reason=reason, retraining_run_id=run_id)
     flow_run = run_deployment(
         RETRAIN_DEPLOYMENT,
-        parameters={"trigger": trigger, "reason": reason, "retraining_run_id": run_id},
+        parameters=deployment_parameters(params),
         timeout=0,  # do not wait: training takes minutes to hours
         tags=[f"retraining-run:{run_id}", f"trigger:{trigger}"],
     )

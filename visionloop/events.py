@@ -8,7 +8,7 @@ from enum import Enum
 from typing import Any
 
 from sqlalchemy.engine import Engine
-from sqlmodel import select
+from sqlmodel import Session, col, select
 
 from visionloop.db import session_scope
 from visionloop.models import ActivityEvent
@@ -44,7 +44,9 @@ _listeners: list[Listener] = []
 
 
 def subscribe(listener: Listener) -> Callable[[], None]:
-    """Hear this process's events as they are emitted (the CLI's progress bars); returns unsubscribe."""
+    """Hear this process's events as they are emitted (the CLI's progress bars).
+
+    Returns the function that unsubscribes."""
     _listeners.append(listener)
     return lambda: _listeners.remove(listener)
 
@@ -81,3 +83,18 @@ def recent(
         if kind_prefix:
             query = query.where(ActivityEvent.kind.startswith(kind_prefix))
         return list(session.exec(query))
+
+
+def page(
+    session: Session, *, after_id: int | None, limit: int, kind_prefix: str | None = None
+) -> list[ActivityEvent]:
+    """Events after ``after_id`` (the first ``limit``), or else the newest ``limit``; oldest
+    first, the order a feed shows them in."""
+    query = select(ActivityEvent)
+    if kind_prefix:
+        query = query.where(col(ActivityEvent.kind).startswith(kind_prefix))
+    if after_id is not None:
+        query = query.where(col(ActivityEvent.id) > after_id)
+        return list(session.exec(query.order_by(col(ActivityEvent.id)).limit(limit)))
+    newest = session.exec(query.order_by(col(ActivityEvent.id).desc()).limit(limit))
+    return list(newest)[::-1]

@@ -12,17 +12,19 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
-from sqlmodel import col, select
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
+from api.deps import EngineDep
 from api.errors import content, responses
 from api.schemas import MAX_ID, EventOut
-from visionloop.db import session_scope
-from visionloop.models import ActivityEvent
+from visionloop.events import page
 
 router = APIRouter(prefix="/api/events", tags=["events"])
 
@@ -34,19 +36,12 @@ MAX_BATCH = 500
 
 
 def events_after(
-    after_id: int | None, limit: int, kind_prefix: str | None = None
+    engine: Engine, after_id: int | None, limit: int, kind_prefix: str | None = None
 ) -> list[EventOut]:
-    """Events after ``after_id`` (the first ``limit``), or else the newest ``limit``; oldest first."""
-    with session_scope() as session:
-        query = select(ActivityEvent)
-        if kind_prefix:
-            query = query.where(col(ActivityEvent.kind).startswith(kind_prefix))
-        if after_id is not None:
-            query = query.where(col(ActivityEvent.id) > after_id)
-            rows = session.exec(query.order_by(col(ActivityEvent.id)).limit(limit))
-            return [EventOut.model_validate(r) for r in rows]
-        rows = session.exec(query.order_by(col(ActivityEvent.id).desc()).limit(limit))
-        return [EventOut.model_validate(r) for r in rows][::-1]
+    # A session per call: the stream polls for minutes, and must not hold one open meanwhile.
+    with Session(engine) as session:
+        rows = page(session, after_id=after_id, limit=limit, kind_prefix=kind_prefix)
+        return [EventOut.model_validate(r) for r in rows]
 
 
 def _message(event: EventOut) -> str:
@@ -55,6 +50,7 @@ def _message(event: EventOut) -> str:
 
 @router.get("", response_model=list[EventOut], responses=responses(422))
 def events(
+    engine: EngineDep,
     after_id: Annotated[
         int | None, Query(ge=0, le=MAX_ID, description="Only events with a larger id.")
     ] = None,
@@ -64,7 +60,7 @@ def events(
     limit: Annotated[int, Query(ge=1, le=MAX_BATCH)] = 100,
 ) -> list[EventOut]:
     """Recent activity events, oldest first: the newest ``limit``, or those after ``after_id``."""
-    return events_after(after_id, limit, kind)
+    return events_after(engine, after_id, limit, kind)
 
 
 @router.get(
@@ -77,6 +73,7 @@ def events(
 )
 async def stream(
     request: Request,
+    engine: EngineDep,
     replay: Annotated[int, Query(ge=0, le=MAX_BATCH, description="Recent events sent first.")] = 50,
     kind: Annotated[str | None, Query(max_length=64)] = None,
     last_event_id: Annotated[
@@ -87,23 +84,25 @@ async def stream(
     promotions, drift level changes, alerts); the newest ``replay`` first, or everything after
     ``Last-Event-ID`` when a client reconnects."""
 
+    fetch = partial(events_after, engine)
+
     async def messages() -> AsyncIterator[str]:
         yield "retry: 3000\n\n"
         if last_event_id is not None:
-            backlog = await run_in_threadpool(events_after, last_event_id, MAX_BATCH, kind)
+            backlog = await run_in_threadpool(fetch, last_event_id, MAX_BATCH, kind)
         else:
-            backlog = await run_in_threadpool(events_after, None, replay, kind) if replay else []
+            backlog = await run_in_threadpool(fetch, None, replay, kind) if replay else []
         last = backlog[-1].id if backlog else None
         for event in backlog:
             yield _message(event)
         if last is None:
             # Nothing replayed: start after the newest event, not from the beginning of time.
-            newest = await run_in_threadpool(events_after, None, 1, None)
+            newest = await run_in_threadpool(fetch, None, 1, None)
             last = newest[-1].id if newest else 0
         beat = time.monotonic()
         while not await request.is_disconnected():
             await asyncio.sleep(POLL_S)
-            fresh = await run_in_threadpool(events_after, last, MAX_BATCH, kind)
+            fresh = await run_in_threadpool(fetch, last, MAX_BATCH, kind)
             for event in fresh:
                 yield _message(event)
             if fresh:

@@ -32,11 +32,11 @@ router = APIRouter(prefix="/api/retraining", tags=["retraining"])
 
 
 @router.get("/status", response_model=RetrainingStatusOut, responses=responses(503))
-def status(settings: SettingsDep) -> RetrainingStatusOut:
+def status(settings: SettingsDep, session: SessionDep) -> RetrainingStatusOut:
     """The run in progress (with its stage and latest epoch), the last finished one, and why a
     retrain would or would not start now."""
     overview = retraining_status(settings)
-    decision = retraining_conditions(settings)
+    decision = retraining_conditions(session, settings)
     champion = get_alias(settings, CHAMPION)
     return RetrainingStatusOut.model_validate(
         {
@@ -52,9 +52,9 @@ def status(settings: SettingsDep) -> RetrainingStatusOut:
 
 
 @router.get("/conditions", response_model=ConditionsOut, responses=responses(503))
-def conditions(settings: SettingsDep) -> ConditionsOut:
+def conditions(settings: SettingsDep, session: SessionDep) -> ConditionsOut:
     """Every retraining condition with its value, threshold, whether it fired and why."""
-    return ConditionsOut.model_validate(retraining_conditions(settings))
+    return ConditionsOut.model_validate(retraining_conditions(session, settings))
 
 
 @router.get("/history", response_model=Page[RetrainingRunOut], responses=responses(422))
