@@ -16,7 +16,7 @@ from api.security import require_api_token
 from api.telemetry import RequestLog
 from serving.predictor import ChampionPredictor, get_predictor
 from training.retrain_launcher import LaunchedRetrain, launch_retrain
-from visionloop.db import engine_for
+from visionloop.db import engine_for, session_scope
 from visionloop.settings import Settings, get_settings
 from visionloop.storage import ObjectStore
 
@@ -38,13 +38,8 @@ EngineDep = Annotated[Engine, Depends(db_engine)]
 
 def db_session(engine: EngineDep) -> Iterator[Session]:
     """The request's session: commits when the route returns, rolls back when it raises."""
-    with Session(engine, expire_on_commit=False) as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
+    with session_scope(engine) as session:
+        yield session
 
 
 # "function" scope: the commit happens before the response is sent, so a client never sees a
@@ -78,7 +73,13 @@ StoreDep = Annotated[ObjectStore, Depends(object_store)]
 
 class Launcher(Protocol):
     def __call__(
-        self, settings: Settings, *, trigger: str, reason: str, retraining_run_id: int | None = None
+        self,
+        session: Session,
+        settings: Settings,
+        *,
+        trigger: str,
+        reason: str,
+        retraining_run_id: int | None = None,
     ) -> LaunchedRetrain: ...
 
 

@@ -1,4 +1,6 @@
-"""Every error the API answers is JSON that says what was wrong: ``{"error": kind, "detail": sentence}``.
+"""Every error the API answers is JSON that says what was wrong.
+
+The body is ``{"error": kind, "detail": sentence}``.
 
 ``error`` is a stable machine-readable kind (``not_found``, ``retrain_running``...), ``detail``
 the sentence a person reads. Domain errors raised by the code the flows share are mapped to
@@ -84,7 +86,10 @@ _DESCRIPTIONS = {
     409: "The platform's state does not allow this now.",
     413: "The upload is too large.",
     422: "The request is invalid; `errors` says where.",
-    503: "A service this needs (MLflow, Prefect, the object store) is unavailable, or there is no champion.",
+    503: (
+        "A service this needs (MLflow, Prefect, the object store) is unavailable, "
+        "or there is no champion."
+    ),
 }
 _MODELS: dict[int, type[ErrorBody]] = {422: ValidationErrorBody}
 

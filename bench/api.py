@@ -149,7 +149,8 @@ def report(results: list[Result], concurrency: int) -> None:
     print()
     print(f"{os.cpu_count()} CPUs, {concurrency} requests in flight, one uvicorn worker, loopback")
     print(
-        f"{'endpoint':<34}{'n':>6}{'p50 ms':>10}{'p99 ms':>10}{'p50 ratio':>11}{'p99 ratio':>11}{'errors':>8}"
+        f"{'endpoint':<34}{'n':>6}{'p50 ms':>10}{'p99 ms':>10}"
+        f"{'p50 ratio':>11}{'p99 ratio':>11}{'errors':>8}"
     )
     paths = {
         "trivial": "GET /api/health",

@@ -81,7 +81,8 @@ def main() -> None:
     print(f"ratio features/decode  {feature_rate / decode_rate:8.2f}x  (target >= 1.0)")
     seconds = report_seconds(args.rows, args.repeat)
     print(
-        f"drift report           {seconds:8.2f} s for {args.rows:,} reference + {args.rows:,} current rows"
+        f"drift report           {seconds:8.2f} s for {args.rows:,} reference"
+        f" + {args.rows:,} current rows"
     )
 
 

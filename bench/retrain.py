@@ -152,20 +152,24 @@ def _stage_times(run_id: int, started: float, finished: float) -> dict[str, floa
 def _round(settings: Settings, epochs: int, batch: int) -> dict[str, Any]:
     """One retrain, then plain ultralytics on the snapshot and starting weights it used."""
     from flows.retrain import retrain_flow
+    from training.retrain_launcher import RetrainParams
     from training.snapshots import download_snapshot, get_snapshot
+    from visionloop.db import session_scope
     from visionloop.registry import CHAMPION, download_weights, get_alias
 
     base = get_alias(settings, CHAMPION)
     started = time.time()
     with _Clock() as retrain:
-        summary = retrain_flow(trigger="manual", reason="benchmark", epochs=epochs, batch=batch)
-    stages = _stage_times(summary["retraining_run_id"], started, time.time())
+        summary = retrain_flow(
+            RetrainParams(trigger="manual", reason="benchmark", epochs=epochs, batch=batch)
+        )
+    stages = _stage_times(summary.retraining_run_id, started, time.time())
 
-    snapshot = get_snapshot(summary["snapshot_id"])
+    with session_scope() as session:
+        snapshot = get_snapshot(session, summary.snapshot_id)
+        holdout = get_snapshot(session, summary.metrics.holdout_snapshot_id)
     data_yaml = download_snapshot(settings, snapshot)
-    holdout_yaml = download_snapshot(
-        settings, get_snapshot(summary["metrics"]["holdout_snapshot_id"])
-    )
+    holdout_yaml = download_snapshot(settings, holdout)
     for cache in [*data_yaml.parent.rglob("*.cache"), *holdout_yaml.parent.rglob("*.cache")]:
         cache.unlink()  # the retrain's label-scan caches would give plain a head start
     weights = download_weights(settings, base, settings.data_dir / "models")
@@ -199,6 +203,7 @@ def run(images: int, epochs: int, batch: int | None, rounds: int) -> list[dict[s
     from flows.train import train_flow
     from training.promotion import promote
     from training.trainer import configure_ultralytics
+    from visionloop.db import session_scope
     from visionloop.settings import get_settings
     from visionloop.synthetic_labels import add_reviewed_samples
 
@@ -207,19 +212,19 @@ def run(images: int, epochs: int, batch: int | None, rounds: int) -> list[dict[s
     configure_ultralytics(settings.data_dir / "training" / ".ultralytics")
 
     # Untimed warm-up (torch, ultralytics): a 1-epoch champion on the first half of the labels.
-    add_reviewed_samples(settings, images // 2, seed=101)
+    with session_scope() as session:
+        add_reviewed_samples(session, settings, images // 2, seed=101)
     first = export_flow()
-    champion = train_flow(
-        snapshot_id=first["snapshot_id"], epochs=1, batch=batch, from_scratch=True
-    )
-    promote(settings, champion["version"], reason="benchmark baseline")
+    champion = train_flow(snapshot_id=first.snapshot_id, epochs=1, batch=batch, from_scratch=True)
+    promote(settings, champion.version, reason="benchmark baseline")
 
     results = []
     added = images // 2
     for index in range(rounds):
         # New labels before every retrain, so each one exports (and uploads) a new snapshot.
         more = images - images // 2 if index == 0 else max(1, images // 8)
-        add_reviewed_samples(settings, more, seed=101, start=added)
+        with session_scope() as session:
+            add_reviewed_samples(session, settings, more, seed=101, start=added)
         added += more
         results.append(_round(settings, epochs, batch) | {"epochs": epochs, "batch": batch})
     return results

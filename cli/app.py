@@ -12,9 +12,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.recipes import deployments_app
 from visionloop.settings import Settings, get_settings
 
 app = typer.Typer(help="visionloop: continuous training for YOLO detectors.", no_args_is_help=True)
+app.add_typer(deployments_app, name="deployments")
 console = Console()
 
 
@@ -216,22 +218,31 @@ class _RichStoryUI:
 
 
 def _print_report(report: dict) -> None:
-    images = report["images"]
-    table = Table(title=f"demo report ({report['run_tag']})")
-    for column in ("files", "ingested", "quarantined", "queued", "labelled"):
+    _print_images(report["images"], report["run_tag"])
+    _print_rounds(report["rounds"])
+    _print_retrains(report["retrains"])
+    _print_comparison(report["comparison"])
+    console.print(f"report: {report['paths']['markdown']} (and .json)")
+
+
+def _print_images(images: dict, run_tag: str) -> None:
+    counts = ("files", "ingested", "quarantined", "queued", "labelled")
+    table = Table(title=f"demo report ({run_tag})")
+    for column in counts:
         table.add_column(column, justify="right")
-    table.add_row(
-        *(str(images[k]) for k in ("files", "ingested", "quarantined", "queued", "labelled"))
-    )
+    table.add_row(*(str(images[k]) for k in counts))
     console.print(table)
     for name, reason in images["quarantine_reasons"].items():
         console.print(f"  quarantined {name}: {reason}")
-    rounds = Table(title="rounds")
+
+
+def _print_rounds(rounds: list[dict]) -> None:
+    table = Table(title="rounds")
     for column in ("round", "lighting", "queued", "labelled", "drift", "decision"):
-        rounds.add_column(column)
-    for r in report["rounds"]:
+        table.add_column(column)
+    for r in rounds:
         drift = "-" if r["drift_level"] is None else f"{r['drift_level']} ({r['drift_score']:.2f})"
-        rounds.add_row(
+        table.add_row(
             str(r["round"]),
             "changed" if r["drifted"] else "normal",
             str(r["queued"]),
@@ -239,36 +250,43 @@ def _print_report(report: dict) -> None:
             drift,
             r["decision"],
         )
-    console.print(rounds)
-    for run in report["retrains"]:
-        verdict = {True: "promoted", False: "not promoted"}.get(run["promoted"], run["status"])
-        console.print(f"[bold]retraining run {run['id']}[/bold] ({run['trigger']}): {verdict}")
+    console.print(table)
+
+
+def _print_retrains(retrains: list[dict]) -> None:
+    from cli.loop_report import retrain_verdict
+
+    for run in retrains:
+        console.print(
+            f"[bold]retraining run {run['id']}[/bold] ({run['trigger']}): {retrain_verdict(run)}"
+        )
         for reason in run["reasons"]:
             console.print(f"  - {reason}")
         if run["error"]:
             console.print(f"  [red]{run['error']}[/red]")
-    comparison = report["comparison"]
-    if comparison:
-        table = Table(
-            title=f"champion before and after, same held-out set "
-            f"({comparison['holdout_images']} images, {comparison['holdout_hash'][:12]})"
-        )
-        for column in ("", "version", "mAP50", "mAP50-95"):
-            table.add_column(column)
-        for role in ("before", "after"):
-            m = comparison[role]
-            table.add_row(
-                role,
-                m["version"],
-                f"{m['metrics']['mAP50']:.3f}",
-                f"{m['metrics']['mAP50-95']:.3f}",
-            )
-        console.print(table)
-    else:
+
+
+def _print_comparison(comparison: dict | None) -> None:
+    if not comparison:
         console.print(
             "[yellow]no retrain finished, so there is no before/after comparison[/yellow]"
         )
-    console.print(f"report: {report['paths']['markdown']} (and .json)")
+        return
+    table = Table(
+        title=f"champion before and after, same held-out set "
+        f"({comparison['holdout_images']} images, {comparison['holdout_hash'][:12]})"
+    )
+    for column in ("", "version", "mAP50", "mAP50-95"):
+        table.add_column(column)
+    for role in ("before", "after"):
+        m = comparison[role]
+        table.add_row(
+            role,
+            m["version"],
+            f"{m['metrics']['mAP50']:.3f}",
+            f"{m['metrics']['mAP50-95']:.3f}",
+        )
+    console.print(table)
 
 
 @app.command()
@@ -281,7 +299,7 @@ def demo(
     ] = True,
 ) -> None:
     """The main job on embedded defaults: the stack, a first champion, then one turn of the loop
-    (camera images with a lighting change, review queue, drift, retrain, promotion) and its report."""
+    (camera images, a lighting change, review queue, drift, retrain, promotion) and its report."""
     from cli.demo import DemoError, run_story
     from cli.production_stream import StreamPlan
 

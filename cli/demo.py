@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cli import loop_report
-from cli.production_stream import StreamPlan, ground_truth, upload_round
+from cli.production_stream import (
+    GroundTruth,
+    RoundUpload,
+    StreamPlan,
+    ground_truth,
+    upload_round,
+)
 from cli.simulated_reviewer import SIMULATED_REVIEWER_EMAIL, review_open_tasks
 from training.evaluation import evaluate_weights
 from training.snapshots import download_snapshot, get_snapshot
@@ -133,7 +139,8 @@ def compare_on_holdout(
     settings: Settings, holdout_snapshot_id: int, before_version: str, after_version: str
 ) -> dict[str, Any]:
     """Both models scored on the same frozen held-out snapshot."""
-    holdout = get_snapshot(holdout_snapshot_id)
+    with session_scope() as session:
+        holdout = get_snapshot(session, holdout_snapshot_id)
     data_yaml = download_snapshot(settings, holdout)
     work = settings.data_dir / "evaluation" / f"demo-{uuid.uuid4().hex[:8]}"
     scores = {}
@@ -160,6 +167,19 @@ def compare_on_holdout(
     }
 
 
+@dataclass
+class Story:
+    """What every step of one telling needs."""
+
+    settings: Settings
+    plan: StreamPlan
+    ui: StoryUI
+    truth: GroundTruth
+    run_tag: str
+    flow_timeout: float
+    retrain_timeout: float
+
+
 def run_story(
     settings: Settings,
     plan: StreamPlan,
@@ -170,104 +190,166 @@ def run_story(
     report_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Tell the story on the running stack; returns the report (also saved as JSON and Markdown)."""
-    ui = ui or QuietUI()
     champion = get_alias(settings, CHAMPION)
     if champion is None:
         raise DemoError("there is no champion model: run `visionloop bootstrap` first")
     started = datetime.now(UTC)
-    run_tag = started.strftime("%Y%m%d-%H%M%S")
-    truth = ground_truth(settings)
-    rounds: list[RoundRecord] = []
-    ui.say(
-        f"champion at the start: version {champion.version}; {plan.rounds} rounds of "
+    story = Story(
+        settings,
+        plan,
+        ui or QuietUI(),
+        ground_truth(settings),
+        started.strftime("%Y%m%d-%H%M%S"),
+        flow_timeout,
+        retrain_timeout,
+    )
+    _introduce(story, champion.version)
+    rounds = play_rounds(story)
+    report = build_report(story, started, champion.version, rounds)
+    return save_report(report, report_dir or settings.data_dir / "demo" / "reports")
+
+
+def _introduce(story: Story, champion_version: str) -> None:
+    plan = story.plan
+    story.ui.say(
+        f"champion at the start: version {champion_version}; {plan.rounds} rounds of "
         f"{plan.images_per_round} camera images, the lighting changes from round {plan.shift_round}"
     )
-    ui.say(
+    story.ui.say(
         f"the review queue is answered by a simulated reviewer ({SIMULATED_REVIEWER_EMAIL}) "
         "submitting the generator's ground truth through Label Studio's API"
     )
-    for index in range(plan.rounds):
+
+
+def play_rounds(story: Story) -> list[RoundRecord]:
+    """Rounds until one launches a retrain (followed to its end) or the plan runs out."""
+    rounds: list[RoundRecord] = []
+    for index in range(story.plan.rounds):
         round_started = datetime.now(UTC)
-        with ui.bar(f"round {index}: camera uploads", plan.images_per_round) as advance:
-            upload = upload_round(settings, plan, index, truth, run_tag=run_tag, progress=advance)
-        record = RoundRecord(index, upload.drifted, len(upload.image_keys), len(upload.broken_keys))
+        record = play_round(story, index, round_started)
         rounds.append(record)
-
-        run_step(
-            ui,
-            f"round {index}: ingest {upload.prefix}",
-            "ingest/ingest",
-            {"prefix": upload.prefix},
-            flow_timeout,
-        )
-        counts = loop_report.image_counts(upload.prefix)
-        record.queued = counts["queued"]
-
-        with ui.bar(f"round {index}: simulated reviewer", max(1, counts["queued"])) as advance:
-            review_open_tasks(settings, truth, progress=lambda n, _total: advance(n))
-        run_step(ui, f"round {index}: label-sync", "label-sync/label-sync", {}, flow_timeout)
-        record.labelled = loop_report.image_counts(upload.prefix)["labelled"]
-
-        run_step(ui, f"round {index}: drift", "drift/drift", {}, flow_timeout)
-        drift = loop_report.drift_timeline(round_started)
-        if drift:
-            record.drift_level, record.drift_score = drift[-1]["level"], drift[-1]["score"]
-
-        run_step(
-            ui,
-            f"round {index}: check-and-retrain",
-            "check-and-retrain/check-and-retrain",
-            {},
-            flow_timeout,
-        )
-        decisions = _events_since(EventKind.RETRAIN_CONDITIONS, round_started)
-        record.decision = decisions[-1].message if decisions else "(no decision recorded)"
-        ui.say(
-            f"round {index}: {record.uploaded} uploaded ({'drifted' if record.drifted else 'normal'}), "
-            f"{record.queued} queued, {record.labelled} labelled, drift "
-            f"{record.drift_level or 'not measured'}"
-            + (f" ({record.drift_score:.2f})" if record.drift_score is not None else "")
-            + f"; {record.decision}"
-        )
         launched = loop_report.rows_since(RetrainingRun, round_started)
         if launched:
-            run = wait_for_retrain(launched[-1].id, ui, settings.train_epochs, retrain_timeout)  # type: ignore[arg-type]
-            record.retraining_run_id = run.id
-            verdict = "promoted" if run.promoted else f"not promoted ({run.status})"
-            ui.say(f"retraining run {run.id}: challenger version {run.model_version} {verdict}")
-            for reason in run.decision_reasons or []:
-                ui.say(f"  - {reason}")
-            if run.error:
-                ui.say(f"  error: {run.error}")
+            record.retraining_run_id = follow_retrain(story, launched[-1].id)  # type: ignore[arg-type]
             break
+    return rounds
 
+
+def play_round(story: Story, index: int, round_started: datetime) -> RoundRecord:
+    """One round through every scheduled step, each run by the worker as its schedule would."""
+    upload = _upload(story, index)
+    record = RoundRecord(index, upload.drifted, len(upload.image_keys), len(upload.broken_keys))
+    _ingest_and_review(story, upload, record)
+    _measure_drift(story, record, round_started)
+    _check_and_retrain(story, record, round_started)
+    story.ui.say(_round_summary(record))
+    return record
+
+
+def _upload(story: Story, index: int) -> RoundUpload:
+    with story.ui.bar(f"round {index}: camera uploads", story.plan.images_per_round) as advance:
+        return upload_round(
+            story.settings,
+            story.plan,
+            index,
+            story.truth,
+            run_tag=story.run_tag,
+            progress=advance,
+        )
+
+
+def _ingest_and_review(story: Story, upload: RoundUpload, record: RoundRecord) -> None:
+    index, ui = record.round, story.ui
+    run_step(
+        ui,
+        f"round {index}: ingest {upload.prefix}",
+        "ingest/ingest",
+        {"prefix": upload.prefix},
+        story.flow_timeout,
+    )
+    record.queued = loop_report.image_counts(upload.prefix)["queued"]
+    with ui.bar(f"round {index}: simulated reviewer", max(1, record.queued)) as advance:
+        review_open_tasks(story.settings, story.truth, progress=lambda n, _total: advance(n))
+    run_step(ui, f"round {index}: label-sync", "label-sync/label-sync", {}, story.flow_timeout)
+    record.labelled = loop_report.image_counts(upload.prefix)["labelled"]
+
+
+def _measure_drift(story: Story, record: RoundRecord, round_started: datetime) -> None:
+    run_step(story.ui, f"round {record.round}: drift", "drift/drift", {}, story.flow_timeout)
+    drift = loop_report.drift_timeline(round_started)
+    if drift:
+        record.drift_level, record.drift_score = drift[-1]["level"], drift[-1]["score"]
+
+
+def _check_and_retrain(story: Story, record: RoundRecord, round_started: datetime) -> None:
+    run_step(
+        story.ui,
+        f"round {record.round}: check-and-retrain",
+        "check-and-retrain/check-and-retrain",
+        {},
+        story.flow_timeout,
+    )
+    decisions = _events_since(EventKind.RETRAIN_CONDITIONS, round_started)
+    record.decision = decisions[-1].message if decisions else "(no decision recorded)"
+
+
+def _round_summary(record: RoundRecord) -> str:
+    lighting = "drifted" if record.drifted else "normal"
+    score = f" ({record.drift_score:.2f})" if record.drift_score is not None else ""
+    return (
+        f"round {record.round}: {record.uploaded} uploaded ({lighting}), "
+        f"{record.queued} queued, {record.labelled} labelled, drift "
+        f"{record.drift_level or 'not measured'}{score}; {record.decision}"
+    )
+
+
+def follow_retrain(story: Story, run_id: int) -> int | None:
+    """Wait for the retraining run and tell how it ended; its id."""
+    settings, ui = story.settings, story.ui
+    run = wait_for_retrain(run_id, ui, settings.train_epochs, story.retrain_timeout)
+    verdict = "promoted" if run.promoted else f"not promoted ({run.status})"
+    ui.say(f"retraining run {run.id}: challenger version {run.model_version} {verdict}")
+    for reason in run.decision_reasons or []:
+        ui.say(f"  - {reason}")
+    if run.error:
+        ui.say(f"  error: {run.error}")
+    return run.id
+
+
+def build_report(
+    story: Story, started: datetime, champion_before: str, rounds: list[RoundRecord]
+) -> dict[str, Any]:
+    """The story's report, read back from the platform's records since ``started``."""
+    settings, plan = story.settings, story.plan
     retrains = loop_report.retrain_runs(started)
     final = get_alias(settings, CHAMPION)
     comparison = None
     judged = [r for r in retrains if r["holdout_snapshot_id"]]
     if judged and final is not None:
         comparison = compare_on_holdout(
-            settings, judged[-1]["holdout_snapshot_id"], champion.version, final.version
+            settings, judged[-1]["holdout_snapshot_id"], champion_before, final.version
         )
-    report = {
-        "run_tag": run_tag,
+    return {
+        "run_tag": story.run_tag,
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "plan": {**asdict(plan), "drift": asdict(plan.drift)},
-        "champion_before": champion.version,
+        "champion_before": champion_before,
         "champion_after": final.version if final else None,
-        "images": loop_report.image_counts(f"demo/{run_tag}/"),
+        "images": loop_report.image_counts(f"demo/{story.run_tag}/"),
         "rounds": [asdict(r) for r in rounds],
         "drift": loop_report.drift_timeline(started),
         "retrains": retrains,
         "comparison": comparison,
     }
-    report_dir = report_dir or settings.data_dir / "demo" / "reports"
+
+
+def save_report(report: dict[str, Any], report_dir: Path) -> dict[str, Any]:
+    """Write the report as JSON and Markdown; the report with their paths added."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    (report_dir / f"{run_tag}.json").write_text(json.dumps(report, indent=2, default=str))
-    (report_dir / f"{run_tag}.md").write_text(loop_report.render_markdown(report))
-    report["paths"] = {
-        "json": str(report_dir / f"{run_tag}.json"),
-        "markdown": str(report_dir / f"{run_tag}.md"),
-    }
+    json_path = report_dir / f"{report['run_tag']}.json"
+    markdown_path = report_dir / f"{report['run_tag']}.md"
+    json_path.write_text(json.dumps(report, indent=2, default=str))
+    markdown_path.write_text(loop_report.render_markdown(report))
+    report["paths"] = {"json": str(json_path), "markdown": str(markdown_path)}
     return report

@@ -123,63 +123,81 @@ def retrain_runs(since: datetime) -> list[dict[str, Any]]:
     return runs
 
 
+def retrain_verdict(run: dict[str, Any]) -> str:
+    """A finished run says whether it promoted; one that did not finish says its status."""
+    return {True: "promoted", False: "not promoted"}.get(run["promoted"], run["status"])
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown (saved next to the JSON, readable in any viewer)."""
-    images = report["images"]
     lines = [
         "# visionloop demo report",
         "",
         f"Run `{report['run_tag']}`, {report['started_at']} to {report['finished_at']}.",
         "",
-        "## Images",
-        "",
-        "| files | ingested | quarantined | queued | labelled |",
-        "| --- | --- | --- | --- | --- |",
-        f"| {images['files']} | {images['ingested']} | {images['quarantined']} | "
-        f"{images['queued']} | {images['labelled']} |",
-        "",
+        *_images_section(report["images"]),
+        *_rounds_section(report["rounds"]),
+        *_drift_section(report["drift"]),
+        *_retrains_section(report["retrains"]),
+        *_comparison_section(report.get("comparison")),
     ]
+    return "\n".join(lines) + "\n"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" for _ in header) + " |",
+        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
+    ]
+
+
+def _images_section(images: dict[str, Any]) -> list[str]:
+    counts = ["files", "ingested", "quarantined", "queued", "labelled"]
+    lines = ["## Images", "", *_table(counts, [[images[k] for k in counts]]), ""]
     if images["quarantine_reasons"]:
         lines += ["Quarantined:", ""]
         lines += [f"- `{name}`: {reason}" for name, reason in images["quarantine_reasons"].items()]
         lines.append("")
     if images["queued_by_reason"]:
-        lines += [
-            "Queued because: "
-            + ", ".join(
-                f"{reason} {n}" for reason, n in sorted(images["queued_by_reason"].items())
-            ),
-            "",
+        by_reason = sorted(images["queued_by_reason"].items())
+        lines += ["Queued because: " + ", ".join(f"{reason} {n}" for reason, n in by_reason), ""]
+    return lines
+
+
+def _rounds_section(rounds: list[dict[str, Any]]) -> list[str]:
+    header = ["round", "drifted", "uploaded", "queued", "labelled", "drift", "decision"]
+    rows = [
+        [
+            r["round"],
+            "yes" if r["drifted"] else "no",
+            r["uploaded"],
+            r["queued"],
+            r["labelled"],
+            r["drift_level"] or "-",
+            r["decision"],
         ]
-    lines += [
-        "## Rounds",
-        "",
-        "| round | drifted | uploaded | queued | labelled | drift | decision |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        for r in rounds
     ]
-    for r in report["rounds"]:
-        lines.append(
-            f"| {r['round']} | {'yes' if r['drifted'] else 'no'} | {r['uploaded']} | {r['queued']} | "
-            f"{r['labelled']} | {r['drift_level'] or '-'} | {r['decision']} |"
-        )
-    lines += [
-        "",
-        "## Drift over time",
-        "",
-        "| at | level | score | drifted features |",
-        "| --- | --- | --- | --- |",
+    return ["## Rounds", "", *_table(header, rows), ""]
+
+
+def _drift_section(drift: list[dict[str, Any]]) -> list[str]:
+    rows = [
+        [d["at"][:19], d["level"], f"{d['score']:.2f}", ", ".join(d["drifted_features"]) or "-"]
+        for d in drift
     ]
-    for d in report["drift"]:
-        lines.append(
-            f"| {d['at'][:19]} | {d['level']} | {d['score']:.2f} | {', '.join(d['drifted_features']) or '-'} |"
-        )
-    lines += ["", "## Retrains", ""]
-    if not report["retrains"]:
+    header = ["at", "level", "score", "drifted features"]
+    return ["## Drift over time", "", *_table(header, rows), ""]
+
+
+def _retrains_section(retrains: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Retrains", ""]
+    if not retrains:
         lines.append("No retrain ran.")
-    for run in report["retrains"]:
-        verdict = {True: "promoted", False: "not promoted"}.get(run["promoted"], run["status"])
+    for run in retrains:
         lines += [
-            f"### Retraining run {run['id']} ({run['trigger']}): {verdict}",
+            f"### Retraining run {run['id']} ({run['trigger']}): {retrain_verdict(run)}",
             "",
             f"Why it started: {run['reason'] or '-'}",
             "",
@@ -188,20 +206,26 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += [f"Error: {run['error']}", ""]
         lines += [f"- {reason}" for reason in run["reasons"]]
         lines.append("")
-    comparison = report.get("comparison")
-    lines += ["## Champion before and after, same held-out set", ""]
-    if comparison:
-        lines += [
-            f"Held-out snapshot {comparison['holdout_hash'][:12]} ({comparison['holdout_images']} images).",
-            "",
-            "| model | version | mAP50 | mAP50-95 |",
-            "| --- | --- | --- | --- |",
+    return lines
+
+
+def _comparison_section(comparison: dict[str, Any] | None) -> list[str]:
+    lines = ["## Champion before and after, same held-out set", ""]
+    if not comparison:
+        return [*lines, "No held-out comparison: no retrain produced a held-out set."]
+    rows = [
+        [
+            role,
+            comparison[role]["version"],
+            f"{comparison[role]['metrics']['mAP50']:.3f}",
+            f"{comparison[role]['metrics']['mAP50-95']:.3f}",
         ]
-        for role in ("before", "after"):
-            m = comparison[role]
-            lines.append(
-                f"| {role} | {m['version']} | {m['metrics']['mAP50']:.3f} | {m['metrics']['mAP50-95']:.3f} |"
-            )
-    else:
-        lines.append("No held-out comparison: no retrain produced a held-out set.")
-    return "\n".join(lines) + "\n"
+        for role in ("before", "after")
+    ]
+    return [
+        *lines,
+        f"Held-out snapshot {comparison['holdout_hash'][:12]} "
+        f"({comparison['holdout_images']} images).",
+        "",
+        *_table(["model", "version", "mAP50", "mAP50-95"], rows),
+    ]

@@ -17,9 +17,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from visionloop.boxes import YoloBox
 from visionloop.settings import Settings
 from visionloop.storage import ObjectStore, sha256_hex
-from visionloop.synthetic import Box, DriftParams, encode_jpeg, generate_sample
+from visionloop.synthetic import DriftParams, encode_jpeg, generate_sample
 
 STREAM_SEED_OFFSET = 1_000
 """The stream draws from ``settings.seed + STREAM_SEED_OFFSET``: never the bootstrap's images."""
@@ -69,12 +70,12 @@ class GroundTruth:
         self.next_index: int = state.get("next_index", 0)
         self.boxes: dict[str, list[list[float]]] = state.get("boxes", {})
 
-    def add(self, content_hash: str, boxes: Sequence[Box]) -> None:
+    def add(self, content_hash: str, boxes: Sequence[YoloBox]) -> None:
         self.boxes[content_hash] = [list(box) for box in boxes]
 
-    def get(self, content_hash: str) -> list[Box] | None:
+    def get(self, content_hash: str) -> list[YoloBox] | None:
         boxes = self.boxes.get(content_hash)
-        return None if boxes is None else [(int(b[0]), *map(float, b[1:])) for b in boxes]  # type: ignore[misc]
+        return None if boxes is None else [YoloBox(int(b[0]), *map(float, b[1:])) for b in boxes]
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,9 @@ def broken_files(round_index: int) -> dict[str, bytes]:
     sample = encode_jpeg(generate_sample(round_index, seed=STREAM_SEED_OFFSET - 1).image)
     return {
         f"truncated-{round_index:02d}.jpg": sample[: len(sample) // 3],
-        f"error-page-{round_index:02d}.jpg": b"<!DOCTYPE html><html><body>502 Bad Gateway</body></html>",
+        f"error-page-{round_index:02d}.jpg": (
+            b"<!DOCTYPE html><html><body>502 Bad Gateway</body></html>"
+        ),
     }
 
 

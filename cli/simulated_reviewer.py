@@ -18,7 +18,7 @@ from label_studio_sdk.core.api_error import ApiError
 
 from cli.production_stream import GroundTruth
 from labeling.wiring import ReviewProject, review_project
-from visionloop.formats import YoloBox, ls_results_from_boxes
+from visionloop.boxes import ls_results_from_boxes
 from visionloop.settings import Settings
 
 SIMULATED_REVIEWER_EMAIL = "simulated-reviewer@visionloop.local"
@@ -77,7 +77,7 @@ def review_open_tasks(
             done.unknown.append(int(task.id))
             continue
         result = ls_results_from_boxes(
-            [YoloBox(*box) for box in boxes],
+            boxes,
             settings.class_names,
             settings.image_size,
             settings.image_size,

@@ -8,6 +8,8 @@ A service whose URL setting points elsewhere is external: `up` checks it and nev
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import psutil
 from pydantic import SecretStr
 
@@ -42,6 +45,8 @@ class ServiceSpec:
     external_setting: str = ""  # non-empty: the setting that made this service external
     startup_timeout: float = 90.0
     cwd: Path | None = None
+    # Runs before the service is spawned, never when it is reused or external.
+    install: Callable[[], None] | None = None
 
 
 @dataclass
@@ -105,6 +110,234 @@ def _port_owner(port: int) -> str:
     return "another process"
 
 
+def _terminate_group(pid: int, timeout: float) -> bool:
+    """SIGTERM ``pid``'s process group and descendants, SIGKILL what outlives ``timeout``."""
+    try:
+        # Everything in the group, plus descendants that made their own session.
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return True
+
+
+# --- service definitions: one builder per service, in start-up order -----------------------
+
+
+def _state_dir(stack: Stack, name: str) -> Path:
+    """The service's own folder under the data dir, created if missing."""
+    path = stack.root / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _seaweedfs_internal_ports(settings: Settings) -> dict[str, int]:
+    """Ports for SeaweedFS's components besides S3, away from every configured port.
+
+    Volume's default, 8080, is Label Studio's. Each component also uses port + 10000 for gRPC,
+    and some components assume that offset whatever the flags say.
+    """
+    s = settings
+    taken = {s.s3_port, s.prefect_port, s.mlflow_port, s.label_studio_port, s.api_port}
+    internal: dict[str, int] = {}
+    for component in ("master", "volume", "filer", "admin"):
+        port = free_port(taken | {p + 10000 for p in taken}, grpc_offset=10000)
+        internal[component] = port
+        taken |= {port, port + 10000}
+    return internal
+
+
+def s3_spec(stack: Stack) -> ServiceSpec:
+    """SeaweedFS's mini mode: master, volume, filer, admin and the S3 server the user sees."""
+    s = stack.settings
+    weed_dir = _state_dir(stack, "seaweedfs")
+    internal = _seaweedfs_internal_ports(s)
+    return ServiceSpec(
+        name="s3",
+        command=[
+            _bin("weed"),
+            "mini",
+            f"-dir={weed_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={s.s3_port}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            *(f"-{component}.port={port}" for component, port in internal.items()),
+            "-admin.ui=false",
+            "-webdav=false",
+            "-master.telemetry=false",
+            f"-bucket={','.join(s.all_buckets)}",
+        ],
+        env=stack.s3_env(),
+        port=s.s3_port,
+        port_setting="VISIONLOOP_S3_PORT",
+        external_setting="VISIONLOOP_S3_ENDPOINT" if s.s3_endpoint else "",
+        startup_timeout=60,
+        cwd=weed_dir,
+    )
+
+
+def prefect_spec(stack: Stack) -> ServiceSpec:
+    s = stack.settings
+    prefect_home = _state_dir(stack, "prefect")
+    return ServiceSpec(
+        name="prefect",
+        command=[
+            _bin("prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(s.prefect_port),
+        ],
+        env={
+            "PREFECT_HOME": str(prefect_home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_API_URL": s.prefect_api,
+        },
+        port=s.prefect_port,
+        port_setting="VISIONLOOP_PREFECT_PORT",
+        external_setting="VISIONLOOP_PREFECT_API_URL" if s.prefect_api_url else "",
+        startup_timeout=120,
+    )
+
+
+def mlflow_spec(stack: Stack) -> ServiceSpec:
+    s = stack.settings
+    mlflow_dir = _state_dir(stack, "mlflow")
+    return ServiceSpec(
+        name="mlflow",
+        command=[
+            _bin("mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+            "--artifacts-destination",
+            f"s3://{s.bucket_mlflow}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(s.mlflow_port),
+            "--workers",
+            "1",
+        ],
+        env={
+            **stack.s3_env(),
+            # MLflow 3 otherwise runs seven job-queue consumers (GenAI jobs the loop never
+            # uses) that take a whole core between them.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        },
+        port=s.mlflow_port,
+        port_setting="VISIONLOOP_MLFLOW_PORT",
+        external_setting="VISIONLOOP_MLFLOW_TRACKING_URI" if s.mlflow_tracking_uri else "",
+        startup_timeout=120,
+        cwd=mlflow_dir,
+    )
+
+
+def label_studio_spec(stack: Stack) -> ServiceSpec:
+    s = stack.settings
+    ls_dir = _state_dir(stack, "label-studio")
+    return ServiceSpec(
+        name="label-studio",
+        command=[
+            str(stack.label_studio_bin()),
+            "start",
+            "--no-browser",
+            "--internal-host",
+            "127.0.0.1",
+            "--port",
+            str(s.label_studio_port),
+        ],
+        env={
+            # Credentials by environment, not argv, so `ps` does not show them.
+            "LABEL_STUDIO_USERNAME": s.label_studio_username,
+            "LABEL_STUDIO_PASSWORD": s.label_studio_password.get_secret_value(),
+            "LABEL_STUDIO_BASE_DATA_DIR": str(ls_dir),
+            "LABEL_STUDIO_HOST": s.label_studio,
+            # Lets tasks point at images served by the platform's S3 endpoint.
+            "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+            "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+            # Its SSRF guard bans loopback and private addresses, which is exactly where
+            # a self-hosted object store (review images) and the API (webhook) live.
+            "USE_DEFAULT_BANNED_SUBNETS": "false",
+            "SENTRY_DSN": "",
+            "FRONTEND_SENTRY_DSN": "",
+        },
+        port=s.label_studio_port,
+        port_setting="VISIONLOOP_LABEL_STUDIO_PORT",
+        external_setting="VISIONLOOP_LABEL_STUDIO_URL" if s.label_studio_url else "",
+        startup_timeout=240,
+        cwd=ls_dir,
+        install=stack.ensure_label_studio_installed,
+    )
+
+
+def api_spec(stack: Stack) -> ServiceSpec:
+    s = stack.settings
+    return ServiceSpec(
+        name="api",
+        command=[
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.main:app",
+            "--host",
+            s.api_host,
+            "--port",
+            str(s.api_port),
+        ],
+        env=stack.platform_env(),
+        port=s.api_port,
+        port_setting="VISIONLOOP_API_PORT",
+        startup_timeout=90,
+        cwd=s.project_dir,
+    )
+
+
+def worker_spec(stack: Stack) -> ServiceSpec:
+    s = stack.settings
+    return ServiceSpec(
+        name="worker",
+        command=[
+            _bin("prefect"),
+            "worker",
+            "start",
+            "--pool",
+            s.prefect_work_pool,
+            "--type",
+            "process",
+            "--name",
+            f"visionloop-{os.uname().nodename}",
+        ],
+        env=stack.platform_env(),
+        startup_timeout=90,
+        cwd=s.project_dir,
+    )
+
+
+SPEC_BUILDERS: dict[str, Callable[[Stack], ServiceSpec]] = {
+    "s3": s3_spec,
+    "prefect": prefect_spec,
+    "mlflow": mlflow_spec,
+    "label-studio": label_studio_spec,
+    "api": api_spec,
+    "worker": worker_spec,
+}
+SERVICE_ORDER = list(SPEC_BUILDERS)
+
+
 class Stack:
     def __init__(self, settings: Settings, echo: Callable[[str], None] = lambda _m: None) -> None:
         self.settings = settings
@@ -139,18 +372,17 @@ class Stack:
     def _spawn(self, spec: ServiceSpec) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{spec.name}.log", "ab")
         env = {**os.environ, **spec.env}
-        proc = subprocess.Popen(
-            spec.command,
-            env=env,
-            cwd=spec.cwd or self.root,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: `down` stops it and its children
-        )
-        log.close()
+        with open(self.log_dir / f"{spec.name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                spec.command,
+                env=env,
+                cwd=spec.cwd or self.root,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: `down` stops it and its children
+            )
         self._pid_file(spec.name).write_text(
             json.dumps(
                 {
@@ -169,28 +401,7 @@ class Stack:
         self._pid_file(name).unlink(missing_ok=True)
         if pid is None:
             return False
-        try:
-            # Everything in the group, plus descendants that made their own session.
-            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-        except psutil.Error:
-            return False
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        for proc in procs:
-            try:
-                proc.terminate()
-            except psutil.Error:
-                pass
-        _gone, alive = psutil.wait_procs(procs, timeout=timeout)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
-        return True
+        return _terminate_group(pid, timeout)
 
     # --- secrets ---------------------------------------------------------------------------
     def ensure_secrets(self) -> Settings:
@@ -207,7 +418,8 @@ class Stack:
         }
         if missing:
             self._append_secrets(missing)
-        os.chmod(path, 0o600) if path.exists() else None
+        if path.exists():
+            os.chmod(path, 0o600)
         return self.reload()
 
     def _append_secrets(self, values: dict[str, str]) -> None:
@@ -230,8 +442,8 @@ class Stack:
         self.settings = self.settings.model_copy(update=updates)
         return self.settings
 
-    # --- service definitions ---------------------------------------------------------------
-    def _s3_env(self) -> dict[str, str]:
+    # --- what the services and the platform's processes are given ----------------------------
+    def s3_env(self) -> dict[str, str]:
         s = self.settings
         return {
             "AWS_ACCESS_KEY_ID": s.s3_access_key,
@@ -254,189 +466,12 @@ class Stack:
             "YOLO_OFFLINE": "1",
             "YOLO_VERBOSE": "False",
             "YOLO_CONFIG_DIR": str(self.root / "ultralytics"),
-            **self._s3_env(),
+            **self.s3_env(),
         }
 
     def specs(self) -> list[ServiceSpec]:
-        s = self.settings
-        root = self.root
-        specs: list[ServiceSpec] = []
-
-        weed_dir = root / "seaweedfs"
-        weed_dir.mkdir(parents=True, exist_ok=True)
-        # SeaweedFS's mini mode runs master, volume, filer, admin and S3 servers; only S3's port
-        # is the user's concern. The others get free ports away from every configured one
-        # (volume's default, 8080, is Label Studio's). Each also uses port + 10000 for gRPC,
-        # and some components assume that offset whatever the flags say.
-        taken = {s.s3_port, s.prefect_port, s.mlflow_port, s.label_studio_port, s.api_port}
-        internal: dict[str, int] = {}
-        for component in ("master", "volume", "filer", "admin"):
-            port = free_port(taken | {p + 10000 for p in taken}, grpc_offset=10000)
-            internal[component] = port
-            taken |= {port, port + 10000}
-        specs.append(
-            ServiceSpec(
-                name="s3",
-                command=[
-                    _bin("weed"),
-                    "mini",
-                    f"-dir={weed_dir}",
-                    "-ip=127.0.0.1",
-                    "-ip.bind=127.0.0.1",
-                    f"-s3.port={s.s3_port}",
-                    "-s3.port.iceberg=0",
-                    "-s3.port.lance=0",
-                    *(f"-{component}.port={port}" for component, port in internal.items()),
-                    "-admin.ui=false",
-                    "-webdav=false",
-                    "-master.telemetry=false",
-                    f"-bucket={','.join(s.all_buckets)}",
-                ],
-                env=self._s3_env(),
-                port=s.s3_port,
-                port_setting="VISIONLOOP_S3_PORT",
-                external_setting="VISIONLOOP_S3_ENDPOINT" if s.s3_endpoint else "",
-                startup_timeout=60,
-                cwd=weed_dir,
-            )
-        )
-
-        prefect_home = root / "prefect"
-        prefect_home.mkdir(parents=True, exist_ok=True)
-        specs.append(
-            ServiceSpec(
-                name="prefect",
-                command=[
-                    _bin("prefect"),
-                    "server",
-                    "start",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(s.prefect_port),
-                ],
-                env={
-                    "PREFECT_HOME": str(prefect_home),
-                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    "PREFECT_UI_API_URL": s.prefect_api,
-                },
-                port=s.prefect_port,
-                port_setting="VISIONLOOP_PREFECT_PORT",
-                external_setting="VISIONLOOP_PREFECT_API_URL" if s.prefect_api_url else "",
-                startup_timeout=120,
-            )
-        )
-
-        mlflow_dir = root / "mlflow"
-        mlflow_dir.mkdir(parents=True, exist_ok=True)
-        specs.append(
-            ServiceSpec(
-                name="mlflow",
-                command=[
-                    _bin("mlflow"),
-                    "server",
-                    "--backend-store-uri",
-                    f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-                    "--artifacts-destination",
-                    f"s3://{s.bucket_mlflow}",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(s.mlflow_port),
-                    "--workers",
-                    "1",
-                ],
-                env={
-                    **self._s3_env(),
-                    # MLflow 3 otherwise runs seven job-queue consumers (GenAI jobs the loop never
-                    # uses) that take a whole core between them.
-                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-                },
-                port=s.mlflow_port,
-                port_setting="VISIONLOOP_MLFLOW_PORT",
-                external_setting="VISIONLOOP_MLFLOW_TRACKING_URI" if s.mlflow_tracking_uri else "",
-                startup_timeout=120,
-                cwd=mlflow_dir,
-            )
-        )
-
-        ls_dir = root / "label-studio"
-        ls_dir.mkdir(parents=True, exist_ok=True)
-        specs.append(
-            ServiceSpec(
-                name="label-studio",
-                command=[
-                    str(self.label_studio_bin()),
-                    "start",
-                    "--no-browser",
-                    "--internal-host",
-                    "127.0.0.1",
-                    "--port",
-                    str(s.label_studio_port),
-                ],
-                env={
-                    # Credentials by environment, not argv, so `ps` does not show them.
-                    "LABEL_STUDIO_USERNAME": s.label_studio_username,
-                    "LABEL_STUDIO_PASSWORD": s.label_studio_password.get_secret_value(),
-                    "LABEL_STUDIO_BASE_DATA_DIR": str(ls_dir),
-                    "LABEL_STUDIO_HOST": s.label_studio,
-                    # Lets tasks point at images served by the platform's S3 endpoint.
-                    "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
-                    "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-                    # Its SSRF guard bans loopback and private addresses, which is exactly where
-                    # a self-hosted object store (review images) and the API (webhook) live.
-                    "USE_DEFAULT_BANNED_SUBNETS": "false",
-                    "SENTRY_DSN": "",
-                    "FRONTEND_SENTRY_DSN": "",
-                },
-                port=s.label_studio_port,
-                port_setting="VISIONLOOP_LABEL_STUDIO_PORT",
-                external_setting="VISIONLOOP_LABEL_STUDIO_URL" if s.label_studio_url else "",
-                startup_timeout=240,
-                cwd=ls_dir,
-            )
-        )
-
-        specs.append(
-            ServiceSpec(
-                name="api",
-                command=[
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "api.main:app",
-                    "--host",
-                    s.api_host,
-                    "--port",
-                    str(s.api_port),
-                ],
-                env=self.platform_env(),
-                port=s.api_port,
-                port_setting="VISIONLOOP_API_PORT",
-                startup_timeout=90,
-                cwd=s.project_dir,
-            )
-        )
-        specs.append(
-            ServiceSpec(
-                name="worker",
-                command=[
-                    _bin("prefect"),
-                    "worker",
-                    "start",
-                    "--pool",
-                    s.prefect_work_pool,
-                    "--type",
-                    "process",
-                    "--name",
-                    f"visionloop-{os.uname().nodename}",
-                ],
-                env=self.platform_env(),
-                startup_timeout=90,
-                cwd=s.project_dir,
-            )
-        )
-        return specs
+        """Every service of the stack, in start-up order (``SPEC_BUILDERS``)."""
+        return [build(self) for build in SPEC_BUILDERS.values()]
 
     # --- Label Studio lives in its own virtualenv --------------------------------------------
     def label_studio_venv(self) -> Path:
@@ -517,8 +552,8 @@ class Stack:
         pid = self.running_pid(spec.name)
         if pid is not None:
             return ServiceState(spec.name, "reused", pid=pid)
-        if spec.name == "label-studio":
-            self.ensure_label_studio_installed()
+        if spec.install is not None:
+            spec.install()
         if spec.port is not None and port_in_use(spec.port):
             raise StackError(
                 f"port {spec.port} for {spec.name} is already in use by {_port_owner(spec.port)}; "
@@ -536,26 +571,28 @@ class Stack:
             if state.action != "external" and self.running_pid(spec.name) is None:
                 raise StackError(
                     f"{spec.name} exited during start-up: {health.detail}; see its log "
-                    f"{self.log_dir / (spec.name + '.log')}\n{self._log_tail(spec.name)}"
+                    f"{self._log_path(spec.name)}\n{self._log_tail(spec.name)}"
                 )
             if time.monotonic() > deadline:
                 where = (
                     f"check {spec.external_setting}"
                     if state.action == "external"
-                    else f"see {self.log_dir / (spec.name + '.log')}"
+                    else f"see {self._log_path(spec.name)}"
                 )
                 raise StackError(
                     f"{spec.name} at {health.url} is not healthy: {health.detail}; {where}"
                 )
             time.sleep(1.0)
 
+    def _log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
     def _log_tail(self, name: str, lines: int = 15) -> str:
         try:
-            return "\n".join(
-                (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:]
-            )
+            text = self._log_path(name).read_text(errors="replace")
         except FileNotFoundError:
             return ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def _prepare_platform(self) -> None:
         from visionloop.db import migrate
@@ -579,8 +616,6 @@ class Stack:
             self.reload()
 
     def _ensure_work_pool(self) -> None:
-        import httpx
-
         api = self.settings.prefect_api
         pool = self.settings.prefect_work_pool
         response = httpx.post(
@@ -589,21 +624,28 @@ class Stack:
         if response.status_code not in (201, 409):
             raise StackError(f"creating Prefect work pool {pool!r} failed: {response.text[:300]}")
 
+    # --- deployments -------------------------------------------------------------------------
     def _deploy_flows(self) -> None:
         """Register prefect.yaml's deployments (an upsert), paused unless schedules are enabled."""
-        import hashlib
-
-        import httpx
-
-        recipe = self.settings.project_dir / "prefect.yaml"
         stamp = self.run_dir / "deployed.sha256"
-        wanted = hashlib.sha256(
+        wanted = self._deploy_fingerprint()
+        if stamp.exists() and stamp.read_text() == wanted and self._deployments():
+            return  # this very recipe is registered on this server already
+        self._run_prefect_deploy()
+        self._match_pauses_to_schedules()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(wanted)
+
+    def _deploy_fingerprint(self) -> str:
+        """The recipe and what it was deployed against: a change of either redeploys."""
+        recipe = self.settings.project_dir / "prefect.yaml"
+        return hashlib.sha256(
             recipe.read_bytes()
             + f"{self.settings.prefect_api}|{self.settings.schedules_enabled}".encode()
         ).hexdigest()
-        if stamp.exists() and stamp.read_text() == wanted and self._deployments():
-            return  # this very recipe is registered on this server already
-        log = self.log_dir / "deploy.log"
+
+    def _run_prefect_deploy(self) -> None:
+        log = self._log_path("deploy")
         with open(log, "wb") as fh:
             done = subprocess.run(
                 [_bin("prefect"), "--no-prompt", "deploy", "--all"],
@@ -618,6 +660,8 @@ class Stack:
             raise StackError(
                 f"`prefect deploy --all` failed; see {log}\n{self._log_tail('deploy')}"
             )
+
+    def _match_pauses_to_schedules(self) -> None:
         api = self.settings.prefect_api
         for deployment in self._deployments():
             if deployment["paused"] == self.settings.schedules_enabled:
@@ -626,12 +670,8 @@ class Stack:
                     json={"paused": not self.settings.schedules_enabled},
                     timeout=10,
                 ).raise_for_status()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(wanted)
 
     def _deployments(self) -> list[dict]:
-        import httpx
-
         response = httpx.post(
             f"{self.settings.prefect_api}/deployments/filter", json={}, timeout=10
         )
@@ -664,6 +704,3 @@ class Stack:
             "API docs": f"{s.api_url}/docs",
             "S3 API": s.s3_url,
         }
-
-
-SERVICE_ORDER = ["s3", "prefect", "mlflow", "label-studio", "api", "worker"]

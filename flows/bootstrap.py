@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger, task
 
 from training.snapshots import SNAPSHOT_HASH_TAG, materialise, yolo_folder_sources
 from training.tracking import tracked_training
+from visionloop.db import session_scope
 from visionloop.events import EventKind, emit
 from visionloop.registry import CHAMPION, ModelRef, get_alias, register_weights
 from visionloop.settings import get_settings
@@ -34,9 +35,9 @@ def generate_seed_set(images: int, seed: int) -> str:
 def snapshot_seed_set(data_yaml: str) -> str:
     """The seed set as a `bootstrap` snapshot: the first champion's training reference (drift)."""
     settings = get_settings()
-    snapshot, _, _ = materialise(
-        settings, yolo_folder_sources(Path(data_yaml), settings.class_names), kind="bootstrap"
-    )
+    sources = yolo_folder_sources(Path(data_yaml), settings.class_names)
+    with session_scope() as session:
+        snapshot, _, _ = materialise(settings, session, sources, kind="bootstrap")
     return snapshot.manifest_hash
 
 
@@ -93,7 +94,8 @@ def bootstrap_flow(
     ref = register_champion(run_id)
     emit(
         EventKind.MODEL_PROMOTED,
-        f"bootstrap model version {ref.version} is the champion (mAP50 {metrics.get('mAP50', 0):.3f})",
+        f"bootstrap model version {ref.version} is the champion "
+        f"(mAP50 {metrics.get('mAP50', 0):.3f})",
         {"version": ref.version, "run_id": run_id, "metrics": metrics},
     )
     return {"created": True, "version": ref.version, "run_id": run_id, "metrics": metrics}

@@ -8,13 +8,15 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from monitoring.drift_monitor import measure_drift
+from visionloop.db import session_scope
 from visionloop.models import DriftLevel
 from visionloop.settings import get_settings
 
 
 @task(retries=2, retry_delay_seconds=10)
 def measure(stat_test: str | None) -> dict[str, Any] | None:
-    result = measure_drift(get_settings(), stat_test=stat_test)
+    with session_scope() as session:
+        result = measure_drift(session, get_settings(), stat_test=stat_test)
     if result is None:
         return None
     return {

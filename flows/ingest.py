@@ -1,7 +1,8 @@
 """Ingest flow: new images in the object store -> validated, measured, predicted, and the
 uncertain ones queued for review in Label Studio.
 
-    find_new_files ─► ingest_files (one task per batch, submitted to the task runner) ─► queue_uncertain
+    find_new_files ─► ingest_files (a task per batch, on the task runner) ─► gather
+        ─► queue_uncertain ─► summarise
 
 Re-running it is safe and cheap: files whose source key or content is known are skipped,
 and nothing is written twice (see ``ingest.pipeline``).
@@ -25,6 +26,7 @@ does not depend on which batch finished first.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +147,8 @@ ingest_files = task(
 def queue_uncertain(candidates: list[Candidate], policy: SelectionPolicy) -> QueueReport:
     settings = get_settings()
     chosen = select(candidates, policy)
-    report = queue_for_review(settings, chosen)
+    with session_scope() as session:
+        report = queue_for_review(session, settings, chosen)
     reasons = {c.image_id: c.reason for c in chosen}
     get_run_logger().info(
         "%d of %d predicted images selected (%s, budget %d); %d queued in Label Studio",
@@ -168,6 +171,100 @@ def queue_uncertain(candidates: list[Candidate], policy: SelectionPolicy) -> Que
     return report
 
 
+@dataclass(frozen=True)
+class Gathered:
+    """The finished batches' reports merged in batch order, so the summary does not depend on
+    which batch finished first."""
+
+    candidates: list[Candidate]
+    quarantined: dict[str, str]  # file uri: why it was quarantined
+    model_version: str | None
+    unpredicted: str | None  # why nothing was predicted, if so
+    workers: list[str]  # host:pid of every process that ran a batch (the flow's own with threads)
+
+    @classmethod
+    def of(cls, reports: list[BatchReport | None]) -> Gathered:
+        finished = [r for r in reports if r is not None]
+        return cls(
+            candidates=[c for r in finished for c in r.candidates],
+            quarantined={
+                o.uri: o.reason or ""
+                for r in finished
+                for o in r.files
+                if o.status == "quarantined"
+            },
+            model_version=next((r.model_version for r in finished if r.model_version), None),
+            unpredicted=next((r.unpredicted for r in finished if r.unpredicted), None),
+            workers=sorted({r.worker for r in finished}),
+        )
+
+
+class IngestTally:
+    """An ingest run's bookkeeping: every finished batch is counted at once (log line, progress
+    artifact, ``ingest.progress`` event), and the run ends with its summary."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.counts = {"ingested": 0, "quarantined": 0, "duplicate": 0}
+        self.started = time.perf_counter()
+        self.logger = get_run_logger()
+        self.progress = create_progress_artifact(
+            0.0, key="ingest-progress", description="files processed"
+        )
+
+    def batch_done(self, files: int, report: BatchReport) -> None:
+        self.done += files
+        for outcome in report.files:
+            self.counts[outcome.status] += 1
+        rate = self.done / (time.perf_counter() - self.started)
+        percent = 100.0 * self.done / self.total
+        message = (
+            f"{self.done}/{self.total} files ({percent:.0f}%): {self.counts['ingested']} ingested, "
+            f"{self.counts['quarantined']} quarantined, {self.counts['duplicate']} duplicates, "
+            f"{rate:.1f} files/s"
+        )
+        self.logger.info(message)
+        update_progress_artifact(self.progress, percent)
+        emit(
+            EventKind.INGEST_PROGRESS,
+            message,
+            {"done": self.done, "total": self.total, **self.counts, "files_per_second": rate},
+        )
+
+    def batch_failed(self, files: int, index: int, batches: int, error: Exception) -> None:
+        self.done += files  # counted as processed: the progress still reaches its end
+        self.logger.error("batch %d of %d failed: %s", index + 1, batches, error)
+
+    def summarise(self, gathered: Gathered, queued: QueueReport) -> dict[str, Any]:
+        """The run's summary (its return value), also as an artifact and an event."""
+        update_progress_artifact(self.progress, 100.0)
+        seconds = time.perf_counter() - self.started
+        summary = {
+            "files": self.total,
+            "ingested": self.counts["ingested"],
+            "quarantined": self.counts["quarantined"],
+            "duplicates": self.counts["duplicate"],
+            "queued": len(queued.added),
+            "queued_images": queued.added,
+            "model_version": gathered.model_version,
+            "quarantine": gathered.quarantined,
+            "seconds": round(seconds, 2),
+            "images_per_second": self.total / seconds if seconds > 0 else 0.0,
+            "workers": gathered.workers,
+        }
+        markdown = _summary_markdown(summary, gathered.quarantined)
+        create_markdown_artifact(markdown, key="ingest-summary")
+        emit(
+            EventKind.INGEST_COMPLETED,
+            f"ingest: {summary['ingested']} new images, {summary['quarantined']} quarantined, "
+            f"{summary['queued']} queued for review",
+            {k: v for k, v in summary.items() if k != "queued_images"},
+            level="warning" if gathered.quarantined else "info",
+        )
+        return summary
+
+
 def _summary_markdown(summary: dict[str, Any], quarantined: dict[str, str]) -> str:
     lines = [
         "# Ingest",
@@ -182,6 +279,35 @@ def _summary_markdown(summary: dict[str, Any], quarantined: dict[str, str]) -> s
         lines += ["", "## Quarantined", "", "| file | reason |", "| --- | --- |"]
         lines += [f"| `{uri}` | {reason} |" for uri, reason in quarantined.items()]
     return "\n".join(lines)
+
+
+def gather(
+    batches: list[list[SourceFile]],
+    futures: dict[PrefectFuture[BatchReport], int],
+    tally: IngestTally,
+) -> tuple[list[BatchReport | None], list[Exception]]:
+    """Each batch's report in batch order (None where it failed), and the failures; batches
+    are counted as they finish, whichever finishes first."""
+    reports: list[BatchReport | None] = [None] * len(batches)
+    failures: list[Exception] = []
+    for future in as_completed(list(futures)):
+        index = futures[future]
+        try:
+            reports[index] = report = future.result()
+        except Exception as exc:  # the other batches still finish and are counted
+            failures.append(exc)
+            tally.batch_failed(len(batches[index]), index, len(batches), exc)
+            continue
+        tally.batch_done(len(batches[index]), report)
+    return reports, failures
+
+
+def drift_aware_policy(settings: Settings) -> SelectionPolicy:
+    # Under drift (yellow or red) the champion's confidence cannot be trusted to pick images:
+    # the review audit widens (see SelectionPolicy.from_settings).
+    with session_scope() as session:
+        level = latest_drift_level(session)
+    return SelectionPolicy.from_settings(settings, drift_level=level)
 
 
 @flow(name="ingest", log_prints=True, task_runner=SettingsTaskRunner())
@@ -199,97 +325,18 @@ def ingest_flow(
     ``conf`` the lowest box confidence kept; ``selection`` overrides the settings'
     selection policy for this run.
     """
-    settings = get_settings()
-    logger = get_run_logger()
-    # Under drift (yellow or red) the champion's confidence cannot be trusted to pick images:
-    # the review audit widens (see SelectionPolicy.from_settings).
-    with session_scope() as session:
-        policy = selection or SelectionPolicy.from_settings(
-            settings, drift_level=latest_drift_level(session)
-        )
-    started = time.perf_counter()
-
+    policy = selection or drift_aware_policy(get_settings())
     files = find_new_files(prefix, folder)
     batches = plan_batches(files, batch_size)
-    progress = create_progress_artifact(0.0, key="ingest-progress", description="files processed")
-    futures: dict[PrefectFuture[BatchReport], int] = {
-        ingest_files.submit(batch, imgsz, conf): index for index, batch in enumerate(batches)
-    }
-    reports: list[BatchReport | None] = [None] * len(batches)
-    failures: list[BaseException] = []
-    totals = {"ingested": 0, "quarantined": 0, "duplicate": 0}
-    done = 0
-    for future in as_completed(list(futures)):
-        index = futures[future]
-        done += len(batches[index])
-        try:
-            report = reports[index] = future.result()
-        except Exception as exc:  # the other batches still finish and are counted
-            failures.append(exc)
-            logger.error("batch %d of %d failed: %s", index + 1, len(batches), exc)
-            continue
-        for outcome in report.files:
-            totals[outcome.status] += 1
-        rate = done / (time.perf_counter() - started)
-        percent = 100.0 * done / len(files)
-        message = (
-            f"{done}/{len(files)} files ({percent:.0f}%): {totals['ingested']} ingested, "
-            f"{totals['quarantined']} quarantined, {totals['duplicate']} duplicates, "
-            f"{rate:.1f} files/s"
-        )
-        logger.info(message)
-        update_progress_artifact(progress, percent)
-        emit(
-            EventKind.INGEST_PROGRESS,
-            message,
-            {"done": done, "total": len(files), **totals, "files_per_second": rate},
-        )
-
-    # Gathered in batch order: the same summary whichever batch finished first.
-    quarantined: dict[str, str] = {}
-    candidates: list[Candidate] = []
-    model_version = None
-    unpredicted = None
-    for report in reports:
-        if report is None:
-            continue
-        model_version = model_version or report.model_version
-        unpredicted = unpredicted or report.unpredicted
-        candidates += report.candidates
-        for outcome in report.files:
-            if outcome.status == "quarantined":
-                quarantined[outcome.uri] = outcome.reason or ""
-
-    if unpredicted:
-        logger.warning("ingested without predictions: %s", unpredicted)
-
+    tally = IngestTally(len(files))
+    futures = {ingest_files.submit(batch, imgsz, conf): i for i, batch in enumerate(batches)}
+    reports, failures = gather(batches, futures, tally)
+    gathered = Gathered.of(reports)
+    if gathered.unpredicted:
+        get_run_logger().warning("ingested without predictions: %s", gathered.unpredicted)
     # Always: it also gives a task to queue rows a failed run left without one (and the
     # images of the batches that did finish are queued even when another failed).
-    queued = queue_uncertain(candidates, policy)
+    queued = queue_uncertain(gathered.candidates, policy)
     if failures:
         raise failures[0]
-    update_progress_artifact(progress, 100.0)
-    seconds = time.perf_counter() - started
-    summary = {
-        "files": len(files),
-        "ingested": totals["ingested"],
-        "quarantined": totals["quarantined"],
-        "duplicates": totals["duplicate"],
-        "queued": len(queued.added),
-        "queued_images": queued.added,
-        "model_version": model_version,
-        "quarantine": quarantined,
-        "seconds": round(seconds, 2),
-        "images_per_second": len(files) / seconds if seconds > 0 else 0.0,
-        # host:pid of every process that ran a batch (the flow's own with threads).
-        "workers": sorted({r.worker for r in reports if r is not None}),
-    }
-    create_markdown_artifact(_summary_markdown(summary, quarantined), key="ingest-summary")
-    emit(
-        EventKind.INGEST_COMPLETED,
-        f"ingest: {summary['ingested']} new images, {summary['quarantined']} quarantined, "
-        f"{summary['queued']} queued for review",
-        {k: v for k, v in summary.items() if k != "queued_images"},
-        level="warning" if quarantined else "info",
-    )
-    return summary
+    return tally.summarise(gathered, queued)

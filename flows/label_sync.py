@@ -11,12 +11,14 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from labeling.sync import announce, sync_labels
+from visionloop.db import session_scope
 from visionloop.settings import get_settings
 
 
 @flow(name="label-sync", log_prints=True)
 def label_sync_flow() -> dict[str, Any]:
-    report = sync_labels(get_settings())
+    with session_scope() as session:
+        report = sync_labels(session, get_settings())
     get_run_logger().info("label sync: %s", report.summary())
     announce(report, via="flow")
     return report.summary()

@@ -1,5 +1,8 @@
 """Retrain flow: export → train → evaluate → promote → notify, one retrain at a time.
 
+    export_flow ─► train_flow ─► evaluate_flow ─► confirm_verdict ─► consume_labels
+        ─► promote_challenger (if the verdict says so) ─► record_success ─► announce
+
 Two guards keep retrains apart. Prefect's global concurrency limit ``retrain`` (one slot)
 queues a second retrain until the first is done; its lease is renewed while the run lives
 and lapses about a minute after the process dies. Inside it, the database guard
@@ -15,31 +18,96 @@ guard, and failing a run moves `champion` back if it had already moved.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict
 
-from flows.evaluate import evaluate_flow
-from flows.export import export_flow
-from flows.train import train_flow
+from flows.evaluate import Evaluation, evaluate_flow
+from flows.export import ExportedSnapshot, export_flow
+from flows.train import TrainedChallenger, train_flow
 from monitoring.notify import notify
-from training.gate import DEFAULT_PRIMARY_METRIC
+from training.evaluation import EvalResult
 from training.promotion import promote
 from training.retrain_guard import GuardLost, acquire, fail_run, holds, release, update_run
+from training.retrain_launcher import RetrainParams
 from training.snapshots import get_snapshot, image_hashes, mark_labels_used, read_manifest
-from visionloop.db import get_engine
+from visionloop.db import session_scope
 from visionloop.events import EventKind, emit
-from visionloop.formats import DEFAULT_TEST_PERCENT, DEFAULT_VAL_PERCENT
-from visionloop.models import RetrainingRun, RetrainStatus
+from visionloop.models import RetrainStatus
 from visionloop.registry import CHAMPION, get_alias
-from visionloop.settings import Settings, get_settings
+from visionloop.settings import get_settings
 
 RETRAIN_CONCURRENCY = "retrain"
 LEASE_SECONDS = 60  # Prefect's minimum: a killed run's slot comes back within about a minute
 DEFAULT_WEBHOOK_URL = ""  # until settings carry VISIONLOOP_NOTIFY_WEBHOOK_URL
+
+
+class Verdict(BaseModel):
+    """Whether the challenger becomes the champion, with every reason a person reads for it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    promote: bool
+    reasons: list[str]
+
+
+class RetrainMetrics(BaseModel):
+    """What a retraining run records as its metrics (``RetrainingRun.metrics``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    primary_metric: str
+    challenger: EvalResult
+    champion: EvalResult | None
+    champion_version: str | None  # the champion the challenger was compared with
+    snapshot_hash: str
+    holdout_snapshot_id: int
+    holdout_hash: str
+    train: dict[str, float]  # the challenger's validation metrics after its last epoch
+
+
+class RetrainSummary(BaseModel):
+    """What a retrain returns; the notification carries part of it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    retraining_run_id: int
+    status: str = RetrainStatus.succeeded.value
+    promoted: bool
+    challenger_version: str
+    champion_version: str | None  # the champion after this run
+    reasons: list[str]
+    snapshot_id: int
+    holdout_hash: str
+    mlflow_run_id: str
+    metrics: RetrainMetrics
+
+    def verdict(self) -> str:
+        if self.promoted:
+            return f"version {self.challenger_version} promoted to champion"
+        return (
+            f"version {self.challenger_version} not promoted; "
+            f"champion stays version {self.champion_version}"
+        )
+
+    def notification(self) -> dict[str, Any]:
+        notified = {
+            "retraining_run_id",
+            "promoted",
+            "challenger_version",
+            "champion_version",
+            "reasons",
+            "holdout_hash",
+            "mlflow_run_id",
+        }
+        return self.model_dump(mode="json", include=notified)
 
 
 def ensure_concurrency_limit(name: str = RETRAIN_CONCURRENCY, slots: int = 1) -> None:
@@ -47,109 +115,38 @@ def ensure_concurrency_limit(name: str = RETRAIN_CONCURRENCY, slots: int = 1) ->
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectAlreadyExists
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.upsert_global_concurrency_limit_by_name(name, slots)
-        except ObjectAlreadyExists:
-            pass  # created by a concurrent retrain between the read and the create
+    # ObjectAlreadyExists: a concurrent retrain created it between the read and the create.
+    with get_client(sync_client=True) as client, suppress(ObjectAlreadyExists):
+        client.upsert_global_concurrency_limit_by_name(name, slots)
 
 
-def _stage(run: RetrainingRun, stage: str) -> None:
-    get_run_logger().info("retraining run %s: %s", run.id, stage)
+@contextmanager
+def retrain_slot() -> Iterator[None]:
+    """Hold Prefect's one `retrain` slot: a second retrain waits here until the first is done."""
+    ensure_concurrency_limit()
+    with concurrency(
+        RETRAIN_CONCURRENCY,
+        occupy=1,
+        lease_duration=LEASE_SECONDS,
+        strict=True,
+        # A renewal hiccup must not kill an hour of training: the database guard still holds.
+        raise_on_lease_renewal_failure=False,
+    ):
+        yield
+
+
+def _stage(run_id: int, stage: str) -> None:
+    get_run_logger().info("retraining run %s: %s", run_id, stage)
     emit(
         EventKind.RETRAIN_STAGE,
-        f"retraining run {run.id}: {stage}",
-        {"retraining_run_id": run.id, "stage": stage},
+        f"retraining run {run_id}: {stage}",
+        {"retraining_run_id": run_id, "stage": stage},
     )
 
 
-def _retrain(
-    settings: Settings,
-    run: RetrainingRun,
-    *,
-    epochs: int | None,
-    batch: int | None,
-    from_scratch: bool,
-    margin: float | None,
-    tolerance: float | None,
-    primary_metric: str,
-    test_percent: int,
-    val_percent: int,
-) -> dict[str, Any]:
-    _stage(run, "export")
-    exported = export_flow(test_percent=test_percent, val_percent=val_percent)
-    update_run(run.id, snapshot_id=exported["snapshot_id"])
-
-    _stage(run, "train")
-    trained = train_flow(
-        snapshot_id=exported["snapshot_id"],
-        epochs=epochs,
-        batch=batch,
-        from_scratch=from_scratch,
-        trigger=run.trigger,
-        retraining_run_id=run.id,
-    )
-    update_run(run.id, model_version=trained["version"], mlflow_run_id=trained["run_id"])
-
-    _stage(run, "evaluate")
-    evaluation = evaluate_flow(
-        holdout_snapshot_id=exported["holdout_id"],
-        challenger_version=trained["version"],
-        margin=margin,
-        tolerance=tolerance,
-        primary_metric=primary_metric,
-    )
-    decision = evaluation["decision"]
-    reasons = list(decision["reasons"])
-
-    _stage(run, "promote")
-    if not holds(run.id):
-        raise GuardLost(f"retraining run {run.id} lost the retrain guard; it must not promote")
-    promote_it = decision["promote"]
-    champion = get_alias(settings, CHAMPION)
-    if promote_it and (champion.version if champion else None) != evaluation["champion_version"]:
-        promote_it = False  # someone moved the champion by hand: the comparison is stale
-        reasons.append(
-            "Not promoted: the champion changed to version "
-            f"{champion.version if champion else None} "
-            f"while version {evaluation['champion_version']} was being compared."
-        )
-    # Consumed labels stop counting as new for the retraining conditions, promoted or not:
-    # retraining on the same labels would only reach the same verdict.
-    mark_labels_used(
-        get_engine(), image_hashes(read_manifest(settings, get_snapshot(exported["snapshot_id"])))
-    )
-    if promote_it:
-        promote(settings, trained["version"], reason=f"retraining run {run.id} passed the gate")
-    metrics = {
-        "primary_metric": primary_metric,
-        "challenger": evaluation["challenger"],
-        "champion": evaluation["champion"],
-        "champion_version": evaluation["champion_version"],
-        "snapshot_hash": exported["snapshot_hash"],
-        "holdout_snapshot_id": exported["holdout_id"],
-        "holdout_hash": exported["holdout_hash"],
-        "train": trained["metrics"],
-    }
-    release(
-        run.id,
-        status=RetrainStatus.succeeded,
-        promoted=promote_it,
-        decision_reasons=reasons,
-        metrics=metrics,
-    )
-    return {
-        "retraining_run_id": run.id,
-        "status": RetrainStatus.succeeded.value,
-        "promoted": promote_it,
-        "challenger_version": trained["version"],
-        "champion_version": trained["version"] if promote_it else evaluation["champion_version"],
-        "reasons": reasons,
-        "snapshot_id": exported["snapshot_id"],
-        "holdout_hash": exported["holdout_hash"],
-        "mlflow_run_id": trained["run_id"],
-        "metrics": metrics,
-    }
+def _record(run_id: int, **fields: Any) -> None:
+    with session_scope() as session:
+        update_run(session, run_id, **fields)
 
 
 def _describe(exc: BaseException) -> str:
@@ -159,97 +156,189 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def start_run(params: RetrainParams) -> int:
+    """Take the database guard for the requested run (or a new one); its id."""
+    flow_run_id = flow_run.get_id()
+    with session_scope() as session:
+        run = acquire(
+            get_settings(),
+            session,
+            trigger=params.trigger,
+            reason=params.reason,
+            flow_run_id=flow_run_id,
+            run_id=params.retraining_run_id,
+        )
+    assert run.id is not None
+    because = f": {params.reason}" if params.reason else ""
+    emit(
+        EventKind.RETRAIN_STARTED,
+        f"retraining run {run.id} started ({params.trigger}{because})",
+        {"retraining_run_id": run.id, "trigger": params.trigger, "flow_run_id": flow_run_id},
+    )
+    return run.id
+
+
+@contextmanager
+def failure_reported(run_id: int, webhook: str) -> Iterator[None]:
+    """A run that raises (or is cancelled) is failed with its error, lets go of the guard,
+    and says so; the exception goes on."""
+    try:
+        yield
+    except BaseException as exc:
+        with session_scope() as session:
+            failed = fail_run(get_settings(), session, run_id, _describe(exc))
+        notify(
+            EventKind.RETRAIN_FAILED,
+            f"retraining run {run_id} failed: {failed.error}",
+            {"retraining_run_id": run_id, "error": failed.error},
+            webhook_url=webhook,
+            level="error",
+        )
+        raise
+
+
+def export_stage(run_id: int, params: RetrainParams) -> ExportedSnapshot:
+    _stage(run_id, "export")
+    exported = export_flow(test_percent=params.test_percent, val_percent=params.val_percent)
+    _record(run_id, snapshot_id=exported.snapshot_id)
+    return exported
+
+
+def train_stage(
+    run_id: int, params: RetrainParams, exported: ExportedSnapshot
+) -> TrainedChallenger:
+    _stage(run_id, "train")
+    trained = train_flow(
+        snapshot_id=exported.snapshot_id,
+        epochs=params.epochs,
+        batch=params.batch,
+        from_scratch=params.from_scratch,
+        trigger=params.trigger,
+        retraining_run_id=run_id,
+    )
+    _record(run_id, model_version=trained.version, mlflow_run_id=trained.run_id)
+    return trained
+
+
+def evaluate_stage(
+    run_id: int, params: RetrainParams, exported: ExportedSnapshot, trained: TrainedChallenger
+) -> Evaluation:
+    _stage(run_id, "evaluate")
+    return evaluate_flow(
+        holdout_snapshot_id=exported.holdout_id,
+        challenger_version=trained.version,
+        margin=params.margin,
+        tolerance=params.tolerance,
+        primary_metric=params.primary_metric,
+    )
+
+
+@task(cache_policy=NO_CACHE)
+def confirm_verdict(run_id: int, evaluation: Evaluation) -> Verdict:
+    """The gate's decision, checked again now: a run that lost the guard must not promote,
+    and a comparison with a champion someone has moved by hand meanwhile is stale."""
+    _stage(run_id, "promote")
+    with session_scope() as session:
+        if not holds(session, run_id):
+            raise GuardLost(f"retraining run {run_id} lost the retrain guard; it must not promote")
+    decision = evaluation.decision
+    champion = get_alias(get_settings(), CHAMPION)
+    current = champion.version if champion else None
+    if decision.promote and current != evaluation.champion_version:
+        stale = (
+            f"Not promoted: the champion changed to version {current} "
+            f"while version {evaluation.champion_version} was being compared."
+        )
+        return Verdict(promote=False, reasons=[*decision.reasons, stale])
+    return Verdict(promote=decision.promote, reasons=list(decision.reasons))
+
+
+@task(cache_policy=NO_CACHE)
+def consume_labels(snapshot_id: int) -> None:
+    """Consumed labels stop counting as new for the retraining conditions, promoted or not:
+    retraining on the same labels would only reach the same verdict."""
+    with session_scope() as session:
+        manifest = read_manifest(get_settings(), get_snapshot(session, snapshot_id))
+        mark_labels_used(session, image_hashes(manifest))
+
+
+@task(cache_policy=NO_CACHE)
+def promote_challenger(run_id: int, version: str) -> None:
+    promote(get_settings(), version, reason=f"retraining run {run_id} passed the gate")
+
+
+def record_success(
+    run_id: int,
+    exported: ExportedSnapshot,
+    trained: TrainedChallenger,
+    evaluation: Evaluation,
+    verdict: Verdict,
+) -> RetrainSummary:
+    """Finish the run as succeeded and let go of the guard; what the run returns."""
+    metrics = RetrainMetrics(
+        primary_metric=evaluation.decision.primary_metric,
+        challenger=evaluation.challenger,
+        champion=evaluation.champion,
+        champion_version=evaluation.champion_version,
+        snapshot_hash=exported.snapshot_hash,
+        holdout_snapshot_id=exported.holdout_id,
+        holdout_hash=exported.holdout_hash,
+        train=trained.metrics,
+    )
+    with session_scope() as session:
+        release(
+            session,
+            run_id,
+            status=RetrainStatus.succeeded,
+            promoted=verdict.promote,
+            decision_reasons=verdict.reasons,
+            metrics=metrics.model_dump(mode="json"),
+        )
+    return RetrainSummary(
+        retraining_run_id=run_id,
+        promoted=verdict.promote,
+        challenger_version=trained.version,
+        champion_version=trained.version if verdict.promote else evaluation.champion_version,
+        reasons=verdict.reasons,
+        snapshot_id=exported.snapshot_id,
+        holdout_hash=exported.holdout_hash,
+        mlflow_run_id=trained.run_id,
+        metrics=metrics,
+    )
+
+
+@task(cache_policy=NO_CACHE)
+def announce(summary: RetrainSummary, webhook: str) -> None:
+    _stage(summary.retraining_run_id, "notify")
+    notify(
+        EventKind.RETRAIN_FINISHED,
+        f"retraining run {summary.retraining_run_id} finished: {summary.verdict()}",
+        summary.notification(),
+        webhook_url=webhook,
+    )
+
+
 @flow(name="retrain")
-def retrain_flow(
-    trigger: str = "manual",
-    reason: str = "",
-    epochs: int | None = None,
-    batch: int | None = None,
-    from_scratch: bool = False,
-    retraining_run_id: int | None = None,
-    margin: float | None = None,
-    tolerance: float | None = None,
-    primary_metric: str = DEFAULT_PRIMARY_METRIC,
-    test_percent: int = DEFAULT_TEST_PERCENT,
-    val_percent: int = DEFAULT_VAL_PERCENT,
-    notify_webhook_url: str | None = None,
-) -> dict[str, Any]:
+def retrain_flow(params: RetrainParams = RetrainParams()) -> RetrainSummary:
     """Export the reviewed labels, train a challenger, judge it against the champion on the
     held-out set, promote it if the gate passes, and notify.
 
-    ``retraining_run_id`` picks up a pending run recorded by whoever requested the retrain;
-    without it a new run is recorded. Unset training and gate parameters come from settings.
+    ``params.retraining_run_id`` picks up a pending run recorded by whoever requested the
+    retrain; without it a new run is recorded. Unset training and gate parameters come from
+    the settings.
     """
-    settings = get_settings()
-    webhook = DEFAULT_WEBHOOK_URL if notify_webhook_url is None else notify_webhook_url
-    ensure_concurrency_limit()
-    flow_run_id = flow_run.get_id()
-    with concurrency(
-        RETRAIN_CONCURRENCY,
-        occupy=1,
-        lease_duration=LEASE_SECONDS,
-        strict=True,
-        # A renewal hiccup must not kill an hour of training: the database guard still holds.
-        raise_on_lease_renewal_failure=False,
-    ):
-        run = acquire(
-            settings,
-            trigger=trigger,
-            reason=reason,
-            flow_run_id=flow_run_id,
-            run_id=retraining_run_id,
-        )
-        emit(
-            EventKind.RETRAIN_STARTED,
-            f"retraining run {run.id} started ({trigger}{': ' + reason if reason else ''})",
-            {"retraining_run_id": run.id, "trigger": trigger, "flow_run_id": flow_run_id},
-        )
-        try:
-            summary = _retrain(
-                settings,
-                run,
-                epochs=epochs,
-                batch=batch,
-                from_scratch=from_scratch,
-                margin=margin,
-                tolerance=tolerance,
-                primary_metric=primary_metric,
-                test_percent=test_percent,
-                val_percent=val_percent,
-            )
-        except BaseException as exc:
-            failed = fail_run(settings, run.id, _describe(exc))
-            notify(
-                EventKind.RETRAIN_FAILED,
-                f"retraining run {run.id} failed: {failed.error}",
-                {"retraining_run_id": run.id, "error": failed.error},
-                webhook_url=webhook,
-                level="error",
-            )
-            raise
-
-    _stage(run, "notify")
-    verdict = (
-        f"version {summary['challenger_version']} promoted to champion"
-        if summary["promoted"]
-        else f"version {summary['challenger_version']} not promoted; "
-        f"champion stays version {summary['champion_version']}"
-    )
-    notify(
-        EventKind.RETRAIN_FINISHED,
-        f"retraining run {run.id} finished: {verdict}",
-        {
-            k: summary[k]
-            for k in (
-                "retraining_run_id",
-                "promoted",
-                "challenger_version",
-                "champion_version",
-                "reasons",
-                "holdout_hash",
-                "mlflow_run_id",
-            )
-        },
-        webhook_url=webhook,
-    )
+    webhook = params.notify_webhook_url
+    webhook = DEFAULT_WEBHOOK_URL if webhook is None else webhook
+    with retrain_slot():
+        run_id = start_run(params)
+        with failure_reported(run_id, webhook):
+            exported = export_stage(run_id, params)
+            trained = train_stage(run_id, params, exported)
+            evaluation = evaluate_stage(run_id, params, exported, trained)
+            verdict = confirm_verdict(run_id, evaluation)
+            consume_labels(exported.snapshot_id)
+            if verdict.promote:
+                promote_challenger(run_id, trained.version)
+            summary = record_success(run_id, exported, trained, evaluation, verdict)
+    announce(summary, webhook)
     return summary

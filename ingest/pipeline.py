@@ -30,13 +30,15 @@ import os
 import socket
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
+import numpy as np
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -56,6 +58,7 @@ from visionloop.settings import Settings, get_settings
 from visionloop.storage import ObjectStore, content_key, sha256_hex
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 QUARANTINE_PREFIX = "ingest/"
 WORKERS = 2
@@ -130,9 +133,16 @@ def read_source(store: ObjectStore, uri: str) -> bytes:
     raise ValueError(f"unsupported source {uri!r}: need s3:// or file://")
 
 
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last one shorter), pulled only as each fills."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def unseen(sources: Iterable[SourceFile], session: Session) -> list[SourceFile]:
@@ -181,8 +191,10 @@ def plan_batches(sources: Sequence[SourceFile], batch_size: int) -> list[list[So
 
 
 @dataclass
-class _Prepared:
-    source: SourceFile
+class PreparedImage:
+    """One file's bytes, read, hashed, validated, decoded and measured: what its row needs."""
+
+    source_key: str
     data: bytes
     content_hash: str
     object_key: str
@@ -192,22 +204,32 @@ class _Prepared:
     rejected: ImageRejected | None = None
 
 
-def _prepare(store: ObjectStore, source: SourceFile, decode_side: int | None) -> _Prepared:
-    """Read, hash, validate, decode and measure one file (runs on a worker thread)."""
-    data = read_source(store, source.uri)
-    digest = sha256_hex(data)
+def measure_image(data: bytes, source_key: str, decoded: DecodedImage) -> PreparedImage:
+    """A decoded file's content key and image-quality features (``ImageRejected`` if the
+    features cannot be measured). Features come from the bytes, so every way in (ingest or
+    the API) measures an image the same way."""
+    features = extract_features(data)
+    key = content_key(data, suffix=decoded.extension)
+    return PreparedImage(source_key, data, sha256_hex(data), key, decoded, features)
+
+
+def prepare_image(data: bytes, source_key: str, decode_side: int | None) -> PreparedImage:
+    """Validate, decode and measure one file's bytes; an unusable file is prepared for
+    quarantine, with why."""
     try:
-        decoded = decode_image(data, max_side=decode_side)
-        features = extract_features(data)
+        return measure_image(data, source_key, decode_image(data, max_side=decode_side))
     except ImageRejected as exc:
         # Keyed by content alone (not the file's name), like every stored image.
         key = content_key(data, prefix=QUARANTINE_PREFIX)
-        return _Prepared(source, data, digest, key, rejected=exc)
-    key = content_key(data, suffix=decoded.extension)
-    return _Prepared(source, data, digest, key, decoded, features)
+        return PreparedImage(source_key, data, sha256_hex(data), key, rejected=exc)
 
 
-def _store(settings: Settings, store: ObjectStore, prepared: _Prepared) -> None:
+def _prepare(store: ObjectStore, source: SourceFile, decode_side: int | None) -> PreparedImage:
+    """Read and prepare one file (runs on a worker thread)."""
+    return prepare_image(read_source(store, source.uri), source.uri, decode_side)
+
+
+def _store(settings: Settings, store: ObjectStore, prepared: PreparedImage) -> None:
     """Upload new content; a plain put, as the database has just said the content is new
     (a leftover of a failed run under the same content key holds the same bytes anyway)."""
     if prepared.decoded is None:
@@ -222,9 +244,9 @@ def _prepared_in_order(
     store: ObjectStore,
     sources: Sequence[SourceFile],
     decode_side: int | None,
-) -> Iterator[_Prepared]:
+) -> Iterator[PreparedImage]:
     """Prepared files in source order, at most ``LOOKAHEAD`` in flight."""
-    queue: deque[Future[_Prepared]] = deque()
+    queue: deque[Future[PreparedImage]] = deque()
     remaining = iter(sources)
 
     def top_up() -> None:
@@ -263,11 +285,12 @@ def prediction_row(image_id: int, result: PredictionResult, source: str = "inges
     )
 
 
-def _image_row(prepared: _Prepared) -> Image:
+def image_row(prepared: PreparedImage, status: ImageStatus = ImageStatus.ingested) -> Image:
+    """The ``images`` row of a prepared file: ``status`` if usable, else quarantined with why."""
     common = dict(
         content_hash=prepared.content_hash,
         object_key=prepared.object_key,
-        source_key=prepared.source.uri,
+        source_key=prepared.source_key,
         size_bytes=len(prepared.data),
     )
     if prepared.rejected is not None:
@@ -284,7 +307,7 @@ def _image_row(prepared: _Prepared) -> Image:
         height=decoded.height,
         format=decoded.format,
         features=prepared.features,
-        status=ImageStatus.ingested,
+        status=status,
     )
 
 
@@ -295,39 +318,53 @@ def _known_hashes(session: Session, hashes: Sequence[str]) -> dict[str, Image]:
     return {row.content_hash: row for row in rows}
 
 
-def _write_rows(
-    new: dict[str, Image], known: dict[str, Image], predictions: dict[str, PredictionResult]
+def _add_rows(
+    session: Session, new: dict[str, Image], predictions: dict[str, PredictionResult]
 ) -> tuple[dict[str, Image], list[Candidate]]:
-    """Insert the new rows and their predictions in one transaction; returns the written
-    rows (ids assigned) and the candidates for selection.
+    """Add fresh copies of the ``new`` rows and their predictions to ``session`` (flushed,
+    not committed); returns the added rows (ids assigned) and the candidates for selection."""
+    # Fresh objects every attempt: a rolled-back flush leaves ids on the old ones.
+    rows = {h: Image(**template.model_dump(exclude={"id"})) for h, template in new.items()}
+    for content_hash, row in rows.items():
+        if content_hash in predictions:
+            row.status = ImageStatus.predicted
+    session.add_all(rows.values())
+    session.flush()  # assigns the ids the predictions refer to
+    candidates: list[Candidate] = []
+    for content_hash, row in rows.items():
+        result = predictions.get(content_hash)
+        if result is None:
+            continue
+        assert row.id is not None
+        session.add(prediction_row(row.id, result))
+        candidates.append(Candidate(row.id, content_hash, result.confidences))
+    return rows, candidates
 
-    Another writer (a concurrent batch, another run) may have committed some of the same
-    content since ``settle`` looked: the unique content hash then refuses the insert, the
-    transaction rolls back, those hashes move to ``known`` (their files become duplicates of
-    the other writer's rows) and the rest is written again. What was uploaded meanwhile is
-    the same bytes under the same content keys, so nothing is left behind.
+
+def _write_rows(
+    session: Session,
+    new: dict[str, Image],
+    known: dict[str, Image],
+    predictions: dict[str, PredictionResult],
+) -> tuple[dict[str, Image], list[Candidate]]:
+    """Insert the new rows and their predictions in one transaction and commit it; returns
+    the written rows (ids assigned) and the candidates for selection.
+
+    The commit is the batch's own: another writer (a concurrent batch, another run) may have
+    committed some of the same content since ``settle`` looked, the unique content hash then
+    refuses the insert and only a rollback of the whole transaction lets the batch go on.
+    Those hashes move to ``known`` (their files become duplicates of the other writer's rows)
+    and the rest is written again. What was uploaded meanwhile is the same bytes under the
+    same content keys, so nothing is left behind.
     """
     while True:
-        # Fresh objects every attempt: a rolled-back flush leaves ids on the old ones.
-        rows = {h: Image(**template.model_dump(exclude={"id"})) for h, template in new.items()}
-        candidates: list[Candidate] = []
         try:
-            with session_scope() as session:
-                for content_hash, row in rows.items():
-                    if content_hash in predictions:
-                        row.status = ImageStatus.predicted
-                session.add_all(rows.values())
-                session.flush()  # assigns the ids the predictions refer to
-                for content_hash, row in rows.items():
-                    result = predictions.get(content_hash)
-                    if result is None:
-                        continue
-                    session.add(prediction_row(row.id, result))  # type: ignore[arg-type]
-                    candidates.append(Candidate(row.id, content_hash, result.confidences))  # type: ignore[arg-type]
+            rows, candidates = _add_rows(session, new, predictions)
+            session.commit()
             return rows, candidates
         except IntegrityError:
-            with session_scope() as session:
-                raced = _known_hashes(session, list(new))
+            session.rollback()
+            raced = _known_hashes(session, list(new))
             if not raced:
                 raise  # not a content race: a real error
             log.info("%d images were committed concurrently by another writer", len(raced))
@@ -338,69 +375,58 @@ def _write_rows(
 # --- a batch -------------------------------------------------------------------------------
 
 
-def ingest_batch(
-    settings: Settings,
-    store: ObjectStore,
-    sources: Sequence[SourceFile],
-    *,
-    predictor: ChampionPredictor | None,
-    imgsz: int | None = None,
-    conf: float = PREDICT_CONF,
-) -> BatchReport:
-    """Ingest ``sources``, their rows written in one transaction; ``predictor`` None skips
-    prediction (no champion yet).
+class _Settler:
+    """A batch's files sorted into new and known content, a few at a time; the new ones are
+    uploaded (on the pool) and predicted (on the calling thread).
 
-    ``imgsz`` is the prediction size (default: the champion's training size), JPEGs are
-    decoded no larger than it needs; boxes under ``conf`` are not kept.
+    Only rows and hashes are kept: a file's bytes and pixels are freed as soon as it is
+    uploaded and predicted, so memory stays bounded by ``LOOKAHEAD``.
     """
-    report = BatchReport()
-    decode_side = None
-    if predictor is not None:
-        decode_side = imgsz or predictor.input_size()
-        report.model_version = predictor.model_version()
 
-    # Only rows and hashes outlive ``settle``: a file's bytes and pixels are freed as soon as
-    # it is uploaded and predicted, so memory stays bounded by ``LOOKAHEAD``.
-    new: dict[str, Image] = {}  # content hash -> its new row, in order
-    known: dict[str, Image] = {}  # content hash -> row of an earlier run
-    order: list[tuple[str, str]] = []  # (source uri, content hash) of every file
-    predictions: dict[str, PredictionResult] = {}
-    uploads: list[Future[None]] = []
+    def __init__(
+        self,
+        settings: Settings,
+        session: Session,
+        store: ObjectStore,
+        pool: ThreadPoolExecutor,
+        predict: Callable[[list[np.ndarray]], list[PredictionResult]] | None,
+    ) -> None:
+        self._settings, self._session, self._store, self._pool = settings, session, store, pool
+        self._predict = predict
+        self.new: dict[str, Image] = {}  # content hash -> its new row, in order
+        self.known: dict[str, Image] = {}  # content hash -> row of an earlier run
+        self.order: list[tuple[str, str]] = []  # (source key, content hash) of every file
+        self.predictions: dict[str, PredictionResult] = {}
+        self._uploads: list[Future[None]] = []
 
-    with ThreadPoolExecutor(WORKERS, thread_name_prefix="ingest") as pool:
+    def settle(self, chunk: list[PreparedImage]) -> None:
+        fresh = [p.content_hash for p in chunk if p.content_hash not in self.new]
+        self.known.update(_known_hashes(self._session, fresh))
+        to_predict = []
+        for prepared in chunk:
+            self.order.append((prepared.source_key, prepared.content_hash))
+            if prepared.content_hash in self.known or prepared.content_hash in self.new:
+                continue
+            self.new[prepared.content_hash] = image_row(prepared)
+            self._uploads.append(self._pool.submit(_store, self._settings, self._store, prepared))
+            if prepared.decoded is not None:
+                to_predict.append(prepared)
+        if self._predict is not None and to_predict:
+            results = self._predict([p.decoded.rgb for p in to_predict])  # type: ignore[union-attr]
+            self.predictions.update((p.content_hash, r) for p, r in zip(to_predict, results))
 
-        def settle(chunk: list[_Prepared]) -> None:
-            """Sort a few prepared files into new and known; store and predict the new ones."""
-            fresh = [p.content_hash for p in chunk if p.content_hash not in new]
-            with session_scope() as session:
-                known.update(_known_hashes(session, fresh))
-            to_predict = []
-            for prepared in chunk:
-                order.append((prepared.source.uri, prepared.content_hash))
-                if prepared.content_hash in known or prepared.content_hash in new:
-                    continue
-                new[prepared.content_hash] = _image_row(prepared)
-                uploads.append(pool.submit(_store, settings, store, prepared))
-                if prepared.decoded is not None:
-                    to_predict.append(prepared)
-            if predictor is not None and to_predict:
-                images = [p.decoded.rgb for p in to_predict]  # type: ignore[union-attr]
-                results = predictor.predict_batch(images, imgsz=imgsz, conf=conf)
-                predictions.update((p.content_hash, r) for p, r in zip(to_predict, results))
-
-        chunk: list[_Prepared] = []
-        for prepared in _prepared_in_order(pool, store, sources, decode_side):
-            chunk.append(prepared)
-            if len(chunk) == PREDICT_CHUNK:
-                settle(chunk)
-                chunk = []
-        if chunk:
-            settle(chunk)
-        for upload in uploads:  # rows only for content that is stored
+    def wait_for_uploads(self) -> None:
+        """Raise if an upload failed: rows are only written for content that is stored."""
+        for upload in self._uploads:
             upload.result()
 
-    new, report.candidates = _write_rows(new, known, predictions)
 
+def _outcomes(
+    order: Sequence[tuple[str, str]], new: dict[str, Image], known: dict[str, Image]
+) -> list[FileOutcome]:
+    """Each file's outcome: the first name of new content is ingested (or quarantined), the
+    others are duplicates."""
+    outcomes: list[FileOutcome] = []
     reported: set[str] = set()
     for uri, content_hash in order:
         if content_hash in new and content_hash not in reported:
@@ -410,7 +436,43 @@ def ingest_batch(
         else:  # the same bytes came earlier in this batch or in an earlier run
             row = new.get(content_hash) or known[content_hash]
             status = "duplicate"
-        report.files.append(FileOutcome(uri, status, row.id, row.quarantine_reason))
+        outcomes.append(FileOutcome(uri, status, row.id, row.quarantine_reason))
+    return outcomes
+
+
+def ingest_batch(
+    settings: Settings,
+    session: Session,
+    store: ObjectStore,
+    sources: Sequence[SourceFile],
+    *,
+    predictor: ChampionPredictor | None,
+    imgsz: int | None = None,
+    conf: float = PREDICT_CONF,
+) -> BatchReport:
+    """Ingest ``sources``, their rows written and committed in one transaction (see
+    ``_write_rows``); ``predictor`` None skips prediction (no champion yet).
+
+    ``imgsz`` is the prediction size (default: the champion's training size), JPEGs are
+    decoded no larger than it needs; boxes under ``conf`` are not kept.
+    """
+    report = BatchReport()
+    decode_side = None
+    predict = None
+    if predictor is not None:
+        decode_side = imgsz or predictor.input_size()
+        report.model_version = predictor.model_version()
+        predict = partial(predictor.predict_batch, imgsz=imgsz, conf=conf)
+
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="ingest") as pool:
+        settler = _Settler(settings, session, store, pool, predict)
+        prepared = _prepared_in_order(pool, store, sources, decode_side)
+        for chunk in _chunks(prepared, PREDICT_CHUNK):
+            settler.settle(chunk)
+        settler.wait_for_uploads()
+
+    new, report.candidates = _write_rows(session, settler.new, settler.known, settler.predictions)
+    report.files = _outcomes(settler.order, new, settler.known)
     return report
 
 
@@ -432,9 +494,18 @@ def ingest_sources(
         predictor.model_version()  # type: ignore[union-attr]
     except NoChampionError as exc:
         predictor, unpredicted = None, str(exc)
-    report = ingest_batch(
-        settings, ObjectStore(settings), files, predictor=predictor, imgsz=imgsz, conf=conf
-    )
+    # The batch's own session: on a Dask worker this process is the edge of the run, with
+    # nothing of the flow's to share; ``ingest_batch`` commits its rows in it.
+    with session_scope() as session:
+        report = ingest_batch(
+            settings,
+            session,
+            ObjectStore(settings),
+            files,
+            predictor=predictor,
+            imgsz=imgsz,
+            conf=conf,
+        )
     report.unpredicted = unpredicted
     report.worker = f"{socket.gethostname()}:{os.getpid()}"
     return report

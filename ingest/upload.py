@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import select
+from sqlmodel import Session, select
 
-from ingest.pipeline import prediction_row
+from ingest.pipeline import image_row, measure_image, prediction_row
 from labeling.selection import Candidate, Selected, SelectionPolicy
 from labeling.selection import select as select_for_review
-from monitoring.features import extract_features
-from serving.predictor import ChampionPredictor
-from visionloop.db import session_scope
+from serving.predictor import ChampionPredictor, PredictionResult
 from visionloop.events import EventKind, emit
-from visionloop.images import decode_image
+from visionloop.images import DecodedImage, decode_image
 from visionloop.models import Image, ImageStatus, Prediction
 from visionloop.settings import Settings
 from visionloop.storage import ObjectStore, content_key, sha256_hex
@@ -68,95 +67,119 @@ class Stored:
     created: bool  # False: the same bytes were uploaded before
 
 
-def _image(content_hash: str) -> Image | None:
-    with session_scope() as session:
-        return session.exec(select(Image).where(Image.content_hash == content_hash)).first()
+def _image(session: Session, content_hash: str) -> Image | None:
+    return session.exec(select(Image).where(Image.content_hash == content_hash)).first()
 
 
-def _prediction(image_id: int, version: str) -> Prediction | None:
-    with session_scope() as session:
-        return session.exec(
-            select(Prediction).where(
-                Prediction.image_id == image_id, Prediction.model_version == version
-            )
-        ).first()
+def _prediction(session: Session, image_id: int, version: str) -> Prediction | None:
+    return session.exec(
+        select(Prediction).where(
+            Prediction.image_id == image_id, Prediction.model_version == version
+        )
+    ).first()
 
 
-def _insert_or_existing(row: Row, existing: Callable[[], Row | None]) -> tuple[Row, bool]:
-    """Insert ``row``; if a concurrent request inserted the same one first, return theirs."""
+def _insert_or_existing(
+    session: Session, row: Row, existing: Callable[[], Row | None]
+) -> tuple[Row, bool]:
+    """Insert ``row``; if a concurrent request inserted the same one first, return theirs.
+
+    Commits at once: only a committed row can lose the race cleanly, since a refused insert
+    rolls back the whole transaction, and the image must be in before its prediction.
+    """
     try:
-        with session_scope() as session:
-            session.add(row)
+        session.add(row)
+        session.commit()
         return row, True
     except IntegrityError:
+        session.rollback()
         found = existing()
         if found is None:
             raise
         return found, False
 
 
+def _logged_image(
+    settings: Settings,
+    session: Session,
+    store: ObjectStore,
+    data: bytes,
+    decoded: DecodedImage,
+    source_key: str,
+) -> tuple[Image, bool]:
+    """The image row of ``data``, stored and inserted if new; returns it and whether it is."""
+    digest = sha256_hex(data)
+    image = _image(session, digest)
+    if image is not None:
+        return image, False
+    prepared = measure_image(data, source_key, decoded)
+    store.put_if_absent(settings.bucket_images, prepared.object_key, data, decoded.content_type)
+    row = image_row(prepared, ImageStatus.predicted)
+    return _insert_or_existing(session, row, lambda: _image(session, digest))
+
+
+def _logged_prediction(session: Session, image_id: int, result: PredictionResult) -> Prediction:
+    """The prediction ``result`` for the image, inserted unless this version logged one."""
+    version = result.model_version
+    prediction = _prediction(session, image_id, version)
+    if prediction is None:
+        prediction, _ = _insert_or_existing(
+            session,
+            prediction_row(image_id, result, source=API_SOURCE),
+            lambda: _prediction(session, image_id, version),
+        )
+    return prediction
+
+
+def _review_of(
+    settings: Settings, image_id: int, digest: str, result: PredictionResult
+) -> Selected | None:
+    # One image at a time: the labelling budget is per ingest cycle, so it does not apply.
+    policy = SelectionPolicy.from_settings(settings, budget=1)
+    chosen = select_for_review([Candidate(image_id, digest, result.confidences)], policy)
+    return chosen[0] if chosen else None
+
+
 def predict_upload(
     settings: Settings,
+    session: Session,
     data: bytes,
     *,
     predictor: ChampionPredictor,
     store: ObjectStore,
     filename: str = "",
 ) -> Served:
-    """Predict ``data`` with the champion and log it; ``ImageRejected`` for an unusable file."""
+    """Predict ``data`` with the champion and log it; ``ImageRejected`` for an unusable file.
+
+    The image and the prediction are each committed as they are logged (see
+    ``_insert_or_existing``).
+    """
     decoded = decode_image(data, max_side=predictor.input_size())
     [result] = predictor.predict_batch([decoded.rgb])
-    digest = sha256_hex(data)
-
-    image = _image(digest)
-    new_image = image is None
-    if image is None:
-        key = content_key(data, suffix=decoded.extension)
-        store.put_if_absent(settings.bucket_images, key, data, decoded.content_type)
-        row = Image(
-            content_hash=digest,
-            object_key=key,
-            source_key=f"{API_SOURCE}:predict/{filename}"[:_SOURCE_KEY_MAX],
-            size_bytes=len(data),
-            width=decoded.width,
-            height=decoded.height,
-            format=decoded.format,
-            features=extract_features(data),  # from the bytes, exactly as ingest measures them
-            status=ImageStatus.predicted,
-        )
-        image, new_image = _insert_or_existing(row, lambda: _image(digest))
+    source_key = f"{API_SOURCE}:predict/{filename}"[:_SOURCE_KEY_MAX]
+    image, new_image = _logged_image(settings, session, store, data, decoded, source_key)
     assert image.id is not None
-
-    prediction = _prediction(image.id, result.model_version)
-    if prediction is None:
-        prediction, _ = _insert_or_existing(
-            prediction_row(image.id, result, source=API_SOURCE),
-            lambda: _prediction(image.id, result.model_version),  # type: ignore[arg-type] # id set above
-        )
+    prediction = _logged_prediction(session, image.id, result)
     assert prediction.id is not None
-
-    review = None
-    if new_image:
-        # One image at a time: the labelling budget is per ingest cycle, so it does not apply.
-        policy = SelectionPolicy.from_settings(settings, budget=1)
-        chosen = select_for_review([Candidate(image.id, digest, result.confidences)], policy)
-        review = chosen[0] if chosen else None
     return Served(
         image_id=image.id,
         prediction_id=prediction.id,
-        content_hash=digest,
+        content_hash=image.content_hash,
         model_version=result.model_version,
         boxes=result.boxes,
         width=decoded.width,
         height=decoded.height,
         new_image=new_image,
-        review=review,
+        review=_review_of(settings, image.id, image.content_hash, result) if new_image else None,
     )
 
 
-def queue_flagged(settings: Settings, served: Served) -> None:
+def queue_flagged(
+    open_session: Callable[[], AbstractContextManager[Session]], settings: Settings, served: Served
+) -> None:
     """Queue a flagged image in Label Studio (run after answering: it calls Label Studio).
 
+    Runs after the request's session is closed, so the caller passes how to open one.
     Failures are logged, not raised: the queue row stays and the next ingest run links its task.
     """
     from labeling.tasks import queue_for_review
@@ -164,7 +187,8 @@ def queue_flagged(settings: Settings, served: Served) -> None:
     if served.review is None:
         return
     try:
-        report = queue_for_review(settings, [served.review])
+        with open_session() as session:
+            report = queue_for_review(session, settings, [served.review])
     except Exception as exc:
         log.warning(
             "image %s not queued for review: %s: %s", served.image_id, type(exc).__name__, exc

@@ -10,7 +10,7 @@ from __future__ import annotations
 import colorsys
 import xml.etree.ElementTree as ET
 
-from visionloop.formats import FROM_NAME, TO_NAME
+from visionloop.boxes import FROM_NAME, TO_NAME
 
 IMAGE_VALUE = "$image"
 """Task data key holding the image URL (``task["data"]["image"]``)."""

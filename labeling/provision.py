@@ -171,8 +171,8 @@ def obtain_token(url: str, username: str, password: Any, timeout: float = DEFAUL
     base = _base(url)
     if not username or not _secret(password):
         raise LabelStudioError(
-            f"need a username and password to log in to Label Studio at {base}: set {LOGIN_SETTINGS} "
-            f"(or give a token with {TOKEN_SETTING})"
+            f"need a username and password to log in to Label Studio at {base}: set "
+            f"{LOGIN_SETTINGS} (or give a token with {TOKEN_SETTING})"
         )
     try:
         with httpx.Client(base_url=base, timeout=timeout, follow_redirects=False) as session:

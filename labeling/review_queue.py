@@ -3,8 +3,8 @@
 Reviewer agreement is the share of reviewed pre-annotations the reviewer accepted unchanged
 (``Verdict.accepted``). Per-class error rates come from the corrections themselves: the boxes
 the model predicted for a reviewed image are matched one-to-one against the reviewed boxes
-of the same class (IoU at least 0.5, best overlaps first); an unmatched predicted box is a
-false positive, an unmatched reviewed box a miss.
+of the same class (``visionloop.boxes.match_count``: IoU at least ``MATCH_IOU``, best overlaps
+first); an unmatched predicted box is a false positive, an unmatched reviewed box a miss.
 """
 
 from __future__ import annotations
@@ -16,10 +16,8 @@ from typing import Any
 
 from sqlmodel import Session, col, func, select
 
+from visionloop.boxes import corners, match_count
 from visionloop.models import LabelingQueueItem, Prediction, QueueStatus, ReviewedLabel, Verdict
-
-MATCH_IOU = 0.5
-Box = tuple[float, float, float, float]  # x1, y1, x2, y2 normalised to 0..1
 
 
 @dataclass(frozen=True)
@@ -88,48 +86,12 @@ class QueueStats:
     classes: list[ClassErrors] = field(default_factory=list)
 
 
-def _predicted_box(box: Mapping[str, Any]) -> Box:
-    return float(box["x1"]), float(box["y1"]), float(box["x2"]), float(box["y2"])
-
-
-def _reviewed_box(box: Mapping[str, Any]) -> Box:
-    cx, cy, w, h = (float(box[k]) for k in ("cx", "cy", "w", "h"))
-    return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
-
-
 def _class_name(box: Mapping[str, Any], class_names: Sequence[str]) -> str:
     name = box.get("name") or box.get("label")
     if name:
         return str(name)
     cls = int(box.get("cls", -1))
     return class_names[cls] if 0 <= cls < len(class_names) else f"cls {cls}"
-
-
-def _iou(a: Box, b: Box) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def match_count(
-    predicted: Sequence[Box], reviewed: Sequence[Box], min_iou: float = MATCH_IOU
-) -> int:
-    """Greedy one-to-one matches (best overlaps first) with IoU of at least ``min_iou``."""
-    pairs = sorted(
-        ((_iou(p, r), i, j) for i, p in enumerate(predicted) for j, r in enumerate(reviewed)),
-        reverse=True,
-    )
-    used_p: set[int] = set()
-    used_r: set[int] = set()
-    for iou, i, j in pairs:
-        if iou < min_iou:
-            break
-        if i not in used_p and j not in used_r:
-            used_p.add(i)
-            used_r.add(j)
-    return len(used_p)
 
 
 def class_errors(
@@ -141,8 +103,8 @@ def class_errors(
     for predicted, reviewed in pairs:
         names = {_class_name(b, class_names) for b in (*predicted, *reviewed)}
         for name in names:
-            p = [_predicted_box(b) for b in predicted if _class_name(b, class_names) == name]
-            r = [_reviewed_box(b) for b in reviewed if _class_name(b, class_names) == name]
+            p = corners(b for b in predicted if _class_name(b, class_names) == name)
+            r = corners(b for b in reviewed if _class_name(b, class_names) == name)
             row = table.setdefault(name, ClassErrors(name))
             row.predicted += len(p)
             row.reviewed += len(r)

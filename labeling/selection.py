@@ -26,23 +26,28 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from visionloop.settings import Settings
+from visionloop.settings import (
+    AUDIT_RATE,
+    LABELING_BUDGET,
+    UNCERTAINTY_HIGH,
+    UNCERTAINTY_LOW,
+    Settings,
+)
 
 StrategyName = Literal["confidence_band", "least_confidence", "margin", "entropy"]
 
 AUDIT_REASON = "random_audit"
 DEFAULT_STRATEGY: StrategyName = "confidence_band"
-DEFAULT_AUDIT_RATE = 0.02
 
 
 class SelectionPolicy(BaseModel):
     """How one cycle chooses images for review (a Prefect flow parameter, hence pydantic)."""
 
     strategy: StrategyName = DEFAULT_STRATEGY
-    low: float = Field(default=0.4, ge=0.0, le=1.0)
-    high: float = Field(default=0.7, ge=0.0, le=1.0)
-    budget: int = Field(default=50, ge=0)
-    audit_rate: float = Field(default=DEFAULT_AUDIT_RATE, ge=0.0, le=1.0)
+    low: float = Field(default=UNCERTAINTY_LOW, ge=0.0, le=1.0)
+    high: float = Field(default=UNCERTAINTY_HIGH, ge=0.0, le=1.0)
+    budget: int = Field(default=LABELING_BUDGET, ge=0)
+    audit_rate: float = Field(default=AUDIT_RATE, ge=0.0, le=1.0)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -65,7 +70,7 @@ class SelectionPolicy(BaseModel):
             "seed": settings.seed,
         }
         if drift_level in ("yellow", "red"):
-            values["audit_rate"] = max(DEFAULT_AUDIT_RATE, settings.drift_audit_rate)
+            values["audit_rate"] = max(AUDIT_RATE, settings.drift_audit_rate)
         values.update(overrides)
         return cls(**values)
 

@@ -26,17 +26,31 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from label_studio_sdk.core.api_error import ApiError
 from sqlmodel import Session, col, select
 
-from labeling.label_config import FROM_NAME, TO_NAME
 from labeling.wiring import ReviewProject, review_project
-from visionloop.db import session_scope
+from visionloop.boxes import (
+    FROM_NAME,
+    MATCH_IOU,
+    RECTANGLE,
+    TO_NAME,
+    Extent,
+    YoloBox,
+    box_dicts,
+    clip_extent,
+    corners,
+    extent_box,
+    greedy_match,
+    iou_matrix,
+    ls_extent,
+)
 from visionloop.events import EventKind, emit
 from visionloop.models import (
     Image,
@@ -58,8 +72,6 @@ MAX_ROTATION = 0.5
 """Degrees; a rotated rectangle has no YOLO form."""
 UNCHANGED_IOU = 0.99
 """A predicted box kept at least this exactly counts as accepted as is."""
-MATCH_IOU = 0.5
-"""A predicted box overlapping a reviewed box of its class this much survived the review."""
 
 
 class InvalidAnnotation(ValueError):
@@ -117,125 +129,99 @@ def announce(report: SyncReport, via: str) -> None:
 # --- validation ----------------------------------------------------------------------------
 
 
+class _Rejected(ValueError):
+    """One region's problem (the caller says which region)."""
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
 
 
+def _check_tags(region: Mapping[str, Any], width: int, height: int) -> None:
+    """The region is a rectangle of the review config, drawn on the image as ingested."""
+    if region.get("type") != RECTANGLE or region.get("from_name") != FROM_NAME:
+        raise _Rejected(f"not a {FROM_NAME!r} rectangle ({region.get('type')!r})")
+    if region.get("to_name") != TO_NAME:
+        raise _Rejected(f"drawn on {region.get('to_name')!r}, not {TO_NAME!r}")
+    shown = (region.get("original_width"), region.get("original_height"))
+    if None not in shown and shown != (width, height):
+        # The browser showed the image at another size or orientation than it was
+        # ingested with: the percentages would land in the wrong place.
+        raise _Rejected(f"drawn on a {shown[0]}x{shown[1]} image, but it is {width}x{height}")
+
+
+def _label(value: Mapping[str, Any], class_names: Sequence[str]) -> str:
+    labels = value.get("rectanglelabels") or []
+    if len(labels) != 1:
+        raise _Rejected(f"needs exactly one label, has {labels}")
+    if labels[0] not in class_names:
+        raise _Rejected(f"unknown label {labels[0]!r} (known: {', '.join(class_names)})")
+    return labels[0]
+
+
+def _upright_extent(value: Mapping[str, Any]) -> Extent:
+    """Percent corners of an upright rectangle reaching at most ``EDGE_TOLERANCE`` outside."""
+    x, y, w, h = (_number(value.get(k)) for k in ("x", "y", "width", "height"))
+    if x is None or y is None or w is None or h is None:
+        raise _Rejected("coordinates missing or not numbers")
+    rotation = _number(value.get("rotation", 0)) or 0.0
+    if abs(rotation) > MAX_ROTATION:
+        raise _Rejected(f"rotated by {rotation:g} degrees; boxes must be upright")
+    # A rotation within MAX_ROTATION is read as none: the box is taken as drawn.
+    extent = ls_extent({**value, "rotation": 0}, 100.0, 100.0)
+    tol = EDGE_TOLERANCE
+    if extent[0] < -tol or extent[1] < -tol or extent[2] > 100 + tol or extent[3] > 100 + tol:
+        raise _Rejected(f"outside the image (x={x:.1f}%, y={y:.1f}%, w={w:.1f}%, h={h:.1f}%)")
+    return extent
+
+
+def _region_box(
+    region: Mapping[str, Any], class_names: Sequence[str], width: int, height: int
+) -> YoloBox:
+    """One region as a YOLO box (6 decimals, as stored), clipped to the image."""
+    _check_tags(region, width, height)
+    value = region.get("value") or {}
+    label = _label(value, class_names)
+    x0, y0, x1, y1 = clip_extent(_upright_extent(value), 100.0)
+    w_px, h_px = (x1 - x0) / 100 * width, (y1 - y0) / 100 * height
+    if w_px < MIN_BOX_PX or h_px < MIN_BOX_PX:
+        raise _Rejected(f"degenerate box ({w_px:.1f}x{h_px:.1f} px)")
+    box = extent_box(list(class_names).index(label), (x0, y0, x1, y1))
+    return YoloBox(box.cls, *(round(v, 6) for v in box[1:]))
+
+
 def validate_regions(
     result: Sequence[dict[str, Any]], class_names: Sequence[str], width: int, height: int
 ) -> list[dict[str, Any]]:
-    """YOLO boxes from an annotation's ``result``; ``InvalidAnnotation`` lists every problem."""
+    """Reviewed boxes from an annotation's ``result``; ``InvalidAnnotation`` lists every problem."""
     problems: list[str] = []
-    boxes: list[dict[str, Any]] = []
+    boxes: list[YoloBox] = []
     for index, region in enumerate(result, start=1):
-        where = f"region {index}"
-        if region.get("type") != "rectanglelabels" or region.get("from_name") != FROM_NAME:
-            problems.append(f"{where}: not a {FROM_NAME!r} rectangle ({region.get('type')!r})")
-            continue
-        if region.get("to_name") != TO_NAME:
-            problems.append(f"{where}: drawn on {region.get('to_name')!r}, not {TO_NAME!r}")
-            continue
-        shown = (region.get("original_width"), region.get("original_height"))
-        if None not in shown and shown != (width, height):
-            # The browser showed the image at another size or orientation than it was
-            # ingested with: the percentages would land in the wrong place.
-            problems.append(
-                f"{where}: drawn on a {shown[0]}x{shown[1]} image, but it is {width}x{height}"
-            )
-            continue
-        value = region.get("value") or {}
-        labels = value.get("rectanglelabels") or []
-        if len(labels) != 1:
-            problems.append(f"{where}: needs exactly one label, has {labels}")
-            continue
-        if labels[0] not in class_names:
-            problems.append(
-                f"{where}: unknown label {labels[0]!r} (known: {', '.join(class_names)})"
-            )
-            continue
-        x, y, w, h = (_number(value.get(k)) for k in ("x", "y", "width", "height"))
-        if x is None or y is None or w is None or h is None:
-            problems.append(f"{where}: coordinates missing or not numbers")
-            continue
-        rotation = _number(value.get("rotation", 0)) or 0.0
-        if abs(rotation) > MAX_ROTATION:
-            problems.append(f"{where}: rotated by {rotation:g} degrees; boxes must be upright")
-            continue
-        tol = EDGE_TOLERANCE
-        if x < -tol or y < -tol or x + w > 100 + tol or y + h > 100 + tol:
-            problems.append(
-                f"{where}: outside the image (x={x:.1f}%, y={y:.1f}%, w={w:.1f}%, h={h:.1f}%)"
-            )
-            continue
-        x0, y0 = max(0.0, x), max(0.0, y)
-        x1, y1 = min(100.0, x + w), min(100.0, y + h)
-        w_px, h_px = (x1 - x0) / 100 * width, (y1 - y0) / 100 * height
-        if w_px < MIN_BOX_PX or h_px < MIN_BOX_PX:
-            problems.append(f"{where}: degenerate box ({w_px:.1f}x{h_px:.1f} px)")
-            continue
-        boxes.append(
-            {
-                "cls": list(class_names).index(labels[0]),
-                "name": labels[0],
-                "cx": round((x0 + x1) / 200, 6),
-                "cy": round((y0 + y1) / 200, 6),
-                "w": round((x1 - x0) / 100, 6),
-                "h": round((y1 - y0) / 100, 6),
-            }
-        )
+        try:
+            boxes.append(_region_box(region, class_names, width, height))
+        except _Rejected as exc:
+            problems.append(f"region {index}: {exc}")
     if problems:
         raise InvalidAnnotation(problems)
-    return boxes
+    return box_dicts(boxes, class_names)
 
 
 # --- verdict -------------------------------------------------------------------------------
 
 
-def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def judge(predicted: Sequence[dict[str, Any]], reviewed: Sequence[dict[str, Any]]) -> Verdict:
-    """The reviewer's verdict on ``predicted`` (normalised ``x1..y2``) given ``reviewed`` (YOLO)."""
-    pred = [(b["name"], (b["x1"], b["y1"], b["x2"], b["y2"])) for b in predicted]
-    rev = [
-        (
-            b["name"],
-            (
-                b["cx"] - b["w"] / 2,
-                b["cy"] - b["h"] / 2,
-                b["cx"] + b["w"] / 2,
-                b["cy"] + b["h"] / 2,
-            ),
-        )
-        for b in reviewed
-    ]
-    pairs = sorted(
-        (
-            (_iou(pb, rb), i, j)
-            for i, (pn, pb) in enumerate(pred)
-            for j, (rn, rb) in enumerate(rev)
-            if pn == rn
-        ),
-        reverse=True,
-    )
-    used_p: set[int] = set()
-    used_r: set[int] = set()
-    matched: list[float] = []
-    for iou, i, j in pairs:  # greedy one-to-one matching, best overlaps first
-        if iou < MATCH_IOU:
-            break
-        if i not in used_p and j not in used_r:
-            used_p.add(i)
-            used_r.add(j)
-            matched.append(iou)
-    if len(pred) == len(rev) == len(matched) and all(m >= UNCHANGED_IOU for m in matched):
+    """The reviewer's verdict on ``predicted`` (normalised ``x1..y2``) given ``reviewed`` (YOLO).
+
+    Boxes are matched one to one within their class (``greedy_match``).
+    """
+    ious = iou_matrix(corners(predicted), corners(reviewed))
+    same_class = np.array(
+        [[p["name"] == r["name"] for r in reviewed] for p in predicted], bool
+    ).reshape(ious.shape)
+    matched = greedy_match(np.where(same_class, ious, -1.0), MATCH_IOU)
+    if len(predicted) == len(reviewed) == len(matched) and all(m >= UNCHANGED_IOU for m in matched):
         return Verdict.accepted
     return Verdict.corrected if matched else Verdict.rejected
 
@@ -315,6 +301,65 @@ def _image_status(session: Session, image_id: int, status: ImageStatus) -> None:
         image.status = status
 
 
+def _unlabel(
+    session: Session, item: LabelingQueueItem, status: QueueStatus, error: str | None = None
+) -> bool:
+    """Put the row back to ``status`` without a reviewed label; True when something changed."""
+    changed = _set_status(item, status=status, sync_error=error, human_label=None, labeled_at=None)
+    changed |= _set_label(session, item, None)
+    _image_status(session, item.image_id, ImageStatus.queued)
+    return changed
+
+
+def _reviewed_label(
+    session: Session,
+    settings: Settings,
+    item: LabelingQueueItem,
+    annotation: dict[str, Any],
+    boxes: list[dict[str, Any]],
+    reviewer: str | None,
+) -> ReviewedLabel:
+    """The reviewed label an accepted annotation makes, judged against the shown prediction."""
+    prediction = session.get(Prediction, item.prediction_id) if item.prediction_id else None
+    shown = [
+        b for b in (prediction.boxes if prediction else []) if b["name"] in settings.class_names
+    ]
+    counts = Counter(b["name"] for b in boxes)
+    return ReviewedLabel(
+        image_id=item.image_id,
+        image_path=item.image_path,
+        label=counts.most_common(1)[0][0] if counts else None,
+        boxes=boxes,
+        confidence=item.confidence_score,
+        reviewer=reviewer,
+        verdict=judge(shown, boxes),
+        label_studio_task_id=item.label_studio_task_id,
+        label_studio_annotation_id=annotation.get("id"),
+        prediction_model_version=prediction.model_version if prediction else None,
+    )
+
+
+def _store_label(
+    session: Session, item: LabelingQueueItem, label: ReviewedLabel, annotated_at: datetime
+) -> bool:
+    """Write the reviewed label and mark the row labeled; True when something changed."""
+    changed = _set_label(session, item, label)
+    changed |= _set_status(
+        item, status=QueueStatus.labeled, sync_error=None, human_label=label.label
+    )
+    if changed:
+        item.labeled_at = annotated_at
+    _image_status(session, item.image_id, ImageStatus.labeled)
+    return changed
+
+
+def _tally(report: SyncReport, changed: bool, bucket: list[int], task_id: int) -> None:
+    if changed:
+        bucket.append(task_id)
+    else:
+        report.unchanged += 1
+
+
 def reconcile(
     session: Session,
     settings: Settings,
@@ -328,78 +373,35 @@ def reconcile(
     """Bring one queue row (and its image's reviewed label) in line with its task."""
     task_id = item.label_studio_task_id
     assert task_id is not None
-    if task is None:
-        if item.status != QueueStatus.labeled and _set_status(item, status=QueueStatus.cancelled):
-            report.cancelled.append(task_id)
-        else:
-            report.unchanged += 1
-        return
-
-    annotation = decisive_annotation(task.get("annotations") or [])
-    if annotation is None or annotation.get("was_cancelled"):
-        status = QueueStatus.pending if annotation is None else QueueStatus.skipped
-        changed = _set_status(
-            item, status=status, sync_error=None, human_label=None, labeled_at=None
+    if task is None:  # deleted in Label Studio: a label already taken is kept
+        changed = item.status != QueueStatus.labeled and _set_status(
+            item, status=QueueStatus.cancelled
         )
-        changed |= _set_label(session, item, None)
-        _image_status(session, item.image_id, ImageStatus.queued)
-        if not changed:
-            report.unchanged += 1
-        elif status == QueueStatus.skipped:
-            report.skipped.append(task_id)
-        else:
-            report.reopened.append(task_id)
+        _tally(report, changed, report.cancelled, task_id)
         return
-
+    annotation = decisive_annotation(task.get("annotations") or [])
+    if annotation is None:
+        _tally(report, _unlabel(session, item, QueueStatus.pending), report.reopened, task_id)
+        return
+    if annotation.get("was_cancelled"):
+        _tally(report, _unlabel(session, item, QueueStatus.skipped), report.skipped, task_id)
+        return
     image = session.get(Image, item.image_id)
     assert image is not None
+    result = annotation.get("result") or []
     try:
-        boxes = validate_regions(
-            annotation.get("result") or [],
-            settings.class_names,
-            image.width or 0,
-            image.height or 0,
-        )
+        boxes = validate_regions(result, settings.class_names, image.width or 0, image.height or 0)
     except InvalidAnnotation as exc:
         error = f"annotation {annotation.get('id')}: {exc}"
-        changed = _set_status(
-            item, status=QueueStatus.pending, sync_error=error, human_label=None, labeled_at=None
-        )
-        changed |= _set_label(session, item, None)
-        _image_status(session, item.image_id, ImageStatus.queued)
-        if changed:
+        if _unlabel(session, item, QueueStatus.pending, error):
             report.rejected[task_id] = error
         else:
             report.unchanged += 1
         return
-
-    prediction = session.get(Prediction, item.prediction_id) if item.prediction_id else None
-    shown = [
-        b for b in (prediction.boxes if prediction else []) if b["name"] in settings.class_names
-    ]
-    counts = Counter(b["name"] for b in boxes)
-    dominant = counts.most_common(1)[0][0] if counts else None
-    label = ReviewedLabel(
-        image_id=item.image_id,
-        image_path=item.image_path,
-        label=dominant,
-        boxes=boxes,
-        confidence=item.confidence_score,
-        reviewer=_reviewer(annotation.get("completed_by"), users, project),
-        verdict=judge(shown, boxes),
-        label_studio_task_id=task_id,
-        label_studio_annotation_id=annotation.get("id"),
-        prediction_model_version=prediction.model_version if prediction else None,
-    )
-    changed = _set_label(session, item, label)
-    changed |= _set_status(item, status=QueueStatus.labeled, sync_error=None, human_label=dominant)
-    if changed:
-        item.labeled_at = _when(annotation.get("updated_at"))
-    _image_status(session, item.image_id, ImageStatus.labeled)
-    if changed:
-        report.labeled.append(task_id)
-    else:
-        report.unchanged += 1
+    reviewer = _reviewer(annotation.get("completed_by"), users, project)
+    label = _reviewed_label(session, settings, item, annotation, boxes, reviewer)
+    changed = _store_label(session, item, label, _when(annotation.get("updated_at")))
+    _tally(report, changed, report.labeled, task_id)
 
 
 # --- whole project / some tasks --------------------------------------------------------------
@@ -426,51 +428,51 @@ def _fetch_tasks(
     return tasks
 
 
+def _queued_items(session: Session, task_ids: Collection[int] | None) -> list[LabelingQueueItem]:
+    """Rows with a task: those of ``task_ids``, or (None) every one not cancelled."""
+    query = select(LabelingQueueItem).where(
+        col(LabelingQueueItem.label_studio_task_id).is_not(None),
+    )
+    if task_ids is None:
+        query = query.where(LabelingQueueItem.status != QueueStatus.cancelled)
+    else:
+        query = query.where(col(LabelingQueueItem.label_studio_task_id).in_(list(task_ids)))
+    return list(session.exec(query.order_by(col(LabelingQueueItem.id))))
+
+
 def sync_labels(
+    session: Session,
     settings: Settings,
     task_ids: Collection[int] | None = None,
     project: ReviewProject | None = None,
 ) -> SyncReport:
-    """Reconcile the queue rows of ``task_ids`` (default: every queued task) with Label Studio."""
+    """Reconcile the queue rows of ``task_ids`` (default: every queued task) with Label Studio.
+
+    The changes are made in ``session``, for the caller to commit as one transaction.
+    """
     report = SyncReport()
-    with session_scope() as session:
-        query = select(LabelingQueueItem).where(
-            col(LabelingQueueItem.label_studio_task_id).is_not(None),
-        )
-        if task_ids is None:
-            query = query.where(LabelingQueueItem.status != QueueStatus.cancelled)
-        else:
-            query = query.where(col(LabelingQueueItem.label_studio_task_id).in_(list(task_ids)))
-        items = list(session.exec(query.order_by(col(LabelingQueueItem.id))))
-        if not items:
-            return report
-        project = project or review_project(settings)
-        wanted = None if task_ids is None else [i.label_studio_task_id for i in items]
-        tasks = _fetch_tasks(project, wanted)  # type: ignore[arg-type]
-        users: dict[int, str] = {}
-        for item in items:
-            reconcile(
-                session,
-                settings,
-                item,
-                tasks.get(item.label_studio_task_id),  # type: ignore[arg-type]
-                report,
-                users=users,
-                project=project,
-            )
+    items = _queued_items(session, task_ids)
+    if not items:
+        return report
+    project = project or review_project(settings)
+    wanted = None if task_ids is None else [i.label_studio_task_id for i in items]
+    tasks = _fetch_tasks(project, wanted)  # type: ignore[arg-type]
+    users: dict[int, str] = {}
+    for item in items:
+        task = tasks.get(item.label_studio_task_id)  # type: ignore[arg-type]
+        reconcile(session, settings, item, task, report, users=users, project=project)
     return report
 
 
-def task_ids_for_annotations(annotation_ids: Iterable[int]) -> list[int]:
+def task_ids_for_annotations(session: Session, annotation_ids: Iterable[int]) -> list[int]:
     """Tasks whose reviewed label came from one of ``annotation_ids`` (deletion events name
     annotations only)."""
     ids = list(annotation_ids)
     if not ids:
         return []
-    with session_scope() as session:
-        rows = session.exec(
-            select(ReviewedLabel.label_studio_task_id).where(
-                col(ReviewedLabel.label_studio_annotation_id).in_(ids)
-            )
+    rows = session.exec(
+        select(ReviewedLabel.label_studio_task_id).where(
+            col(ReviewedLabel.label_studio_annotation_id).in_(ids)
         )
-        return [int(t) for t in rows if t is not None]
+    )
+    return [int(t) for t in rows if t is not None]

@@ -8,6 +8,11 @@ import may have landed) before importing the rest, so no image gets a second tas
 
 Each task carries the champion's boxes as a prediction (with scores and the model version),
 so a reviewer corrects rather than draws.
+
+The functions work in the caller's session but commit it themselves at the two boundaries
+above: the rows before Label Studio is contacted, and each chunk's task links right after
+Label Studio created the chunk. A crash in between then loses nothing, and the next run finds
+what was done.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from labeling.label_config import FROM_NAME, TO_NAME
 from labeling.selection import Selected
 from labeling.wiring import (
     ReviewProject,
@@ -28,7 +32,7 @@ from labeling.wiring import (
     image_uri,
     review_project,
 )
-from visionloop.db import session_scope
+from visionloop.boxes import ls_rectangle
 from visionloop.models import Image, ImageStatus, LabelingQueueItem, Prediction
 from visionloop.settings import Settings
 
@@ -62,25 +66,11 @@ def prediction_regions(
                 "box class %r is not a project label %s; left out", box["name"], class_names
             )
             continue
+        top_left_size = (box["x1"], box["y1"], box["x2"] - box["x1"], box["y2"] - box["y1"])
         regions.append(
-            {
-                "id": f"p{index}",
-                "from_name": FROM_NAME,
-                "to_name": TO_NAME,
-                "type": "rectanglelabels",
-                "original_width": width,
-                "original_height": height,
-                "image_rotation": 0,
-                "score": box["conf"],
-                "value": {
-                    "x": box["x1"] * 100.0,
-                    "y": box["y1"] * 100.0,
-                    "width": (box["x2"] - box["x1"]) * 100.0,
-                    "height": (box["y2"] - box["y1"]) * 100.0,
-                    "rotation": 0,
-                    "rectanglelabels": [box["name"]],
-                },
-            }
+            ls_rectangle(
+                box["name"], top_left_size, width, height, region_id=f"p{index}", score=box["conf"]
+            )
         )
     return regions
 
@@ -121,35 +111,36 @@ def _latest_predictions(session: Session, image_ids: Sequence[int]) -> dict[int,
     return {row.image_id: row for row in rows}  # later rows win
 
 
-def _add_rows(settings: Settings, selected: Sequence[Selected], report: QueueReport) -> None:
+def _add_rows(
+    session: Session, settings: Settings, selected: Sequence[Selected], report: QueueReport
+) -> None:
     ids = [s.image_id for s in selected]
-    with session_scope() as session:
-        queued = set(
-            session.exec(
-                select(LabelingQueueItem.image_id).where(col(LabelingQueueItem.image_id).in_(ids))
+    queued = set(
+        session.exec(
+            select(LabelingQueueItem.image_id).where(col(LabelingQueueItem.image_id).in_(ids))
+        )
+    )
+    images = {i.id: i for i in session.exec(select(Image).where(col(Image.id).in_(ids)))}
+    predictions = _latest_predictions(session, ids)
+    for choice in selected:
+        if choice.image_id in queued:
+            report.already_queued.append(choice.image_id)
+            continue
+        queued.add(choice.image_id)
+        image = images[choice.image_id]
+        prediction = predictions.get(choice.image_id)
+        session.add(
+            LabelingQueueItem(
+                image_id=choice.image_id,
+                prediction_id=prediction.id if prediction else None,
+                image_path=image_uri(settings, image.object_key),
+                confidence_score=choice.confidence,
+                flagged_reason=choice.reason,
             )
         )
-        images = {i.id: i for i in session.exec(select(Image).where(col(Image.id).in_(ids)))}
-        predictions = _latest_predictions(session, ids)
-        for choice in selected:
-            if choice.image_id in queued:
-                report.already_queued.append(choice.image_id)
-                continue
-            queued.add(choice.image_id)
-            image = images[choice.image_id]
-            prediction = predictions.get(choice.image_id)
-            session.add(
-                LabelingQueueItem(
-                    image_id=choice.image_id,
-                    prediction_id=prediction.id if prediction else None,
-                    image_path=image_uri(settings, image.object_key),
-                    confidence_score=choice.confidence,
-                    flagged_reason=choice.reason,
-                )
-            )
-            image.status = ImageStatus.queued
-            session.add(image)
-            report.added.append(choice.image_id)
+        image.status = ImageStatus.queued
+        session.add(image)
+        report.added.append(choice.image_id)
 
 
 def _tasks_by_image(project: ReviewProject, wanted: set[int]) -> dict[int, int]:
@@ -162,82 +153,107 @@ def _tasks_by_image(project: ReviewProject, wanted: set[int]) -> dict[int, int]:
     return found
 
 
+def _unlinked_tasks(
+    session: Session, settings: Settings
+) -> list[tuple[LabelingQueueItem, dict[str, Any]]]:
+    """Every queue row without a task, oldest first, with the task it is to get."""
+    items = list(
+        session.exec(
+            select(LabelingQueueItem)
+            .where(col(LabelingQueueItem.label_studio_task_id).is_(None))
+            .order_by(col(LabelingQueueItem.id))
+        )
+    )
+    ids = [item.image_id for item in items]
+    images = {i.id: i for i in session.exec(select(Image).where(col(Image.id).in_(ids)))}
+    prediction_ids = [i.prediction_id for i in items if i.prediction_id is not None]
+    predictions = {
+        p.id: p
+        for p in session.exec(select(Prediction).where(col(Prediction.id).in_(prediction_ids)))
+    }
+    return [
+        (
+            item,
+            build_task(settings, images[item.image_id], item, predictions.get(item.prediction_id)),
+        )
+        for item in items
+    ]
+
+
+def _import_chunk(
+    project: ReviewProject, chunk: Sequence[tuple[LabelingQueueItem, dict[str, Any]]]
+) -> dict[int, int]:
+    """Create the chunk's tasks in Label Studio (image id -> new task id)."""
+    response = project.ls.projects.import_tasks(
+        id=project.id, request=[task for _, task in chunk], return_task_ids=True
+    )
+    task_ids = list(response.task_ids or [])
+    if len(task_ids) != len(chunk):
+        raise RuntimeError(
+            f"Label Studio created {len(task_ids)} tasks for {len(chunk)} queued images"
+        )
+    # Label Studio creates a bulk import in order and returns the ids in that order.
+    return {item.image_id: task_id for (item, _), task_id in zip(chunk, task_ids)}
+
+
 def link_tasks(
-    settings: Settings, report: QueueReport, project: ReviewProject | None = None
+    session: Session,
+    settings: Settings,
+    report: QueueReport,
+    project: ReviewProject | None = None,
 ) -> None:
     """Create the Label Studio task of every queue row that has none.
 
     Label Studio is only contacted when there is such a row; its image storage and webhook
-    are ensured first, so every task it gets can be displayed and reports back.
+    are ensured first, so every task it gets can be displayed and reports back. ``session``
+    is committed after each batch of links (module docstring).
     """
-    with session_scope() as session:
-        items = list(
-            session.exec(
-                select(LabelingQueueItem)
-                .where(col(LabelingQueueItem.label_studio_task_id).is_(None))
-                .order_by(col(LabelingQueueItem.id))
-            )
-        )
-        if not items:
-            return
-        ids = [item.image_id for item in items]
-        images = {i.id: i for i in session.exec(select(Image).where(col(Image.id).in_(ids)))}
-        prediction_ids = [i.prediction_id for i in items if i.prediction_id is not None]
-        predictions = {
-            p.id: p
-            for p in session.exec(select(Prediction).where(col(Prediction.id).in_(prediction_ids)))
-        }
-
+    pending = _unlinked_tasks(session, settings)
+    if not pending:
+        return
     project = project or review_project(settings)
     ensure_image_storage(settings, project)
     ensure_webhook(settings, project)
 
     fresh = set(report.added)
-    orphans = [item for item in items if item.image_id not in fresh]
+    orphans = [item for item, _ in pending if item.image_id not in fresh]
     linked = _tasks_by_image(project, {item.image_id for item in orphans}) if orphans else {}
-    _store_links([item for item in orphans if item.image_id in linked], linked)
+    _store_links(session, [item for item in orphans if item.image_id in linked], linked)
 
-    to_import = [item for item in items if item.image_id not in linked]
+    to_import = [(item, task) for item, task in pending if item.image_id not in linked]
     for start in range(0, len(to_import), IMPORT_CHUNK):
         chunk = to_import[start : start + IMPORT_CHUNK]
-        tasks = [
-            build_task(
-                settings,
-                images[item.image_id],
-                item,
-                predictions.get(item.prediction_id) if item.prediction_id is not None else None,
-            )
-            for item in chunk
-        ]
-        response = project.ls.projects.import_tasks(
-            id=project.id, request=tasks, return_task_ids=True
-        )
-        task_ids = list(response.task_ids or [])
-        if len(task_ids) != len(chunk):
-            raise RuntimeError(
-                f"Label Studio created {len(task_ids)} tasks for {len(chunk)} queued images"
-            )
-        # Label Studio creates a bulk import in order and returns the ids in that order.
-        linked.update((item.image_id, task_id) for item, task_id in zip(chunk, task_ids))
-        _store_links(chunk, linked)
+        linked.update(_import_chunk(project, chunk))
+        _store_links(session, [item for item, _ in chunk], linked)
     report.task_ids.update(linked)
 
 
-def _store_links(items: Sequence[LabelingQueueItem], linked: dict[int, int]) -> None:
-    with session_scope() as session:
-        for item in items:
-            row = session.get(LabelingQueueItem, item.id)
-            if row is not None and row.label_studio_task_id is None:
-                row.label_studio_task_id = linked[item.image_id]
-                session.add(row)
+def _store_links(
+    session: Session, items: Sequence[LabelingQueueItem], linked: dict[int, int]
+) -> None:
+    """Record the items' task ids and commit: a task Label Studio made is never forgotten."""
+    for item in items:
+        # Read again: another run may have linked or removed the row meanwhile.
+        row = session.get(LabelingQueueItem, item.id, populate_existing=True)
+        if row is not None and row.label_studio_task_id is None:
+            row.label_studio_task_id = linked[item.image_id]
+            session.add(row)
+    session.commit()
 
 
 def queue_for_review(
-    settings: Settings, selected: Sequence[Selected], project: ReviewProject | None = None
+    session: Session,
+    settings: Settings,
+    selected: Sequence[Selected],
+    project: ReviewProject | None = None,
 ) -> QueueReport:
-    """Queue ``selected`` images (those not queued before) as pre-annotated review tasks."""
+    """Queue ``selected`` images (those not queued before) as pre-annotated review tasks.
+
+    Commits ``session`` once the rows are added, then while linking (``link_tasks``).
+    """
     report = QueueReport()
     if selected:
-        _add_rows(settings, selected, report)
-    link_tasks(settings, report, project)
+        _add_rows(session, settings, selected, report)
+        session.commit()  # the rows stand before Label Studio is contacted
+    link_tasks(session, settings, report, project)
     return report

@@ -20,11 +20,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from visionloop.models import DriftLevel
+
+if TYPE_CHECKING:
+    from evidently.core.report import Snapshot
 
 # Evidently's numeric stat tests by what they return.
 P_VALUE_TESTS = frozenset(
@@ -93,18 +96,8 @@ def _comparable_columns(reference: pd.DataFrame, current: pd.DataFrame) -> list[
     return [c for c in numeric if pd.concat([reference[c], current[c]]).dropna().nunique() > 1]
 
 
-def compute_drift(
-    reference: pd.DataFrame,
-    current: pd.DataFrame,
-    *,
-    stat_test: str = "ks",
-    yellow: float = 0.3,
-    red: float = 0.7,
-    with_html: bool = False,
-) -> DriftOutcome:
-    from evidently import Report
-    from evidently.presets import DataDriftPreset
-
+def _check_inputs(reference: pd.DataFrame, current: pd.DataFrame, stat_test: str) -> list[str]:
+    """The columns to compare; ``DriftError`` when the inputs cannot give a verdict."""
     if stat_test not in STAT_TESTS:
         raise DriftError(
             f"unknown drift test {stat_test!r}; choose one of {', '.join(sorted(STAT_TESTS))} "
@@ -117,52 +110,81 @@ def compute_drift(
         raise DriftError(
             f"need at least 2 rows on each side, got {len(reference)} and {len(current)}"
         )
+    return columns
+
+
+def _run_report(
+    reference: pd.DataFrame, current: pd.DataFrame, columns: list[str], stat_test: str
+) -> Snapshot:
+    """Evidently's snapshot of its per-column drift tests."""
+    from evidently import Report
+    from evidently.presets import DataDriftPreset
 
     report = Report([DataDriftPreset(columns=columns, method=stat_test)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy's small-sample warnings say nothing new here
-        snapshot = report.run(current[columns], reference[columns])
-    per_column = {
+        return report.run(current[columns], reference[columns])
+
+
+def _per_column(snapshot: Snapshot, columns: list[str]) -> dict[str, tuple[float, float]]:
+    """Each compared column's test statistic and Evidently's threshold for it."""
+    return {
         m["config"]["column"]: (float(m["value"]), float(m["config"]["threshold"]))
         for m in snapshot.dict()["metrics"]
         if m["config"].get("column") in columns
     }
 
-    is_p_value = stat_test in P_VALUE_TESTS
-    corrected = None
-    features: dict[str, FeatureDrift] = {}
-    for name in columns:
-        value, threshold = per_column[name]
-        if math.isnan(value):
-            value = 1.0 if is_p_value else 0.0
-        if is_p_value:
-            corrected = threshold / len(columns)
-            ratio = math.log(max(value, _P_FLOOR)) / math.log(corrected)
-            drifted = value < corrected
-        else:
-            ratio = value / threshold
-            drifted = value >= threshold
-        features[name] = FeatureDrift(
-            name=name,
-            statistic=value,
-            p_value=value if is_p_value else None,
-            threshold=threshold,
-            drifted=drifted,
-            severity=round(_severity(ratio), 4),
-        )
 
+def _feature_drift(
+    name: str, value: float, threshold: float, is_p_value: bool, n_features: int
+) -> FeatureDrift:
+    if math.isnan(value):
+        value = 1.0 if is_p_value else 0.0
+    if is_p_value:
+        corrected = threshold / n_features
+        ratio = math.log(max(value, _P_FLOOR)) / math.log(corrected)
+        drifted = value < corrected
+    else:
+        ratio = value / threshold
+        drifted = value >= threshold
+    return FeatureDrift(
+        name=name,
+        statistic=value,
+        p_value=value if is_p_value else None,
+        threshold=threshold,
+        drifted=drifted,
+        severity=round(_severity(ratio), 4),
+    )
+
+
+def _adjusted_p_value(features: dict[str, FeatureDrift]) -> float:
+    """The smallest p-value, Bonferroni-adjusted over the features."""
+    return min(1.0, min(f.statistic for f in features.values()) * len(features))
+
+
+def compute_drift(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    *,
+    stat_test: str = "ks",
+    yellow: float = 0.3,
+    red: float = 0.7,
+    with_html: bool = False,
+) -> DriftOutcome:
+    columns = _check_inputs(reference, current, stat_test)
+    snapshot = _run_report(reference, current, columns, stat_test)
+    per_column = _per_column(snapshot, columns)
+    is_p_value = stat_test in P_VALUE_TESTS
+    features = {
+        name: _feature_drift(name, *per_column[name], is_p_value, len(columns)) for name in columns
+    }
     score = max(f.severity for f in features.values())
     share = sum(f.drifted for f in features.values()) / len(features)
-    p_value = (
-        min(1.0, min(f.statistic for f in features.values()) * len(features))
-        if is_p_value
-        else None
-    )
     return DriftOutcome(
         stat_test=stat_test,
         drift_score=round(score, 4),
         drift_share=round(share, 4),
-        p_value=p_value,
+        p_value=_adjusted_p_value(features) if is_p_value else None,
         dataset_drift=share >= 0.5,
         level=level_for(score, yellow, red),
         reference_size=len(reference),

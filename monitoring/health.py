@@ -50,6 +50,8 @@ def _http_ok(url: str, timeout: float, headers: dict | None = None) -> str:
 
 
 def probe_database(settings: Settings, timeout: float = 3.0) -> ServiceHealth:
+    """Connects to ``settings.db_url`` itself rather than taking a session: the probe asks
+    whether that URL answers, which a session handed in by a caller would not show."""
     from visionloop.db import current_revision, engine_for
 
     def check() -> str:

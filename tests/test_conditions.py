@@ -197,8 +197,8 @@ def test_reasons_carry_values_and_thresholds() -> None:
         by_name["cooldown"].fired,
     ) == (2.0, 6, True)
     assert decision.summary == (
-        "Retrain wanted (drift) but blocked: The last retrain finished 2 hours ago; the cooldown is 6 hours "
-        "and has not passed yet."
+        "Retrain wanted (drift) but blocked: The last retrain finished 2 hours ago; "
+        "the cooldown is 6 hours and has not passed yet."
     )
     one = evaluate(replace(QUIET, new_labels=1), SETTINGS)
     assert one.conditions[1].reason.startswith("1 new reviewed label since")
@@ -282,3 +282,38 @@ def test_state_is_gathered_from_the_database(sqlite_url: str) -> None:
     assert not blocked.should_retrain
     assert "still running" in blocked.summary
     engine.dispose()
+
+
+def test_every_condition_is_registered_once_in_reading_order() -> None:
+    from monitoring.conditions import CONDITIONS
+
+    assert [(c.name, c.kind) for c in CONDITIONS.values()] == [
+        ("drift", "trigger"),
+        ("new_labels", "trigger"),
+        ("manual_request", "trigger"),
+        ("champion_age", "trigger"),
+        ("retrain_running", "blocker"),
+        ("too_few_labels", "blocker"),
+        ("cooldown", "blocker"),
+    ]
+
+
+def test_retraining_conditions_reads_the_given_session(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlmodel import Session
+
+    from monitoring import conditions
+
+    monkeypatch.setattr(
+        conditions, "champion_birth", lambda settings: (NOW - timedelta(hours=200), "5")
+    )
+    migrate(sqlite_url)
+    engine = make_engine(sqlite_url)
+    with Session(engine) as session:
+        decision = conditions.retraining_conditions(session, SETTINGS, NOW)
+    engine.dispose()
+    by_name = {c.name: c for c in decision.conditions}
+    assert by_name["champion_age"].value == 200.0 and by_name["champion_age"].fired
+    assert by_name["too_few_labels"].fired  # an empty database has no labels to learn from
+    assert not decision.should_retrain and decision.trigger is None

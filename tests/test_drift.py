@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pandas as pd
 import pytest
 
@@ -112,3 +114,114 @@ def test_levels_follow_thresholds() -> None:
     assert level_for(0.7, 0.3, 0.7) == DriftLevel.red
     assert level_for(0.5, 0.2, 0.4) == DriftLevel.red
     assert P_VALUE_TESTS.isdisjoint(DISTANCE_TESTS)
+
+
+def test_current_window_and_latest_level_come_from_the_session(sqlite_url: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlmodel import Session
+
+    from monitoring.drift_data import current_frame
+    from monitoring.drift_state import latest_drift_level
+    from visionloop.db import make_engine, migrate
+    from visionloop.models import DriftResult, Image, ImageStatus, Prediction
+    from visionloop.settings import Settings
+
+    now = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+    settings = Settings(class_names=["scratch", "dent"], drift_window_hours=24)
+    features = {"brightness": 0.5, "blur": 10.0}
+    migrate(sqlite_url)
+    engine = make_engine(sqlite_url)
+    with Session(engine) as session:
+        assert latest_drift_level(session) is None
+        recent, old, quarantined = (
+            Image(content_hash=f"{i:064d}", object_key=f"k{i}", features=features, created_at=at)
+            for i, at in enumerate([now - timedelta(hours=1), now - timedelta(hours=30), now])
+        )
+        quarantined.status = ImageStatus.quarantined
+        session.add_all([recent, old, quarantined])
+        session.flush()
+        boxes = [{"cls": 0, "conf": 0.9}, {"cls": 1, "conf": 0.5}]
+        session.add(Prediction(image_id=recent.id, model_version="3", boxes=boxes))
+        session.add(DriftResult(stat_test="ks", drift_score=0.9, drift_share=0.5, level="red"))
+        session.commit()
+
+        frame = current_frame(session, settings, "3", now)
+        other_version = current_frame(session, settings, "4", now)
+        level = latest_drift_level(session)
+    engine.dispose()
+    assert len(frame) == 1  # the old and the quarantined image are outside the window
+    row = frame.iloc[0]
+    assert row["brightness"] == 0.5 and row["pred_boxes"] == 2
+    assert row["pred_share_scratch"] == 0.5 and row["pred_max_conf"] == 0.9
+    assert "pred_boxes" not in other_version.columns  # no prediction of that model version
+    assert level == "red"
+
+
+@pytest.fixture
+def local_db(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The platform database is a fresh SQLite file: activity events are written there too."""
+    from visionloop.db import migrate
+    from visionloop.settings import get_settings
+
+    monkeypatch.setenv("VISIONLOOP_DATABASE_URL", sqlite_url)
+    get_settings.cache_clear()
+    migrate(sqlite_url)
+    yield sqlite_url
+    get_settings.cache_clear()
+
+
+def test_a_measurement_is_stored_then_announced(
+    local_db: str, reference: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlmodel import select
+
+    from monitoring import drift_monitor
+    from visionloop.db import session_scope
+    from visionloop.events import EventKind
+    from visionloop.models import ActivityEvent, Image
+    from visionloop.registry import ModelRef
+    from visionloop.settings import get_settings
+
+    now = datetime.now(UTC)
+    champion = ModelRef(name="detector", version="1", run_id=None, source="")
+    monkeypatch.setattr(drift_monitor, "get_alias", lambda settings, alias: champion)
+    monkeypatch.setattr(drift_monitor, "reference_frame", lambda *args: reference)
+    monkeypatch.setattr(drift_monitor, "ObjectStore", lambda settings: _NoStore())
+    shifted = _features(40, seed=3, drift=DriftParams(brightness=0.15))
+    with session_scope() as session:
+        session.add_all(
+            Image(
+                content_hash=f"{i:064d}",
+                object_key=f"k{i}",
+                features={k: float(v) for k, v in row.items()},
+                created_at=now - timedelta(minutes=5),
+            )
+            for i, row in enumerate(shifted.to_dict("records"))
+        )
+    settings = get_settings()
+
+    with session_scope() as session:
+        first = drift_monitor.measure_drift(session, settings, now=now)
+    with session_scope() as session:
+        again = drift_monitor.measure_drift(session, settings, now=now)
+    with session_scope() as session:
+        skipped = drift_monitor.measure_drift(
+            session, settings.model_copy(update={"drift_min_window": 41}), now=now
+        )
+        events = session.exec(select(ActivityEvent).order_by(ActivityEvent.id)).all()
+        stored = drift_monitor.latest_result(session)
+
+    assert first is not None and first.level == DriftLevel.red and first.window_size == 40
+    assert again is not None and stored is not None and stored.id == again.id
+    assert skipped is None
+    # Only a change of level is announced, with the stored result's id.
+    assert [e.kind for e in events] == [EventKind.DRIFT_LEVEL_CHANGED, EventKind.DRIFT_SKIPPED]
+    assert events[0].payload["result_id"] == first.id and events[0].payload["previous"] is None
+
+
+class _NoStore:
+    def put_bytes(self, *args: object) -> None:
+        pass

@@ -16,18 +16,20 @@ import yaml
 from PIL import Image as PILImage
 
 from training.profile import near_duplicate_groups, profile_entries
-from visionloop.formats import (
-    LabeledImage,
+from visionloop.boxes import (
     LabelError,
-    SplitPolicy,
     YoloBox,
-    assign_splits,
     box_dicts,
-    build_manifest,
     ls_results_from_boxes,
     ls_results_to_boxes,
-    manifest_hash,
     normalise_boxes,
+)
+from visionloop.formats import (
+    LabeledImage,
+    SplitPolicy,
+    assign_splits,
+    build_manifest,
+    manifest_hash,
     to_coco,
     to_label_studio,
 )
@@ -236,17 +238,21 @@ def test_yolo_export_matches_label_studios_own(settings: Settings) -> None:
 def test_export_writes_a_content_addressed_snapshot(settings: Settings, tmp_path: Path) -> None:
     from flows.export import export_flow
     from training.snapshots import download_snapshot, get_snapshot, read_manifest
+    from visionloop.db import session_scope
     from visionloop.storage import ObjectStore
     from visionloop.synthetic_labels import add_reviewed_samples
 
-    mine = set(add_reviewed_samples(settings, 30, seed=21))
+    with session_scope() as session:
+        mine = set(add_reviewed_samples(session, settings, 30, seed=21))
     first = export_flow()
     again = export_flow()
-    assert again == {**first, "created": False}  # same labels, same snapshot and hash
+    assert again == first.model_copy(update={"created": False})  # same labels, same snapshot
 
-    training, holdout = get_snapshot(first["snapshot_id"]), get_snapshot(first["holdout_id"])
+    with session_scope() as session:
+        training = get_snapshot(session, first.snapshot_id)
+        holdout = get_snapshot(session, first.holdout_id)
     manifest = read_manifest(settings, training)
-    assert first["snapshot_hash"] == training.manifest_hash == manifest_hash(manifest)
+    assert first.snapshot_hash == training.manifest_hash == manifest_hash(manifest)
     listed = {item["image_hash"]: item for item in manifest["images"]}
     assert mine <= set(listed)
     policy = SplitPolicy()
@@ -295,13 +301,13 @@ def test_export_writes_a_content_addressed_snapshot(settings: Settings, tmp_path
     assert {p.stem for p in held.parent.glob("images/*/*")} == test_hashes
 
     # New labels give a new snapshot; images already held out stay held out.
-    add_reviewed_samples(settings, 10, seed=21, start=30)
+    with session_scope() as session:
+        add_reviewed_samples(session, settings, 10, seed=21, start=30)
     grown = export_flow()
-    assert grown["created"] and grown["snapshot_hash"] != first["snapshot_hash"]
-    grown_test = {
-        i["image_hash"]
-        for i in read_manifest(settings, get_snapshot(grown["holdout_id"]))["images"]
-    }
+    assert grown.created and grown.snapshot_hash != first.snapshot_hash
+    with session_scope() as session:
+        grown_holdout = get_snapshot(session, grown.holdout_id)
+    grown_test = {i["image_hash"] for i in read_manifest(settings, grown_holdout)["images"]}
     assert test_hashes <= grown_test
 
 

@@ -172,7 +172,8 @@ def test_concurrent_batches_with_identical_bytes_make_one_image(
     def run(side: str) -> None:
         # One settle chunk per batch: both files are looked up at once, before any write.
         sources = [paths[f"{side}/shared.jpg"], paths[f"{side}/own.jpg"]]
-        reports[side] = ingest_batch(settings, _NoStore(), sources, predictor=None)  # type: ignore[arg-type]
+        with session_scope() as session:  # each batch its own, as on two workers
+            reports[side] = ingest_batch(settings, session, _NoStore(), sources, predictor=None)  # type: ignore[arg-type]
 
     threads = [threading.Thread(target=run, args=(side,)) for side in "ab"]
     with caplog.at_level(logging.INFO, logger="ingest.pipeline"):

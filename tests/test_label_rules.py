@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from sqlmodel import Session, SQLModel, create_engine
 
 from api.routes.labeling import affected_tasks
 from labeling.label_config import FROM_NAME, TO_NAME
 from labeling.sync import InvalidAnnotation, decisive_annotation, judge, validate_regions
 from labeling.tasks import prediction_regions
-from visionloop.models import Verdict
+from visionloop.models import ReviewedLabel, Verdict
 
 CLASSES = ["scratch", "dent", "stain"]
 
@@ -111,14 +112,33 @@ def test_the_annotation_that_counts() -> None:
 
 
 def test_webhook_events_name_their_tasks() -> None:
-    assert affected_tasks(
-        {"action": "ANNOTATION_CREATED", "task": {"id": 7}, "annotation": {"id": 1, "task": 7}}
-    ) == [7]
-    assert affected_tasks({"action": "ANNOTATION_UPDATED", "annotation": {"id": 1, "task": 8}}) == [
-        8
-    ]
-    assert affected_tasks(
-        {"action": "ANNOTATIONS_CREATED", "annotation": [{"task": 3}, {"task": 2}, {"task": 3}]}
-    ) == [2, 3]
-    assert affected_tasks({"action": "TASKS_DELETED", "tasks": [{"id": 4}, {"id": 5}]}) == [4, 5]
-    assert affected_tasks({"action": "PROJECT_UPDATED", "project": {"id": 1}}) == []
+    engine = create_engine("sqlite://")
+    SQLModel.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add(
+            ReviewedLabel(
+                image_id=1,
+                image_path="a.jpg",
+                boxes=[],
+                verdict=Verdict.accepted,
+                label_studio_task_id=9,
+                label_studio_annotation_id=21,
+            )
+        )
+        session.commit()
+
+        def tasks(event: dict[str, Any]) -> list[int]:
+            return affected_tasks(event, session)
+
+        assert tasks(
+            {"action": "ANNOTATION_CREATED", "task": {"id": 7}, "annotation": {"id": 1, "task": 7}}
+        ) == [7]
+        assert tasks({"action": "ANNOTATION_UPDATED", "annotation": {"id": 1, "task": 8}}) == [8]
+        assert tasks(
+            {"action": "ANNOTATIONS_CREATED", "annotation": [{"task": 3}, {"task": 2}, {"task": 3}]}
+        ) == [2, 3]
+        assert tasks({"action": "TASKS_DELETED", "tasks": [{"id": 4}, {"id": 5}]}) == [4, 5]
+        assert tasks({"action": "PROJECT_UPDATED", "project": {"id": 1}}) == []
+        assert tasks({"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 21}, {"id": 5}]}) == [
+            9
+        ]

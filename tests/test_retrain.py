@@ -36,10 +36,12 @@ STRONG_EPOCHS = 25
 @pytest.fixture(scope="module")
 def reviewed(stack: Stack) -> list[str]:
     """Sixty reviewed images with exact boxes (other tests may add more)."""
+    from visionloop.db import session_scope
     from visionloop.settings import get_settings
     from visionloop.synthetic_labels import add_reviewed_samples
 
-    return add_reviewed_samples(get_settings(), IMAGES, seed=7)
+    with session_scope() as session:
+        return add_reviewed_samples(session, get_settings(), IMAGES, seed=7)
 
 
 class _Hook(BaseHTTPRequestHandler):
@@ -84,35 +86,37 @@ def test_retrain_promotes_a_better_challenger_and_keeps_the_champion_against_a_w
     from flows.retrain import RETRAIN_CONCURRENCY, retrain_flow
     from flows.train import train_flow
     from training.promotion import promote, rollback
+    from training.retrain_launcher import RetrainParams
 
     # A baseline champion of one epoch: any real training must beat it.
     exported = export_flow()
     baseline = train_flow(
-        snapshot_id=exported["snapshot_id"], epochs=1, batch=BATCH, from_scratch=True
+        snapshot_id=exported.snapshot_id, epochs=1, batch=BATCH, from_scratch=True
     )
-    promote(settings, baseline["version"], reason="test baseline")
+    promote(settings, baseline.version, reason="test baseline")
 
     strong = retrain_flow(
-        trigger="manual",
-        reason="test",
-        epochs=STRONG_EPOCHS,
-        batch=BATCH,
-        notify_webhook_url=webhook,
+        RetrainParams(
+            trigger="manual",
+            reason="test",
+            epochs=STRONG_EPOCHS,
+            batch=BATCH,
+            notify_webhook_url=webhook,
+        )
     )
-    assert strong["promoted"] is True, strong["reasons"]
-    assert get_alias(settings, CHAMPION).version == strong["challenger_version"]
-    assert get_alias(settings, PREVIOUS).version == baseline["version"]
-    assert get_alias(settings, CHALLENGER).version == strong["challenger_version"]
+    assert strong.promoted is True, strong.reasons
+    assert get_alias(settings, CHAMPION).version == strong.challenger_version
+    assert get_alias(settings, PREVIOUS).version == baseline.version
+    assert get_alias(settings, CHALLENGER).version == strong.challenger_version
 
-    run = _run(strong["retraining_run_id"])
+    run = _run(strong.retraining_run_id)
     assert (
         run.status == RetrainStatus.succeeded and run.promoted is True and run.active_lock is None
     )
     assert (
-        run.model_version == strong["challenger_version"]
-        and run.snapshot_id == exported["snapshot_id"]
+        run.model_version == strong.challenger_version and run.snapshot_id == exported.snapshot_id
     )
-    assert run.metrics["holdout_hash"] == exported["holdout_hash"]
+    assert run.metrics["holdout_hash"] == exported.holdout_hash
     assert (
         run.metrics["challenger"]["metrics"]["mAP50-95"]
         > run.metrics["champion"]["metrics"]["mAP50-95"]
@@ -130,10 +134,10 @@ def test_retrain_promotes_a_better_challenger_and_keeps_the_champion_against_a_w
     assert tracked.data.params["epochs"] == str(STRONG_EPOCHS) and tracked.data.params[
         "batch"
     ] == str(BATCH)
-    assert tracked.data.params["base_version"] == baseline["version"]
+    assert tracked.data.params["base_version"] == baseline.version
     tags = tracked.data.tags
-    assert tags["visionloop.snapshot_hash"] == exported["snapshot_hash"]
-    assert tags["visionloop.holdout_hash"] == exported["holdout_hash"]
+    assert tags["visionloop.snapshot_hash"] == exported.snapshot_hash
+    assert tags["visionloop.holdout_hash"] == exported.holdout_hash
     assert tags["visionloop.code_version"] and tags["visionloop.gate.decision"] == "promote"
     assert [m.step for m in mlflow.get_metric_history(run.mlflow_run_id, "mAP50")] == list(
         range(1, STRONG_EPOCHS + 1)
@@ -169,14 +173,16 @@ def test_retrain_promotes_a_better_challenger_and_keeps_the_champion_against_a_w
     # A deliberately weak challenger (one epoch from scratch) is judged and kept out.
     champion_before = get_alias(settings, CHAMPION).version
     weak = retrain_flow(
-        trigger="manual", reason="weak on purpose", epochs=1, batch=BATCH, from_scratch=True
+        RetrainParams(
+            trigger="manual", reason="weak on purpose", epochs=1, batch=BATCH, from_scratch=True
+        )
     )
-    assert weak["promoted"] is False
+    assert weak.promoted is False
     assert get_alias(settings, CHAMPION).version == champion_before
-    assert get_alias(settings, CHALLENGER).version == weak["challenger_version"]
-    kept = _run(weak["retraining_run_id"])
+    assert get_alias(settings, CHALLENGER).version == weak.challenger_version
+    kept = _run(weak.retraining_run_id)
     assert kept.status == RetrainStatus.succeeded and kept.promoted is False
-    assert kept.metrics["holdout_hash"] == exported["holdout_hash"]  # judged on the same frozen set
+    assert kept.metrics["holdout_hash"] == exported.holdout_hash  # judged on the same frozen set
     assert "not met" in kept.decision_reasons[0] and "challenger" in kept.decision_reasons[0]
     assert kept.decision_reasons[-1] == "Verdict: keep the champion."
     assert (
@@ -186,7 +192,7 @@ def test_retrain_promotes_a_better_challenger_and_keeps_the_champion_against_a_w
     # Rollback moves the champion back, and can itself be undone.
     back = rollback(settings, reason="test")
     assert (
-        back.champion == baseline["version"]
+        back.champion == baseline.version
         and get_alias(settings, PREVIOUS).version == champion_before
     )
     assert rollback(settings).champion == champion_before
@@ -227,7 +233,9 @@ def _deployed_retrain_in_training(reason: str) -> tuple[str, RetrainingRun]:
 
     flow_run = run_deployment(
         "retrain/retrain",
-        parameters={"trigger": "manual", "reason": reason, "epochs": 60, "batch": BATCH},
+        parameters={
+            "params": {"trigger": "manual", "reason": reason, "epochs": 60, "batch": BATCH}
+        },
         timeout=0,
     )
     flow_run_id = str(flow_run.id)
@@ -261,7 +269,8 @@ def test_a_cancelled_retrain_is_marked_failed_and_releases_the_guard(
     run = _run(run.id)
     assert run.status == RetrainStatus.failed and run.active_lock is None and run.promoted is False
     assert "SIGTERM" in run.error
-    assert current_holder() is None
+    with session_scope() as session:
+        assert current_holder(session) is None
     assert client(settings).get_run(run.mlflow_run_id).info.status == "FAILED"
     assert get_alias(settings, CHAMPION) == champion
     assert _events("retrain.failed", run.id)
@@ -277,12 +286,15 @@ def test_a_retrain_killed_midway_fails_releases_the_guard_and_keeps_the_champion
 
     champion = get_alias(settings, CHAMPION)
     flow_run_id, run = _deployed_retrain_in_training("to be killed")
-    assert run.status == RetrainStatus.running and current_holder().id == run.id
+    with session_scope() as session:
+        assert run.status == RetrainStatus.running and current_holder(session).id == run.id
     assert run.mlflow_run_id  # recorded while the run is live, so it can be ended for it
     # Prefect's limit is taken too: nobody else gets the retrain slot while it trains.
-    with pytest.raises(TimeoutError):
-        with concurrency(RETRAIN_CONCURRENCY, occupy=1, timeout_seconds=3, strict=True):
-            pass
+    with (
+        pytest.raises(TimeoutError),
+        concurrency(RETRAIN_CONCURRENCY, occupy=1, timeout_seconds=3, strict=True),
+    ):
+        pass
 
     process = _flow_run_process(stack, flow_run_id)
     assert process is not None, "the worker's flow-run process was not found"
@@ -291,7 +303,8 @@ def test_a_retrain_killed_midway_fails_releases_the_guard_and_keeps_the_champion
     assert state.is_crashed(), state
     assert _run(run.id).active_lock == "retrain"  # a dead process cannot let go by itself
 
-    failed = reconcile(settings)
+    with session_scope() as session:
+        failed = reconcile(settings, session)
     assert failed is not None and failed.id == run.id
     run = _run(run.id)
     assert run.status == RetrainStatus.failed and run.active_lock is None and run.promoted is False
@@ -300,8 +313,11 @@ def test_a_retrain_killed_midway_fails_releases_the_guard_and_keeps_the_champion
     assert get_alias(settings, CHAMPION) == champion
 
     # The guard is free again: a later retrain takes it at once...
-    later = acquire(settings, trigger="manual", reason="after the kill", flow_run_id=None)
-    release(later.id, status=RetrainStatus.cancelled, error="test only")
+    with session_scope() as session:
+        later = acquire(
+            settings, session, trigger="manual", reason="after the kill", flow_run_id=None
+        )
+        release(session, later.id, status=RetrainStatus.cancelled, error="test only")
     # ...and Prefect hands the killed run's slot back once its lease lapses.
     with concurrency(RETRAIN_CONCURRENCY, occupy=1, timeout_seconds=150, strict=True):
         pass

@@ -9,11 +9,12 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from cli.stack import free_port
 from training import retrain_guard
 from training.retrain_guard import RetrainBusy, acquire, create_run, current_holder, release
-from visionloop.db import make_engine, migrate
+from visionloop.db import make_engine, migrate, session_scope
 from visionloop.models import RetrainingRun, RetrainStatus
 from visionloop.settings import Settings, load_settings
 
@@ -28,6 +29,12 @@ def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
 
 
 @pytest.fixture
+def session(engine: Engine) -> Iterator[Session]:
+    with session_scope(engine) as session:
+        yield session
+
+
+@pytest.fixture
 def outcomes(monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
     """What Prefect says about each flow run: None while alive, else how it ended."""
     answers: dict[str, str | None] = {}
@@ -38,70 +45,73 @@ def outcomes(monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
 
 
 def _get(engine: Engine, run_id: int) -> RetrainingRun:
-    from visionloop.db import session_scope
-
+    """The row as another process sees it (a session of its own)."""
     with session_scope(engine) as session:
         return session.get(RetrainingRun, run_id)
 
 
-def test_a_second_retrain_is_refused_while_the_first_lives(engine: Engine, outcomes: dict) -> None:
+def test_a_second_retrain_is_refused_while_the_first_lives(
+    session: Session, engine: Engine, outcomes: dict
+) -> None:
     settings = load_settings()
-    first = acquire(settings, trigger="manual", flow_run_id="flow-a", engine=engine)
+    first = acquire(settings, session, trigger="manual", flow_run_id="flow-a")
     assert first.status == RetrainStatus.running and first.active_lock == retrain_guard.LOCK
 
     with pytest.raises(RetrainBusy, match=f"retraining run {first.id}"):
-        acquire(settings, trigger="drift", flow_run_id="flow-b", engine=engine)
+        acquire(settings, session, trigger="drift", flow_run_id="flow-b")
     refused = _get(engine, first.id + 1)
     assert refused.status == RetrainStatus.cancelled and f"run {first.id}" in refused.error
-    assert current_holder(engine).id == first.id
+    assert current_holder(session).id == first.id
 
-    release(first.id, status=RetrainStatus.succeeded, engine=engine, promoted=False)
-    third = acquire(settings, trigger="labels", flow_run_id="flow-c", engine=engine)
+    release(session, first.id, status=RetrainStatus.succeeded, promoted=False)
+    third = acquire(settings, session, trigger="labels", flow_run_id="flow-c")
     assert third.active_lock == retrain_guard.LOCK and _get(engine, first.id).active_lock is None
 
 
-def test_a_dead_holder_is_failed_and_its_guard_released(engine: Engine, outcomes: dict) -> None:
+def test_a_dead_holder_is_failed_and_its_guard_released(
+    session: Session, engine: Engine, outcomes: dict
+) -> None:
     settings = load_settings()
-    dead = acquire(settings, trigger="manual", flow_run_id="flow-dead", engine=engine)
+    dead = acquire(settings, session, trigger="manual", flow_run_id="flow-dead")
     outcomes["flow-dead"] = "its Prefect flow run flow-dead ended Crashed: SIGKILL"
-    assert retrain_guard.reconcile(settings, engine).id == dead.id
+    assert retrain_guard.reconcile(settings, session).id == dead.id
     failed = _get(engine, dead.id)
     assert failed.status == RetrainStatus.failed and failed.active_lock is None
     assert "Crashed: SIGKILL" in failed.error and failed.promoted is False and failed.finished_at
 
     # The same happens on the way in: a new run takes over from a dead holder by itself.
-    stale = acquire(settings, trigger="manual", flow_run_id="flow-stale", engine=engine)
+    stale = acquire(settings, session, trigger="manual", flow_run_id="flow-stale")
     outcomes["flow-stale"] = "its Prefect flow run flow-stale no longer exists"
-    fresh = acquire(settings, trigger="drift", flow_run_id="flow-fresh", engine=engine)
+    fresh = acquire(settings, session, trigger="drift", flow_run_id="flow-fresh")
     assert (
-        current_holder(engine).id == fresh.id
+        current_holder(session).id == fresh.id
         and _get(engine, stale.id).status == RetrainStatus.failed
     )
 
 
-def test_a_request_whose_flow_run_never_started_is_failed(engine: Engine, outcomes: dict) -> None:
+def test_a_request_whose_flow_run_never_started_is_failed(
+    session: Session, engine: Engine, outcomes: dict
+) -> None:
     settings = load_settings()
-    queued = create_run("drift", "drift is red", engine)
-    retrain_guard.update_run(queued.id, engine, prefect_flow_run_id="flow-queued")
-    waiting = create_run("manual", "", engine)
-    retrain_guard.update_run(waiting.id, engine, prefect_flow_run_id="flow-waiting")
+    queued = create_run(session, "drift", "drift is red")
+    retrain_guard.update_run(session, queued.id, prefect_flow_run_id="flow-queued")
+    waiting = create_run(session, "manual", "")
+    retrain_guard.update_run(session, waiting.id, prefect_flow_run_id="flow-waiting")
     outcomes["flow-queued"] = "its Prefect flow run flow-queued ended Cancelled"
-    assert retrain_guard.reconcile(settings, engine) is None  # nobody held the guard
+    assert retrain_guard.reconcile(settings, session) is None  # nobody held the guard
     assert _get(engine, queued.id).status == RetrainStatus.failed
     assert "never started" in _get(engine, queued.id).error
     assert _get(engine, waiting.id).status == RetrainStatus.pending  # still queued in Prefect
 
 
-def test_a_requested_run_is_picked_up_once(engine: Engine, outcomes: dict) -> None:
+def test_a_requested_run_is_picked_up_once(session: Session, outcomes: dict) -> None:
     settings = load_settings()
-    requested = create_run("manual", "operator asked", engine)
+    requested = create_run(session, "manual", "operator asked")
     assert requested.status == RetrainStatus.pending and requested.active_lock is None
-    taken = acquire(
-        settings, trigger="manual", flow_run_id="flow-x", run_id=requested.id, engine=engine
-    )
+    taken = acquire(settings, session, trigger="manual", flow_run_id="flow-x", run_id=requested.id)
     assert taken.id == requested.id and taken.prefect_flow_run_id == "flow-x"
     with pytest.raises(ValueError, match="not pending"):
-        acquire(settings, trigger="manual", run_id=requested.id, engine=engine)
+        acquire(settings, session, trigger="manual", run_id=requested.id)
 
 
 class _Hook(BaseHTTPRequestHandler):

@@ -1,4 +1,4 @@
-"""`visionloop up | status | down` against the real servers."""
+"""`visionloop up | status | down`: the service definitions, then the real servers."""
 
 from __future__ import annotations
 
@@ -12,12 +12,55 @@ import httpx
 import psutil
 import pytest
 
-from cli.stack import SERVICE_ORDER, Stack, StackError, free_port
+from cli.stack import SERVICE_ORDER, ServiceSpec, Stack, StackError, free_port
+from monitoring.health import PROBES
 from visionloop.settings import load_settings
 
-pytestmark = pytest.mark.stack
+
+def _specs(tmp_path: Path, **overrides: object) -> dict[str, ServiceSpec]:
+    stack = Stack(load_settings(data_dir=tmp_path / "state", **overrides))
+    return {spec.name: spec for spec in stack.specs()}
 
 
+def test_specs_come_in_start_up_order_each_with_its_probe(tmp_path: Path) -> None:
+    specs = _specs(tmp_path)
+    assert list(specs) == SERVICE_ORDER
+    assert SERVICE_ORDER == ["s3", "prefect", "mlflow", "label-studio", "api", "worker"]
+    assert all(name in PROBES for name in specs)
+    # Only Label Studio installs itself before its first start.
+    assert [name for name, spec in specs.items() if spec.install] == ["label-studio"]
+
+
+def test_seaweedfs_components_avoid_configured_ports_and_their_grpc_ports(tmp_path: Path) -> None:
+    s3 = _specs(tmp_path)["s3"]
+    settings = load_settings(data_dir=tmp_path / "state")
+    configured = {
+        settings.s3_port,
+        settings.prefect_port,
+        settings.mlflow_port,
+        settings.label_studio_port,
+        settings.api_port,
+    }
+    internal = [
+        int(arg.split("=")[1])
+        for arg in s3.command
+        for component in ("master", "volume", "filer", "admin")
+        if arg.startswith(f"-{component}.port=")
+    ]
+    assert len(internal) == 4
+    grpc = {port + 10000 for port in internal}
+    assert len(set(internal) | grpc) == 8
+    assert not (set(internal) | grpc) & (configured | {p + 10000 for p in configured})
+    assert f"-s3.port={settings.s3_port}" in s3.command
+
+
+def test_a_url_setting_makes_its_service_external(tmp_path: Path) -> None:
+    specs = _specs(tmp_path, mlflow_tracking_uri="http://127.0.0.1:1")
+    assert specs["mlflow"].external_setting == "VISIONLOOP_MLFLOW_TRACKING_URI"
+    assert specs["prefect"].external_setting == ""
+
+
+@pytest.mark.stack
 def test_status_reports_every_service_healthy_with_latency(stack: Stack) -> None:
     states = stack.status()
     assert {s.name for s in states} == {
@@ -34,6 +77,7 @@ def test_status_reports_every_service_healthy_with_latency(stack: Stack) -> None
         assert state.health.latency_ms > 0
 
 
+@pytest.mark.stack
 def test_status_cli_prints_each_service(stack: Stack) -> None:
     env = {**os.environ, **stack.platform_env()}
     done = subprocess.run(
@@ -50,6 +94,7 @@ def test_status_cli_prints_each_service(stack: Stack) -> None:
     assert " ms " in done.stdout
 
 
+@pytest.mark.stack
 def test_second_up_reuses_running_services(stack: Stack) -> None:
     before = {name: stack.running_pid(name) for name in SERVICE_ORDER}
     assert all(before.values()), before
@@ -58,6 +103,7 @@ def test_second_up_reuses_running_services(stack: Stack) -> None:
     assert {name: stack.running_pid(name) for name in SERVICE_ORDER} == before
 
 
+@pytest.mark.stack
 def test_api_reports_dependency_health(stack: Stack) -> None:
     body = httpx.get(f"{stack.settings.api_url}/api/system/health", timeout=30).json()
     assert body["healthy"] is True, body
@@ -88,6 +134,7 @@ def _isolated(tmp_path: Path, **env: str) -> Stack:
     return Stack(load_settings(**overrides))
 
 
+@pytest.mark.stack
 def test_port_in_use_names_port_and_setting(stack: Stack, tmp_path: Path) -> None:
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
@@ -101,6 +148,7 @@ def test_port_in_use_names_port_and_setting(stack: Stack, tmp_path: Path) -> Non
     assert isolated.running_pid("prefect") is None
 
 
+@pytest.mark.stack
 def test_unreachable_external_server_names_the_setting(stack: Stack, tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     isolated = _isolated(tmp_path, mlflow_tracking_uri=dead)
@@ -108,6 +156,7 @@ def test_unreachable_external_server_names_the_setting(stack: Stack, tmp_path: P
         isolated.up(only=["mlflow"])
 
 
+@pytest.mark.stack
 def test_wrong_label_studio_token_names_the_setting(stack: Stack, tmp_path: Path) -> None:
     s = stack.settings
     isolated = _isolated(
@@ -117,6 +166,7 @@ def test_wrong_label_studio_token_names_the_setting(stack: Stack, tmp_path: Path
         isolated.up(only=["label-studio"])
 
 
+@pytest.mark.stack
 def test_down_stops_only_what_up_started(stack: Stack, tmp_path: Path) -> None:
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     isolated = _isolated(tmp_path)

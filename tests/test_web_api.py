@@ -244,9 +244,13 @@ def test_conditions_explain_every_condition(client: TestClient, champion: str) -
 
 def test_status_and_history_show_runs(client: TestClient, champion: str) -> None:
     tag = f"api-{uuid.uuid4().hex[:6]}"
-    runs = [create_run(tag, f"history {i}") for i in range(3)]
+    with session_scope() as session:
+        runs = [create_run(session, tag, f"history {i}") for i in range(3)]
     try:
-        update_run(runs[0].id, status=RetrainStatus.cancelled, error="refused in a test")
+        with session_scope() as session:
+            update_run(
+                session, runs[0].id, status=RetrainStatus.cancelled, error="refused in a test"
+            )
         page = client.get(f"/api/retraining/history?trigger={tag}&limit=2").json()
         assert page["total"] == 3 and [r["id"] for r in page["items"]] == [runs[2].id, runs[1].id]
         rest = client.get(f"/api/retraining/history?trigger={tag}&limit=2&offset=2").json()
@@ -328,7 +332,7 @@ def test_trigger_starts_the_retrain_deployment_and_refuses_a_second(
             flow_run = prefect.read_flow_run(UUID(launched["flow_run_id"]))
             deployment = prefect.read_deployment(flow_run.deployment_id)
         assert deployment.name == "retrain"
-        assert flow_run.parameters["retraining_run_id"] == launched["retraining_run_id"]
+        assert flow_run.parameters["params"]["retraining_run_id"] == launched["retraining_run_id"]
 
         busy = assert_error(
             client.post("/api/retraining/trigger", headers=auth()), 409, "retrain_running"

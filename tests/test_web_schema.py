@@ -18,6 +18,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
+from sqlmodel import Session
 
 from api import deps
 from api.main import create_app
@@ -36,11 +37,19 @@ MAX_EXAMPLES = 15
 
 
 def _launch_nothing(
-    _settings: Settings, *, trigger: str, reason: str, retraining_run_id: int | None = None
+    session: Session,
+    _settings: Settings,
+    *,
+    trigger: str,
+    reason: str,
+    retraining_run_id: int | None = None,
 ) -> LaunchedRetrain:
     assert retraining_run_id is not None
     update_run(
-        retraining_run_id, status=RetrainStatus.cancelled, error="not started: schemathesis run"
+        session,
+        retraining_run_id,
+        status=RetrainStatus.cancelled,
+        error="not started: schemathesis run",
     )
     return LaunchedRetrain(retraining_run_id, str(uuid.uuid4()))
 

@@ -1,4 +1,4 @@
-"""The API's pieces that need no servers: JSON errors, request telemetry, review analytics, exports."""
+"""The API's pieces that need no servers: JSON errors, telemetry, review analytics, exports."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """The docker and kubernetes work-pool variants (deployments/) checked without Docker or a cluster.
 
+A variant is the deployment file `visionloop deployments render POOL` writes from prefect.yaml
+and the pool's overlay (deployments/work-pools/POOL.yaml); every check below reads that file.
 Each variant must deploy exactly prefect.yaml's flows (same names, entrypoints, schedules,
 parameters, concurrency) onto a pool of the right type, run the image docker-compose.yml
 builds, and hand flow runs settings that `visionloop.settings.Settings` accepts, wired like
@@ -12,9 +14,11 @@ Kubernetes Job a flow run gets is rendered from the template as the worker rende
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import sys
 from importlib.metadata import version
 from importlib.resources import files
 from pathlib import Path
@@ -23,18 +27,17 @@ from typing import Any
 import pytest
 import yaml
 from test_compose import environment, interpolate_values, parse_env_file, settings_from
+from typer.testing import CliRunner
 
-from visionloop.settings import Settings
+from cli import recipes
+from visionloop.settings import Settings, get_settings
 
 # Prefect is imported inside the tests, never at collection: importing it fixes its settings
 # (the API URL) for the whole process, before the session's stack has started.
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = ROOT / "deployments"
-VARIANTS = {
-    "docker": DEPLOYMENTS / "prefect.docker.yaml",
-    "kubernetes": DEPLOYMENTS / "prefect.kubernetes.yaml",
-}
+VARIANTS = ("docker", "kubernetes")
 POOLS = {"docker": "visionloop-docker", "kubernetes": "visionloop-kubernetes"}
 K8S_TEMPLATE = DEPLOYMENTS / "work-pools" / "kubernetes.json"
 K8S_DIR = DEPLOYMENTS / "k8s"
@@ -120,8 +123,34 @@ def compose_env(compose: dict[str, Any]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def variants() -> dict[str, dict[str, Any]]:
-    return {name: load(path) for name, path in VARIANTS.items()}
+def project_settings() -> Any:
+    """The CLI's settings pointed at this checkout (a stack session may have set others)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VISIONLOOP_PROJECT_DIR", str(ROOT))
+        get_settings.cache_clear()
+        yield get_settings()
+    get_settings.cache_clear()
+
+
+def render_cli(*args: str) -> str:
+    result = CliRunner().invoke(recipes.deployments_app, ["render", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def rendered(project_settings: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The files `visionloop deployments render POOL --output FILE` writes."""
+    folder = tmp_path_factory.mktemp("rendered")
+    paths = {variant: folder / f"prefect.{variant}.yaml" for variant in VARIANTS}
+    for variant, path in paths.items():
+        assert render_cli(variant, "--output", str(path)) == ""
+    return paths
+
+
+@pytest.fixture(scope="module")
+def variants(rendered: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    return {name: load(path) for name, path in rendered.items()}
 
 
 def by_name(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -135,14 +164,30 @@ def job_env(deployment: dict[str, Any]) -> dict[str, str]:
 # --- the deployments ---------------------------------------------------------------------------
 
 
+def test_every_overlay_is_a_tested_variant() -> None:
+    assert recipes.pool_types(ROOT) == sorted(VARIANTS)
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_prefect_reads_the_file(variant: str, variants: dict[str, Any]) -> None:
-    """The model `prefect deploy` validates a prefect.yaml with, and the project's version."""
+def test_prefect_reads_the_file(
+    variant: str, variants: dict[str, Any], rendered: dict[str, Path]
+) -> None:
+    """The model `prefect deploy` validates a prefect.yaml with, the loader it reads the file
+    with (which skips an invalid file with a warning), and the project's version."""
+    from prefect.cli.deploy._config import _load_deploy_configs_and_actions
     from prefect.cli.deploy._models import PrefectYamlModel
+    from rich.console import Console
 
     document = variants[variant]
     model = PrefectYamlModel.model_validate(document)
     assert len(model.deployments) == len(document["deployments"])
+    log = io.StringIO()
+    configs, actions = _load_deploy_configs_and_actions(
+        prefect_file=rendered[variant], console=Console(file=log)
+    )
+    assert not log.getvalue(), log.getvalue()
+    assert [c["name"] for c in configs] == [d["name"] for d in document["deployments"]]
+    assert actions["pull"] == document["pull"]
     assert document["prefect-version"] == version("prefect")
     # The code is in the image: the flows run from /app, where deployments/Dockerfile puts it.
     assert document["pull"] == [
@@ -159,6 +204,10 @@ def test_every_deployment_of_prefect_yaml_is_there_unchanged(
     for name, deployment in wanted.items():
         for key in SAME:
             assert got[name].get(key) == deployment.get(key), (variant, name, key)
+        # Nothing but the pool differs, so nothing else has a second home.
+        assert {k: v for k, v in got[name].items() if k != "work_pool"} == {
+            k: v for k, v in deployment.items() if k != "work_pool"
+        }, (variant, name)
         for entry in [deployment["entrypoint"]]:
             assert (ROOT / entry.split(":")[0]).is_file()
 
@@ -173,9 +222,7 @@ def test_one_pool_per_variant_and_its_type(variant: str, variants: dict[str, Any
     # The README creates it with that type; the worker starts with that pool and type.
     readme = (DEPLOYMENTS / "README.md").read_text()
     assert re.search(rf"prefect work-pool create {pool} --type {variant}\b", readme), pool
-    deploy = (
-        rf"prefect (--no-prompt )?deploy --prefect-file deployments/{VARIANTS[variant].name} --all"
-    )
+    deploy = rf"visionloop deployments deploy {variant}\b"
     assert re.search(deploy, readme), deploy
     if variant == "docker":
         worker = load(DEPLOYMENTS / "compose.docker-pool.yml")["services"]["docker-worker"]
@@ -219,7 +266,80 @@ def test_workers_run_the_prefect_of_the_lock_file(compose: dict[str, Any]) -> No
     assert container["image"] == f"{server}-kubernetes"
 
 
-# --- settings --------------------------------------------------------------------------------------
+# --- rendering and deploying -------------------------------------------------------------------
+
+
+def test_an_overlay_may_only_name_deployments_of_prefect_yaml(recipe: dict[str, Any]) -> None:
+    """A deployment renamed in prefect.yaml must not leave its pool settings behind unused."""
+    overlay = recipes.load_overlay(ROOT, "docker")
+    stale = overlay.model_copy(update={"job_variables_by_deployment": {"retrian": {}}})
+    with pytest.raises(recipes.RecipeError, match="retrian"):
+        recipes.render(recipe, stale)
+
+
+def test_an_overlay_with_an_unknown_key_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / recipes.OVERLAYS
+    folder.mkdir(parents=True)
+    text = (DEPLOYMENTS / "work-pools" / "docker.yaml").read_text()
+    (folder / "docker.yaml").write_text(text.replace("job_variables_by_deployment:", "by_name:"))
+    with pytest.raises(recipes.RecipeError, match="by_name"):
+        recipes.load_overlay(tmp_path, "docker")
+    with pytest.raises(recipes.RecipeError, match="known pool types: docker"):
+        recipes.load_overlay(tmp_path, "nomad")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_command_line_job_variables_win_on_every_deployment(
+    variant: str, variants: dict[str, Any], project_settings: Any
+) -> None:
+    """`prefect deploy --all` ignores --job-variable; the render command applies it."""
+    image = "registry.example/visionloop:1.2"
+    document = yaml.safe_load(
+        render_cli(variant, "--job-variable", f"image={image}", "--job-variable", "x=a=b")
+    )
+    for deployment, before in zip(document["deployments"], variants[variant]["deployments"]):
+        assert deployment["work_pool"]["job_variables"] == {
+            **before["work_pool"]["job_variables"],
+            "image": image,
+            "x": "a=b",
+        }
+    result = CliRunner().invoke(recipes.deployments_app, ["render", variant, "--job-variable", "x"])
+    assert result.exit_code == 2 and "KEY=VALUE" in result.output
+
+
+def test_deploy_registers_the_rendered_file_from_the_project_dir(
+    project_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def fake_run(command: list[str], **kwargs: Any) -> Any:
+        prefect_file = Path(command[command.index("--prefect-file") + 1])
+        calls.append({"command": command, "text": prefect_file.read_text(), **kwargs})
+        return type("Completed", (), {"returncode": 3})()
+
+    monkeypatch.setattr(recipes.subprocess, "run", fake_run)
+    result = CliRunner().invoke(recipes.deployments_app, ["deploy", "kubernetes"])
+    assert result.exit_code == 3  # prefect deploy's own exit status
+    [call] = calls
+    prefect_file = call["command"][call["command"].index("--prefect-file") + 1]
+    assert call["command"] == [
+        *(sys.executable, "-m", "prefect", "--no-prompt", "deploy"),
+        *("--prefect-file", prefect_file, "--all"),
+    ]
+    assert call["cwd"] == ROOT  # entrypoints are relative to it
+    assert call["text"] == render_cli("kubernetes")
+    assert not Path(prefect_file).exists()
+
+
+def test_the_visionloop_command_offers_it(project_settings: Any) -> None:
+    from cli.app import app
+
+    result = CliRunner().invoke(app, ["deployments", "render", "docker"])
+    assert result.exit_code == 0, result.output
+    assert result.output == render_cli("docker")
+
+
+# --- settings -------------------------------------------------------------------------------------
 
 
 def _unknown_settings(names: set[str]) -> list[str]:

@@ -71,16 +71,42 @@ def decide(
 
     old = float(champion["metrics"][primary_metric])
     delta = new - old
-    reasons: list[str] = []
+    better, reasons = _improvement(primary_metric, new, old, margin)
+    drops, class_reasons = _class_drops(
+        challenger, champion, _CLASS_METRIC[primary_metric], tolerance
+    )
+    reasons += class_reasons
+    unseen = _unseen(class_names, challenger, champion)
+    if unseen:
+        reasons.append(f"Not judged per class, no held-out examples: {', '.join(unseen)}.")
+
+    promote = better and not drops
+    reasons.append("Verdict: promote the challenger." if promote else "Verdict: keep the champion.")
+    return GateDecision(promote, reasons, primary_metric, new, old, round(delta, 6), drops)
+
+
+def _improvement(metric: str, new: float, old: float, margin: float) -> tuple[bool, list[str]]:
+    """Whether ``new`` improves on ``old`` by ``margin`` (a tie never does), and why."""
+    delta = new - old
     better = delta > 0 and delta >= margin
     need = f"an improvement of at least {margin:.3f}" if margin > 0 else "an improvement"
-    reasons.append(
-        f"{primary_metric} on the held-out set: challenger {new:.3f} vs champion {old:.3f} "
+    reason = (
+        f"{metric} on the held-out set: challenger {new:.3f} vs champion {old:.3f} "
         f"({delta:+.3f}); promotion needs {need}: {'met' if better else 'not met'}."
     )
+    return better, [reason]
 
-    class_metric = _CLASS_METRIC[primary_metric]
+
+def _class_drops(
+    challenger: Mapping[str, Any],
+    champion: Mapping[str, Any],
+    class_metric: str,
+    tolerance: float,
+) -> tuple[dict[str, float], list[str]]:
+    """The classes whose ``class_metric`` fell by more than ``tolerance`` (class: drop), and
+    why; a class missing from the challenger counts as zero."""
     drops: dict[str, float] = {}
+    reasons: list[str] = []
     for name, old_class in sorted(champion.get("per_class", {}).items()):
         before = float(old_class[class_metric])
         after = float(challenger.get("per_class", {}).get(name, {}).get(class_metric, 0.0))
@@ -92,14 +118,12 @@ def decide(
             )
     if not drops:
         reasons.append(f"No class {class_metric} fell by more than the {tolerance:.3f} tolerance.")
-    unseen = [
-        n
-        for n in class_names
-        if n not in champion.get("per_class", {}) and n not in challenger.get("per_class", {})
-    ]
-    if unseen:
-        reasons.append(f"Not judged per class, no held-out examples: {', '.join(unseen)}.")
+    return drops, reasons
 
-    promote = better and not drops
-    reasons.append("Verdict: promote the challenger." if promote else "Verdict: keep the champion.")
-    return GateDecision(promote, reasons, primary_metric, new, old, round(delta, 6), drops)
+
+def _unseen(
+    class_names: Sequence[str], challenger: Mapping[str, Any], champion: Mapping[str, Any]
+) -> list[str]:
+    """Classes neither evaluation has an example of in the held-out set."""
+    judged = set(champion.get("per_class", {})) | set(challenger.get("per_class", {}))
+    return [name for name in class_names if name not in judged]

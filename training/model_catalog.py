@@ -1,7 +1,8 @@
 """The registered model's versions as a person compares them: aliases, metrics and training data.
 
-MLflow owns all of it (ARCHITECTURE.md, "Where each fact lives"): versions and aliases from the registry,
-metrics and the training snapshot's hash from each version's run, read on every call.
+MLflow owns all of it (ARCHITECTURE.md, "Where each fact lives"): versions and aliases from
+the registry, metrics and the training snapshot's hash from each version's run, read on every
+call.
 """
 
 from __future__ import annotations

@@ -92,6 +92,9 @@ def _leaks(splits: set[str]) -> bool:
     return "test" in splits and len(splits) > 1
 
 
+_SPLITS = ("train", "val", "test")
+
+
 def profile_entries(
     entries: Sequence[Entry],
     class_names: Sequence[str],
@@ -100,77 +103,98 @@ def profile_entries(
 ) -> dict[str, Any]:
     """The profile of a snapshot; ``fingerprints`` maps image hash to ``fingerprint``."""
     splits = Counter(e.split for e in entries)
-    class_boxes: dict[str, Counter[str]] = {name: Counter() for name in class_names}
-    class_images: Counter[str] = Counter()
-    per_image: list[int] = []
-    widths, heights, areas, aspect = [], [], [], []
-    size_buckets: Counter[str] = Counter()
-    image_sizes: Counter[str] = Counter()
-    duplicate_boxes = 0
-    for entry in entries:
-        img = entry.image
-        per_image.append(len(img.boxes))
-        image_sizes[f"{img.width}x{img.height}"] += 1
-        duplicate_boxes += len(img.boxes) - len(set(img.boxes))
-        for name in {class_names[b.cls] for b in img.boxes}:
-            class_images[name] += 1
-        for box in img.boxes:
-            class_boxes[class_names[box.cls]][entry.split] += 1
-            widths.append(box.w)
-            heights.append(box.h)
-            areas.append(box.w * box.h)
-            aspect.append(box.w * img.width / (box.h * img.height))
-            pixels = box.w * img.width * box.h * img.height
-            size_buckets[
-                "small" if pixels < _SMALL_AREA else "large" if pixels >= _LARGE_AREA else "medium"
-            ] += 1
-    total_boxes = sum(per_image)
-
-    # Near-duplicates: ingest already drops byte-identical files, so what is left is re-encodes
-    # and re-shoots of one scene; a group spanning test and train leaks the held-out set.
-    by_hash = {e.image.image_hash: e for e in entries}
-    dup_groups = [
-        [by_hash[h] for h in group]
-        for group in near_duplicate_groups({h: f for h, f in fingerprints.items() if h in by_hash})
-    ]
+    per_image = [len(e.image.boxes) for e in entries]
     return {
         "images": len(entries),
-        "splits": {split: splits.get(split, 0) for split in ("train", "val", "test")},
-        "boxes": total_boxes,
+        "splits": {split: splits.get(split, 0) for split in _SPLITS},
+        "boxes": sum(per_image),
         "background_images": sum(1 for n in per_image if n == 0),
-        "class_balance": {
-            name: {
-                "boxes": sum(counts.values()),
-                "images": class_images.get(name, 0),
-                "share": round(sum(counts.values()) / total_boxes, 6) if total_boxes else 0.0,
-                "by_split": {split: counts.get(split, 0) for split in ("train", "val", "test")},
-            }
-            for name, counts in class_boxes.items()
-        },
+        "class_balance": _class_balance(entries, class_names),
         "boxes_per_image": {
             **(_stats([float(n) for n in per_image]) or {}),
             "histogram": {
                 str(k): v for k, v in sorted(Counter(min(n, 5) for n in per_image).items())
             },
         },
-        "box_sizes": {
-            "width": _stats(widths),
-            "height": _stats(heights),
-            "area": _stats(areas),
-            "aspect_ratio": _stats(aspect),
-            "coco_size": {k: size_buckets.get(k, 0) for k in ("small", "medium", "large")},
-        },
-        "image_sizes": {
-            "width": _stats([float(e.image.width) for e in entries]),
-            "height": _stats([float(e.image.height) for e in entries]),
-            "most_common": [{"size": s, "images": n} for s, n in image_sizes.most_common(5)],
-        },
-        "duplicates": {
-            "near_duplicate_groups": len(dup_groups),
-            "near_duplicate_images": sum(len(g) - 1 for g in dup_groups),
-            "groups_across_test": sum(1 for g in dup_groups if _leaks({e.split for e in g})),
-            "examples": [sorted(e.image.image_hash for e in g)[:5] for g in dup_groups[:5]],
-            "duplicate_boxes": duplicate_boxes,
-        },
+        "box_sizes": _box_sizes(entries),
+        "image_sizes": _image_sizes(entries),
+        "duplicates": _duplicates(entries, fingerprints),
         "dropped_boxes": dict(Counter(dropped_labels)),
+    }
+
+
+def _class_balance(entries: Sequence[Entry], class_names: Sequence[str]) -> dict[str, Any]:
+    """Per class: its boxes (in all and per split), the images showing it, its share of boxes."""
+    class_boxes: dict[str, Counter[str]] = {name: Counter() for name in class_names}
+    class_images: Counter[str] = Counter()
+    for entry in entries:
+        boxes = entry.image.boxes
+        for name in {class_names[b.cls] for b in boxes}:
+            class_images[name] += 1
+        for box in boxes:
+            class_boxes[class_names[box.cls]][entry.split] += 1
+    total_boxes = sum(sum(counts.values()) for counts in class_boxes.values())
+    return {
+        name: {
+            "boxes": sum(counts.values()),
+            "images": class_images.get(name, 0),
+            "share": round(sum(counts.values()) / total_boxes, 6) if total_boxes else 0.0,
+            "by_split": {split: counts.get(split, 0) for split in _SPLITS},
+        }
+        for name, counts in class_boxes.items()
+    }
+
+
+def _size_bucket(pixels: float) -> str:
+    return "small" if pixels < _SMALL_AREA else "large" if pixels >= _LARGE_AREA else "medium"
+
+
+def _box_sizes(entries: Sequence[Entry]) -> dict[str, Any]:
+    """Box width, height and area (fractions of the image), aspect ratio (in pixels) and COCO
+    size bucket (on the original image's pixels)."""
+    widths, heights, areas, aspect = [], [], [], []
+    size_buckets: Counter[str] = Counter()
+    for entry in entries:
+        img = entry.image
+        for box in img.boxes:
+            widths.append(box.w)
+            heights.append(box.h)
+            areas.append(box.w * box.h)
+            aspect.append(box.w * img.width / (box.h * img.height))
+            size_buckets[_size_bucket(box.w * img.width * box.h * img.height)] += 1
+    return {
+        "width": _stats(widths),
+        "height": _stats(heights),
+        "area": _stats(areas),
+        "aspect_ratio": _stats(aspect),
+        "coco_size": {k: size_buckets.get(k, 0) for k in ("small", "medium", "large")},
+    }
+
+
+def _image_sizes(entries: Sequence[Entry]) -> dict[str, Any]:
+    image_sizes = Counter(f"{e.image.width}x{e.image.height}" for e in entries)
+    return {
+        "width": _stats([float(e.image.width) for e in entries]),
+        "height": _stats([float(e.image.height) for e in entries]),
+        "most_common": [{"size": s, "images": n} for s, n in image_sizes.most_common(5)],
+    }
+
+
+def _duplicates(entries: Sequence[Entry], fingerprints: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Near-duplicate images and boxes repeated within one image.
+
+    Ingest already drops byte-identical files, so what is left is re-encodes and re-shoots of
+    one scene; a group spanning test and train leaks the held-out set.
+    """
+    by_hash = {e.image.image_hash: e for e in entries}
+    dup_groups = [
+        [by_hash[h] for h in group]
+        for group in near_duplicate_groups({h: f for h, f in fingerprints.items() if h in by_hash})
+    ]
+    return {
+        "near_duplicate_groups": len(dup_groups),
+        "near_duplicate_images": sum(len(g) - 1 for g in dup_groups),
+        "groups_across_test": sum(1 for g in dup_groups if _leaks({e.split for e in g})),
+        "examples": [sorted(e.image.image_hash for e in g)[:5] for g in dup_groups[:5]],
+        "duplicate_boxes": sum(len(e.image.boxes) - len(set(e.image.boxes)) for e in entries),
     }

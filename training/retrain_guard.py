@@ -7,6 +7,9 @@ asks Prefect about the holder's flow run (Prefect owns that fact): once the flow
 (crashed, cancelled, failed, or gone) the holder is marked failed and the guard released.
 Prefect's own global concurrency limit (see ``flows/retrain.py``) queues retrains in front of
 this guard; the guard is what still holds when that limit is bypassed or its lease lapses.
+
+Each function takes the caller's session but commits its own changes at once: the run rows
+are how processes coordinate, so a half-held guard must never wait on a caller's transaction.
 """
 
 from __future__ import annotations
@@ -17,11 +20,9 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import update
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import select
+from sqlmodel import Session, select
 
-from visionloop.db import get_engine, session_scope
 from visionloop.models import RetrainingRun, RetrainStatus
 from visionloop.settings import Settings
 
@@ -48,68 +49,87 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def create_run(trigger: str, reason: str = "", engine: Engine | None = None) -> RetrainingRun:
+def _commit(session: Session) -> None:
+    """Commit at once: a run row is how processes coordinate, so another process must see a
+    change now, not when the caller's transaction ends. A refused commit leaves the session
+    usable (rolled back) for the caller's next step."""
+    try:
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+
+
+def _fresh(session: Session, run_id: int) -> RetrainingRun | None:
+    # Read from the database, not the session's identity map: another process may have
+    # changed the row (released the guard, failed the run) since this session loaded it.
+    return session.get(RetrainingRun, run_id, populate_existing=True)
+
+
+def create_run(session: Session, trigger: str, reason: str = "") -> RetrainingRun:
     """A pending retraining run: a request the API or the conditions record before launching."""
-    with session_scope(engine) as session:
-        run = RetrainingRun(trigger=trigger, reason=reason)
-        session.add(run)
+    run = RetrainingRun(trigger=trigger, reason=reason)
+    session.add(run)
+    _commit(session)
     return run
 
 
-def current_holder(engine: Engine | None = None) -> RetrainingRun | None:
-    with session_scope(engine) as session:
-        return session.exec(select(RetrainingRun).where(RetrainingRun.active_lock == LOCK)).first()
+def current_holder(session: Session) -> RetrainingRun | None:
+    query = select(RetrainingRun).where(RetrainingRun.active_lock == LOCK)
+    return session.exec(query.execution_options(populate_existing=True)).first()
 
 
-def holds(run_id: int, engine: Engine | None = None) -> bool:
-    with session_scope(engine) as session:
-        run = session.get(RetrainingRun, run_id)
-        return run is not None and run.active_lock == LOCK
+def holds(session: Session, run_id: int) -> bool:
+    run = _fresh(session, run_id)
+    return run is not None and run.active_lock == LOCK
 
 
-def update_run(run_id: int, engine: Engine | None = None, **fields: Any) -> RetrainingRun:
-    with session_scope(engine) as session:
-        run = session.get(RetrainingRun, run_id)
-        if run is None:
-            raise LookupError(f"no retraining run {run_id}")
-        for name, value in fields.items():
-            setattr(run, name, value)
-        session.add(run)
+def update_run(session: Session, run_id: int, **fields: Any) -> RetrainingRun:
+    """Set ``fields`` on run ``run_id`` and commit them (see ``_commit``)."""
+    run = _fresh(session, run_id)
+    if run is None:
+        raise LookupError(f"no retraining run {run_id}")
+    for name, value in fields.items():
+        setattr(run, name, value)
+    session.add(run)
+    _commit(session)
     return run
+
+
+def _require_pending(session: Session, run_id: int) -> None:
+    existing = _fresh(session, run_id)
+    if existing is None:
+        raise LookupError(f"no retraining run {run_id}")
+    if existing.status != RetrainStatus.pending:
+        raise ValueError(
+            f"retraining run {run_id} is {RetrainStatus(existing.status).value}, not pending"
+        )
 
 
 def acquire(
     settings: Settings,
+    session: Session,
     *,
     trigger: str,
     reason: str = "",
     flow_run_id: str | None = None,
     run_id: int | None = None,
-    engine: Engine | None = None,
 ) -> RetrainingRun:
     """Take the guard for run ``run_id`` (a pending row) or for a new run; ``RetrainBusy`` if held.
 
-    A refused run is recorded as cancelled, with the holder named in its error.
+    A refused run is recorded as cancelled, with the holder named in its error. Every step
+    commits on its own (see ``_commit``): the guard is only a guard once others can see it.
     """
-    engine = engine or get_engine()
     if run_id is None:
-        run_id = create_run(trigger, reason, engine).id
+        run_id = create_run(session, trigger, reason).id
     else:
-        with session_scope(engine) as session:
-            existing = session.get(RetrainingRun, run_id)
-            if existing is None:
-                raise LookupError(f"no retraining run {run_id}")
-            if existing.status != RetrainStatus.pending:
-                raise ValueError(
-                    f"retraining run {run_id} is {RetrainStatus(existing.status).value}, "
-                    "not pending"
-                )
+        _require_pending(session, run_id)
     assert run_id is not None
     for _ in range(3):
         try:
             return update_run(
+                session,
                 run_id,
-                engine,
                 active_lock=LOCK,
                 status=RetrainStatus.running,
                 started_at=_now(),
@@ -117,12 +137,12 @@ def acquire(
                 error=None,
             )
         except IntegrityError:
-            holder = current_holder(engine)
-            if holder is not None and reconcile(settings, engine) is None:
+            holder = current_holder(session)
+            if holder is not None and reconcile(settings, session) is None:
                 busy = RetrainBusy(holder)
                 update_run(
+                    session,
                     run_id,
-                    engine,
                     status=RetrainStatus.cancelled,
                     finished_at=_now(),
                     error=str(busy),
@@ -133,16 +153,16 @@ def acquire(
 
 
 def release(
+    session: Session,
     run_id: int,
     *,
     status: RetrainStatus,
     error: str | None = None,
-    engine: Engine | None = None,
     **fields: Any,
 ) -> RetrainingRun:
-    """Finish run ``run_id`` with ``status`` and free the guard in one update."""
+    """Finish run ``run_id`` with ``status`` and free the guard in one committed update."""
     return update_run(
-        run_id, engine, status=status, error=error, finished_at=_now(), active_lock=None, **fields
+        session, run_id, status=status, error=error, finished_at=_now(), active_lock=None, **fields
     )
 
 
@@ -163,7 +183,7 @@ def flow_run_outcome(flow_run_id: str) -> str | None:
     return f"its Prefect flow run {flow_run_id} ended {state.name}{message}"
 
 
-def reconcile(settings: Settings, engine: Engine | None = None) -> RetrainingRun | None:
+def reconcile(settings: Settings, session: Session) -> RetrainingRun | None:
     """Make the guard agree with Prefect; returns the holder it failed, if any.
 
     The guard's holder is failed and released once its flow run is over. A holder without a
@@ -171,21 +191,8 @@ def reconcile(settings: Settings, engine: Engine | None = None) -> RetrainingRun
     ended before taking the guard (it crashed at start, or was cancelled while queued) are
     failed as well, so a request never waits forever.
     """
-    engine = engine or get_engine()
-    with session_scope(engine) as session:
-        pending = session.exec(
-            select(RetrainingRun).where(
-                RetrainingRun.status == RetrainStatus.pending,
-                RetrainingRun.prefect_flow_run_id.is_not(None),
-            )
-        ).all()
-    for run in pending:
-        outcome = flow_run_outcome(run.prefect_flow_run_id)
-        if outcome is not None:
-            # Only if it is still pending: it may have taken the guard since we looked.
-            _fail_pending(run.id, f"the retrain never started: {outcome}", engine)
-
-    holder = current_holder(engine)
+    _fail_pending_that_never_started(session)
+    holder = current_holder(session)
     if holder is None or not holder.prefect_flow_run_id:
         return None
     outcome = flow_run_outcome(holder.prefect_flow_run_id)
@@ -193,22 +200,35 @@ def reconcile(settings: Settings, engine: Engine | None = None) -> RetrainingRun
         return None
     log.warning("retraining run %s held the retrain guard but %s; releasing it", holder.id, outcome)
     return fail_run(
-        settings, holder.id, f"the retrain stopped without finishing: {outcome}", engine
+        settings, session, holder.id, f"the retrain stopped without finishing: {outcome}"
     )
 
 
-def _fail_pending(run_id: int, error: str, engine: Engine) -> None:
-    with session_scope(engine) as session:
+def _fail_pending_that_never_started(session: Session) -> None:
+    pending = session.exec(
+        select(RetrainingRun).where(
+            RetrainingRun.status == RetrainStatus.pending,
+            RetrainingRun.prefect_flow_run_id.is_not(None),
+        )
+    ).all()
+    for run in pending:
+        outcome = flow_run_outcome(run.prefect_flow_run_id)
+        if outcome is None:
+            continue
+        # Only if it is still pending: it may have taken the guard since we looked.
         session.exec(  # type: ignore[call-overload]
             update(RetrainingRun)
-            .where(RetrainingRun.id == run_id, RetrainingRun.status == RetrainStatus.pending)
-            .values(status=RetrainStatus.failed, error=error, finished_at=_now())
+            .where(RetrainingRun.id == run.id, RetrainingRun.status == RetrainStatus.pending)
+            .values(
+                status=RetrainStatus.failed,
+                error=f"the retrain never started: {outcome}",
+                finished_at=_now(),
+            )
         )
+        _commit(session)
 
 
-def fail_run(
-    settings: Settings, run_id: int, error: str, engine: Engine | None = None
-) -> RetrainingRun:
+def fail_run(settings: Settings, session: Session, run_id: int, error: str) -> RetrainingRun:
     """Mark a run failed and release the guard; undo what it left half done.
 
     A failed run never promotes: if the champion alias already points at this run's model
@@ -216,13 +236,19 @@ def fail_run(
     Its MLflow run, if still RUNNING (a killed process cannot end it), is ended FAILED.
     Cleanup failures are added to the error, never raised: the guard is released regardless.
     """
-    from visionloop.registry import CHAMPION, PREVIOUS, client, get_alias, set_alias
-
-    engine = engine or get_engine()
-    with session_scope(engine) as session:
-        run = session.get(RetrainingRun, run_id)
+    run = _fresh(session, run_id)
     if run is None:
         raise LookupError(f"no retraining run {run_id}")
+    notes = _undo_half_done(settings, run, error)
+    full_error = error + (f" ({'; '.join(notes)})" if notes else "")
+    return release(session, run_id, status=RetrainStatus.failed, error=full_error, promoted=False)
+
+
+def _undo_half_done(settings: Settings, run: RetrainingRun, error: str) -> list[str]:
+    """Move the champion back from ``run``'s version and end its MLflow run; returns notes on
+    what was done or could not be."""
+    from visionloop.registry import CHAMPION, PREVIOUS, client, get_alias, set_alias
+
     notes: list[str] = []
     try:
         champion = get_alias(settings, CHAMPION) if run.model_version else None
@@ -238,7 +264,4 @@ def fail_run(
                 mlflow.set_terminated(run.mlflow_run_id, status="FAILED")
     except Exception as exc:
         notes.append(f"cleanup incomplete: {type(exc).__name__}: {exc}")
-    full_error = error + (f" ({'; '.join(notes)})" if notes else "")
-    return release(
-        run_id, status=RetrainStatus.failed, error=full_error, engine=engine, promoted=False
-    )
+    return notes

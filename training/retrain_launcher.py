@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
+from sqlmodel import Session
 
 from training.gate import DEFAULT_PRIMARY_METRIC
 from training.retrain_guard import create_run, update_run
@@ -51,7 +52,12 @@ def deployment_parameters(params: RetrainParams) -> dict[str, object]:
 
 
 def launch_retrain(
-    settings: Settings, *, trigger: str, reason: str, retraining_run_id: int | None = None
+    session: Session,
+    settings: Settings,
+    *,
+    trigger: str,
+    reason: str,
+    retraining_run_id: int | None = None,
 ) -> LaunchedRetrain:
     """Record (or pick up) a pending retraining run and hand it to the retrain deployment.
 
@@ -60,13 +66,15 @@ def launch_retrain(
     """
     from prefect.deployments import run_deployment
 
-    run_id = retraining_run_id or create_run(trigger, reason).id
-    params = RetrainParams(trigger=trigger, reason=reason, retraining_run_id=run_id)
+    if retraining_run_id is None:
+        retraining_run_id = create_run(session, trigger, reason).id
+    assert retraining_run_id is not None
+    params = RetrainParams(trigger=trigger, reason=reason, retraining_run_id=retraining_run_id)
     flow_run = run_deployment(
         RETRAIN_DEPLOYMENT,
         parameters=deployment_parameters(params),
         timeout=0,  # do not wait: training takes minutes to hours
-        tags=[f"retraining-run:{run_id}", f"trigger:{trigger}"],
+        tags=[f"retraining-run:{retraining_run_id}", f"trigger:{trigger}"],
     )
-    update_run(run_id, prefect_flow_run_id=str(flow_run.id))
-    return LaunchedRetrain(run_id, str(flow_run.id))
+    update_run(session, retraining_run_id, prefect_flow_run_id=str(flow_run.id))
+    return LaunchedRetrain(retraining_run_id, str(flow_run.id))

@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy.engine import Engine
-from sqlmodel import col, func, select
+from sqlmodel import Session, col, func, select
 
 from training.retrain_guard import RetrainBusy, create_run, current_holder, reconcile, update_run
-from training.retrain_launcher import LaunchedRetrain
-from visionloop.db import get_engine, session_scope
+from training.retrain_launcher import RETRAIN_DEPLOYMENT, LaunchedRetrain
 from visionloop.events import EventKind, emit
 from visionloop.models import ActivityEvent, RetrainingRun, RetrainStatus
 from visionloop.settings import Settings
@@ -57,42 +55,49 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def launched_pending(engine: Engine | None = None) -> RetrainingRun | None:
+def launched_pending(session: Session) -> RetrainingRun | None:
     """The oldest request handed to Prefect that has not taken the guard yet."""
-    with session_scope(engine) as session:
-        return session.exec(
-            select(RetrainingRun)
-            .where(
-                RetrainingRun.status == RetrainStatus.pending,
-                col(RetrainingRun.prefect_flow_run_id).is_not(None),
-            )
-            .order_by(col(RetrainingRun.id))
-            .limit(1)
-        ).first()
+    return session.exec(
+        select(RetrainingRun)
+        .where(
+            RetrainingRun.status == RetrainStatus.pending,
+            col(RetrainingRun.prefect_flow_run_id).is_not(None),
+        )
+        .order_by(col(RetrainingRun.id))
+        .limit(1)
+    ).first()
 
 
-def blocking_run(settings: Settings, engine: Engine | None = None) -> RetrainingRun | None:
+def blocking_run(session: Session, settings: Settings) -> RetrainingRun | None:
     """The run that keeps a new retrain from starting, after reconciling with Prefect."""
-    reconcile(settings, engine)
-    return current_holder(engine) or launched_pending(engine)
+    reconcile(settings, session)
+    return current_holder(session) or launched_pending(session)
 
 
 def request_retrain(
-    settings: Settings, reason: str, launcher: Callable[..., LaunchedRetrain]
+    session: Session, settings: Settings, reason: str, launcher: Callable[..., LaunchedRetrain]
 ) -> LaunchedRetrain:
-    """Record a manual request and start the retrain deployment for it; ``RetrainBusy`` if one runs."""
+    """Record a manual request and start the retrain deployment for it; ``RetrainBusy`` if one
+    runs. ``launcher`` is ``launch_retrain`` or a stand-in with its signature."""
     with _request_lock:
-        busy = blocking_run(settings)
+        busy = blocking_run(session, settings)
         if busy is not None:
             raise RetrainBusy(busy)
-        run = create_run(MANUAL, reason)
+        run = create_run(session, MANUAL, reason)
         assert run.id is not None
         try:
-            launched = launcher(settings, trigger=MANUAL, reason=reason, retraining_run_id=run.id)
+            launched = launcher(
+                session, settings, trigger=MANUAL, reason=reason, retraining_run_id=run.id
+            )
         except Exception as exc:
             # Cancelled, not failed: a request that never started must not start the cooldown.
-            error = f"could not start the Prefect deployment retrain/retrain: {type(exc).__name__}: {exc}"
-            update_run(run.id, status=RetrainStatus.cancelled, finished_at=_now(), error=error)
+            error = (
+                f"could not start the Prefect deployment {RETRAIN_DEPLOYMENT}: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            update_run(
+                session, run.id, status=RetrainStatus.cancelled, finished_at=_now(), error=error
+            )
             raise LaunchFailed(error) from exc
     emit(
         EventKind.RETRAIN_REQUESTED,
@@ -107,26 +112,23 @@ def request_retrain(
     return launched
 
 
-def _progress(run_id: int, engine: Engine | None = None, scan: int = 500) -> Progress:
-    """The run's latest stage and epoch, from its activity events (the newest ``scan`` of each kind)."""
-    stage: str | None = None
-    epoch: dict[str, Any] | None = None
-    with session_scope(engine) as session:
-        for kind in (EventKind.RETRAIN_STAGE, EventKind.TRAINING_EPOCH):
-            rows = session.exec(
-                select(ActivityEvent)
-                .where(ActivityEvent.kind == kind.value)
-                .order_by(col(ActivityEvent.id).desc())
-                .limit(scan)
-            )
-            for event in rows:
-                if event.payload.get("retraining_run_id") != run_id:
-                    continue
-                if kind == EventKind.RETRAIN_STAGE:
-                    stage = event.payload.get("stage")
-                else:
-                    epoch = event.payload
-                break
+def _latest_payload(
+    session: Session, kind: EventKind, run_id: int, scan: int
+) -> dict[str, Any] | None:
+    """The payload of the newest ``kind`` event about run ``run_id`` among the newest ``scan``."""
+    rows = session.exec(
+        select(ActivityEvent)
+        .where(ActivityEvent.kind == kind.value)
+        .order_by(col(ActivityEvent.id).desc())
+        .limit(scan)
+    )
+    return next((e.payload for e in rows if e.payload.get("retraining_run_id") == run_id), None)
+
+
+def _progress(session: Session, run_id: int, scan: int = 500) -> Progress:
+    """The run's latest stage and epoch, from its activity events."""
+    stage = _latest_payload(session, EventKind.RETRAIN_STAGE, run_id, scan)
+    epoch = _latest_payload(session, EventKind.TRAINING_EPOCH, run_id, scan)
     not_metrics = ("epoch", "epochs", "retraining_run_id", "snapshot_id")
     metrics = {
         k: float(v)
@@ -134,55 +136,54 @@ def _progress(run_id: int, engine: Engine | None = None, scan: int = 500) -> Pro
         if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in not_metrics
     }
     return Progress(
-        stage=stage,
+        stage=stage.get("stage") if stage else None,
         epoch=int(epoch["epoch"]) if epoch else None,
         epochs=int(epoch["epochs"]) if epoch else None,
         metrics=metrics,
     )
 
 
-def retraining_status(settings: Settings, engine: Engine | None = None) -> RetrainingStatus:
+def _last_finished(session: Session) -> RetrainingRun | None:
+    return session.exec(
+        select(RetrainingRun)
+        .where(col(RetrainingRun.status).in_(FINISHED), col(RetrainingRun.finished_at).is_not(None))
+        .order_by(col(RetrainingRun.finished_at).desc(), col(RetrainingRun.id).desc())
+        .limit(1)
+    ).first()
+
+
+def retraining_status(session: Session, settings: Settings) -> RetrainingStatus:
     reconcile_error = None
     try:
-        reconcile(settings, engine)
+        reconcile(settings, session)
     except Exception as exc:
         reconcile_error = f"could not reconcile with Prefect: {type(exc).__name__}: {exc}"
         log.warning(reconcile_error)
-    holder = current_holder(engine)
-    current = holder or launched_pending(engine)
-    with session_scope(engine) as session:
-        last = session.exec(
-            select(RetrainingRun)
-            .where(
-                col(RetrainingRun.status).in_(FINISHED), col(RetrainingRun.finished_at).is_not(None)
-            )
-            .order_by(col(RetrainingRun.finished_at).desc(), col(RetrainingRun.id).desc())
-            .limit(1)
-        ).first()
+    holder = current_holder(session)
+    current = holder or launched_pending(session)
     state = "running" if holder else "queued" if current else "idle"
     progress = (
-        _progress(current.id, engine) if current is not None and current.id is not None else None
+        _progress(session, current.id) if current is not None and current.id is not None else None
     )
-    return RetrainingStatus(state, current, progress, last, reconcile_error)
+    return RetrainingStatus(state, current, progress, _last_finished(session), reconcile_error)
 
 
 def retraining_history(
+    session: Session,
     *,
     limit: int,
     offset: int,
     status: str | None = None,
     trigger: str | None = None,
-    engine: Engine | None = None,
 ) -> tuple[int, list[RetrainingRun]]:
     """A page of retraining runs, newest first, and how many match in all."""
-    with session_scope(engine or get_engine()) as session:
-        query = select(RetrainingRun)
-        if status:
-            query = query.where(RetrainingRun.status == status)
-        if trigger:
-            query = query.where(RetrainingRun.trigger == trigger)
-        total = session.exec(select(func.count()).select_from(query.subquery())).one()
-        rows = session.exec(
-            query.order_by(col(RetrainingRun.id).desc()).offset(offset).limit(limit)
-        ).all()
+    query = select(RetrainingRun)
+    if status:
+        query = query.where(RetrainingRun.status == status)
+    if trigger:
+        query = query.where(RetrainingRun.trigger == trigger)
+    total = session.exec(select(func.count()).select_from(query.subquery())).one()
+    rows = session.exec(
+        query.order_by(col(RetrainingRun.id).desc()).offset(offset).limit(limit)
+    ).all()
     return int(total), list(rows)

@@ -19,11 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
-from sqlalchemy.engine import Engine
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from training.snapshots import SnapshotError, read_manifest
-from visionloop.db import session_scope
 from visionloop.formats import SPLITS, data_yaml
 from visionloop.models import DatasetSnapshot
 from visionloop.settings import Settings
@@ -56,25 +54,30 @@ class Export:
             self.body.close()
 
 
-def snapshot_for_export(snapshot_id: int | None, engine: Engine | None = None) -> DatasetSnapshot:
+def snapshot_for_export(session: Session, snapshot_id: int | None) -> DatasetSnapshot:
     """Snapshot ``snapshot_id``, or the newest training (or bootstrap) snapshot."""
-    with session_scope(engine) as session:
-        if snapshot_id is not None:
-            row = session.get(DatasetSnapshot, snapshot_id)
-            if row is None:
-                raise UnknownSnapshot(f"no dataset snapshot with id {snapshot_id}")
-            return row
-        row = session.exec(
-            select(DatasetSnapshot)
-            .where(col(DatasetSnapshot.kind).in_(EXPORTABLE_KINDS))
-            .order_by(col(DatasetSnapshot.id).desc())
-            .limit(1)
-        ).first()
+    if snapshot_id is not None:
+        row = session.get(DatasetSnapshot, snapshot_id)
+        if row is None:
+            raise UnknownSnapshot(f"no dataset snapshot with id {snapshot_id}")
+        return row
+    row = session.exec(
+        select(DatasetSnapshot)
+        .where(col(DatasetSnapshot.kind).in_(EXPORTABLE_KINDS))
+        .order_by(col(DatasetSnapshot.id).desc())
+        .limit(1)
+    ).first()
     if row is None:
         raise UnknownSnapshot(
-            "there is no dataset snapshot yet; export the reviewed labels first (flow export-labels)"
+            "there is no dataset snapshot yet; export the reviewed labels first "
+            "(flow export-labels)"
         )
     return row
+
+
+def _spool() -> IO[bytes]:
+    """An empty body for an export; the ``Export`` it goes into closes it."""
+    return tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)
 
 
 def _document(settings: Settings, store: ObjectStore, snapshot: DatasetSnapshot, name: str) -> Any:
@@ -115,7 +118,7 @@ def export_snapshot(
     document = _document(settings, store, snapshot, _DOCUMENTS[fmt])
     if snapshot.kind == "holdout":
         document = _only(document, fmt, {item["image_hash"] for item in manifest["images"]})
-    body = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)
+    body = _spool()
     body.write(json.dumps(document).encode())
     body.seek(0)
     return Export(f"{stem}-{fmt}.json", "application/json", body)
@@ -126,7 +129,7 @@ def _yolo_zip(
 ) -> IO[bytes]:
     items = manifest["images"]
     present = [split for split in SPLITS if any(item["split"] == split for item in items)]
-    body = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)
+    body = _spool()
 
     def fetch(item: dict[str, Any]) -> tuple[dict[str, Any], bytes, bytes]:
         get = lambda key: store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + key)  # noqa: E731

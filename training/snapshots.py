@@ -31,23 +31,20 @@ import numpy as np
 import yaml
 from PIL import Image as PILImage
 from sqlalchemy import update
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from training.profile import fingerprint, profile_entries
-from visionloop.db import get_engine, session_scope
+from visionloop.boxes import LabelError, normalise_boxes
 from visionloop.events import EventKind, emit
 from visionloop.formats import (
     Entry,
     LabeledImage,
-    LabelError,
     SplitPolicy,
     assign_splits,
     build_manifest,
     data_yaml,
     manifest_hash,
-    normalise_boxes,
     to_coco,
     to_label_studio,
 )
@@ -101,7 +98,7 @@ def _size_of(data: bytes) -> tuple[int, int]:
 
 
 def reviewed_sources(
-    settings: Settings, store: ObjectStore, engine: Engine
+    settings: Settings, store: ObjectStore, session: Session
 ) -> tuple[list[Source], list[str], dict[str, str]]:
     """Every reviewed label as a snapshot source; also the box labels the class map dropped
     and the images left out, with why (one bad row must not block every retrain).
@@ -109,10 +106,9 @@ def reviewed_sources(
     All verdicts are exported: the reviewed boxes are the truth whether the champion's
     pre-annotation was accepted, corrected or rejected (no boxes means background).
     """
-    with session_scope(engine) as session:
-        rows = session.exec(
-            select(ReviewedLabel, Image).join(Image, ReviewedLabel.image_id == Image.id)
-        ).all()
+    rows = session.exec(
+        select(ReviewedLabel, Image).join(Image, ReviewedLabel.image_id == Image.id)
+    ).all()
     sources: list[Source] = []
     dropped: list[str] = []
     skipped: dict[str, str] = {}
@@ -166,25 +162,42 @@ def yolo_folder_sources(data_yaml_path: Path, class_names: Sequence[str]) -> lis
 # --- writing snapshots ------------------------------------------------------------------------
 
 
+_MISSING_IMAGE = "the image object is missing from the store"
+
+
+@dataclass(frozen=True)
+class _Described:
+    """What a snapshot of some sources would be: its entries, manifest and manifest hash."""
+
+    entries: list[Entry]
+    manifest: dict[str, Any]
+    digest: str
+
+
 def _prefix(digest: str) -> str:
     return f"{SNAPSHOT_ROOT}/{digest}/"
 
 
-def _find(engine: Engine, digest: str) -> DatasetSnapshot | None:
-    with session_scope(engine) as session:
-        return session.exec(
-            select(DatasetSnapshot).where(DatasetSnapshot.manifest_hash == digest)
-        ).first()
+def _find(session: Session, digest: str) -> DatasetSnapshot | None:
+    return session.exec(
+        select(DatasetSnapshot).where(DatasetSnapshot.manifest_hash == digest)
+    ).first()
 
 
-def _insert(engine: Engine, row: DatasetSnapshot) -> DatasetSnapshot:
-    """Insert ``row`` unless another exporter of the same content got there first."""
+def _insert(session: Session, row: DatasetSnapshot) -> DatasetSnapshot:
+    """Insert ``row`` unless another exporter of the same content got there first.
+
+    Commits at once: the snapshot's files are complete, and a concurrent exporter of the
+    same content must find the row rather than write it twice. The unique manifest hash
+    settles a race; the loser rolls back and takes the winner's row.
+    """
     try:
-        with session_scope(engine) as session:
-            session.add(row)
+        session.add(row)
+        session.commit()
         return row
     except IntegrityError:
-        existing = _find(engine, row.manifest_hash)
+        session.rollback()
+        existing = _find(session, row.manifest_hash)
         if existing is None:
             raise
         return existing
@@ -197,8 +210,32 @@ def _counts(entries: Sequence[Entry]) -> dict[str, int]:
     }
 
 
+def _describe(
+    sources: Sequence[Source], class_names: list[str], kind: str, policy: SplitPolicy
+) -> _Described:
+    entries = assign_splits([s.image for s in sources], policy)
+    given = bool(sources) and all(s.image.split for s in sources)
+    manifest = build_manifest(
+        entries,
+        class_names,
+        kind=kind,
+        split_method={"method": "given"} if given else policy.as_dict(),
+    )
+    return _Described(entries, manifest, manifest_hash(manifest))
+
+
+def _available(sources: Sequence[Source]) -> tuple[list[Source], list[str]]:
+    """The sources whose bytes are still in the store, and the hashes of those that are not."""
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        present = list(pool.map(lambda s: s.available(), sources))
+    kept = [s for s, ok in zip(sources, present) if ok]
+    missing = [s.image.image_hash for s, ok in zip(sources, present) if not ok]
+    return kept, missing
+
+
 def materialise(
     settings: Settings,
+    session: Session,
     sources: Sequence[Source],
     *,
     kind: str,
@@ -206,49 +243,47 @@ def materialise(
     dropped: Iterable[str] = (),
     skipped: Mapping[str, str] | None = None,
     store: ObjectStore | None = None,
-    engine: Engine | None = None,
 ) -> tuple[DatasetSnapshot, list[Entry], bool]:
     """Write ``sources`` as a snapshot (or find the identical one); returns row, entries, created.
 
     ``dropped`` (box labels outside the class map) and ``skipped`` (image hash: why it was
-    left out) only go into the profile.
+    left out) only go into the profile. A new snapshot's row is committed (see ``_insert``).
     """
     store = store or ObjectStore(settings)
-    engine = engine or get_engine()
     class_names = list(settings.class_names)
-
-    def describe(chosen: Sequence[Source]) -> tuple[list[Entry], dict[str, Any], str]:
-        entries = assign_splits([s.image for s in chosen], policy)
-        given = bool(chosen) and all(s.image.split for s in chosen)
-        manifest = build_manifest(
-            entries,
-            class_names,
-            kind=kind,
-            split_method={"method": "given"} if given else policy.as_dict(),
-        )
-        return entries, manifest, manifest_hash(manifest)
-
-    entries, manifest, digest = describe(sources)
-    existing = _find(engine, digest)
+    described = _describe(sources, class_names, kind, policy)
+    existing = _find(session, described.digest)
+    if existing is None:
+        # An image whose object is gone (deleted by hand, lost with a bucket) must not stop
+        # every future retrain: leave it out and say so in the profile.
+        sources, missing = _available(sources)
+        skipped = {**(skipped or {}), **dict.fromkeys(missing, _MISSING_IMAGE)}
+        if missing:
+            described = _describe(sources, class_names, kind, policy)
+            existing = _find(session, described.digest)
     if existing is not None:
-        return existing, entries, False
-    # An image whose object is gone (deleted by hand, lost with a bucket) must not stop every
-    # future retrain: leave it out and say so in the profile.
-    with ThreadPoolExecutor(_IO_THREADS) as pool:
-        present = list(pool.map(lambda s: s.available(), sources))
-    missing = [s.image.image_hash for s, ok in zip(sources, present) if not ok]
-    skipped = {
-        **(skipped or {}),
-        **{h: "the image object is missing from the store" for h in missing},
-    }
-    if missing:
-        sources = [s for s, ok in zip(sources, present) if ok]
-        entries, manifest, digest = describe(sources)
-        existing = _find(engine, digest)
-        if existing is not None:
-            return existing, entries, False
+        return existing, described.entries, False
 
-    bucket, prefix = settings.bucket_datasets, _prefix(digest)
+    prefix = _prefix(described.digest)
+    fingerprints = _upload_images(settings, store, prefix, sources, described.entries)
+    profile = profile_entries(described.entries, class_names, fingerprints, dropped) | {
+        "skipped_images": skipped
+    }
+    _upload_documents(settings, store, prefix, described, profile)
+    row = _insert(session, _snapshot_row(described, kind, class_names, profile))
+    _announce(row, profile)
+    return row, described.entries, True
+
+
+def _upload_images(
+    settings: Settings,
+    store: ObjectStore,
+    prefix: str,
+    sources: Sequence[Source],
+    entries: Sequence[Entry],
+) -> dict[str, np.ndarray]:
+    """Every entry's image and label file under ``prefix``; returns image hash: fingerprint."""
+    bucket = settings.bucket_datasets
     by_hash = {s.image.image_hash: s for s in sources}
 
     def upload(entry: Entry) -> np.ndarray:
@@ -265,54 +300,64 @@ def materialise(
         return fingerprint(data)
 
     with ThreadPoolExecutor(_IO_THREADS) as pool:
-        fingerprints = dict(zip((e.image.image_hash for e in entries), pool.map(upload, entries)))
+        return dict(zip((e.image.image_hash for e in entries), pool.map(upload, entries)))
 
-    profile = profile_entries(entries, class_names, fingerprints, dropped) | {
-        "skipped_images": skipped
-    }
+
+def _upload_documents(
+    settings: Settings,
+    store: ObjectStore,
+    prefix: str,
+    described: _Described,
+    profile: dict[str, Any],
+) -> None:
+    """The snapshot's documents, its manifest last (see the module's docstring)."""
+    bucket = settings.bucket_datasets
+    entries, class_names = described.entries, described.manifest["class_names"]
     splits = {"train": "images/train", "val": "images/val", "test": "images/test"}
+    label_studio = to_label_studio(
+        entries, class_names, lambda e: f"s3://{bucket}/{prefix}{e.image_file}"
+    )
     documents: dict[str, tuple[bytes, str]] = {
         "data.yaml": (data_yaml(class_names, splits).encode(), "application/x-yaml"),
         "coco.json": (json.dumps(to_coco(entries, class_names)).encode(), "application/json"),
-        "label-studio.json": (
-            json.dumps(
-                to_label_studio(
-                    entries, class_names, lambda e: f"s3://{bucket}/{prefix}{e.image_file}"
-                )
-            ).encode(),
-            "application/json",
-        ),
+        "label-studio.json": (json.dumps(label_studio).encode(), "application/json"),
         "profile.json": (json.dumps(profile, indent=1).encode(), "application/json"),
+        MANIFEST_FILE: (json.dumps(described.manifest, indent=1).encode(), "application/json"),
     }
+    # In this order, the manifest last: a manifest in the store means every file it lists is there.
     for name, (data, content_type) in documents.items():
         store.put_bytes(bucket, prefix + name, data, content_type)
-    # Last: a manifest in the store means every file it lists is there.
-    store.put_bytes(
-        bucket, prefix + MANIFEST_FILE, json.dumps(manifest, indent=1).encode(), "application/json"
+
+
+def _snapshot_row(
+    described: _Described, kind: str, class_names: list[str], profile: dict[str, Any]
+) -> DatasetSnapshot:
+    prefix = _prefix(described.digest)
+    return DatasetSnapshot(
+        manifest_hash=described.digest,
+        kind=kind,
+        object_prefix=prefix,
+        manifest_key=prefix + MANIFEST_FILE,
+        num_images=len(described.entries),
+        class_names=class_names,
+        profile=profile,
+        **_counts(described.entries),
     )
 
-    row = _insert(
-        engine,
-        DatasetSnapshot(
-            manifest_hash=digest,
-            kind=kind,
-            object_prefix=prefix,
-            manifest_key=prefix + MANIFEST_FILE,
-            num_images=len(entries),
-            class_names=class_names,
-            profile=profile,
-            **_counts(entries),
-        ),
-    )
+
+def _announce(row: DatasetSnapshot, profile: dict[str, Any]) -> None:
     emit(
         EventKind.SNAPSHOT_CREATED,
-        f"{kind} snapshot {digest[:12]}: {len(entries)} images "
+        f"{row.kind} snapshot {row.manifest_hash[:12]}: {row.num_images} images "
         f"({row.num_train} train, {row.num_val} val, {row.num_test} test), "
         f"{profile['boxes']} boxes",
-        {"snapshot_id": row.id, "manifest_hash": digest, "kind": kind, "images": len(entries)},
-        engine=engine,
+        {
+            "snapshot_id": row.id,
+            "manifest_hash": row.manifest_hash,
+            "kind": row.kind,
+            "images": row.num_images,
+        },
     )
-    return row, entries, True
 
 
 def _content_type(suffix: str) -> str:
@@ -327,7 +372,7 @@ def _holdout(
     entries: Sequence[Entry],
     policy: SplitPolicy,
     store: ObjectStore,
-    engine: Engine,
+    session: Session,
 ) -> DatasetSnapshot:
     """The training snapshot's test split as a snapshot of its own (files shared, not copied)."""
     test = [e for e in entries if e.split == "test"]
@@ -335,7 +380,7 @@ def _holdout(
         test, training.class_names, kind="holdout", split_method=policy.as_dict() | {"of": "test"}
     )
     digest = manifest_hash(manifest)
-    existing = _find(engine, digest)
+    existing = _find(session, digest)
     if existing is not None:
         return existing  # same held-out content as an earlier export: judged on the same set
     key = training.object_prefix + HOLDOUT_MANIFEST_FILE
@@ -343,7 +388,7 @@ def _holdout(
         settings.bucket_datasets, key, json.dumps(manifest, indent=1).encode(), "application/json"
     )
     return _insert(
-        engine,
+        session,
         DatasetSnapshot(
             manifest_hash=digest,
             kind="holdout",
@@ -369,10 +414,10 @@ def _require_every_split(total: int, splits: Sequence[str]) -> None:
 
 def export_reviewed_labels(
     settings: Settings,
+    session: Session,
     *,
     policy: SplitPolicy = SplitPolicy(),
     store: ObjectStore | None = None,
-    engine: Engine | None = None,
 ) -> ExportResult:
     """Reviewed labels to a training snapshot and its held-out companion.
 
@@ -380,31 +425,29 @@ def export_reviewed_labels(
     needs the first two, and a challenger cannot be judged without the third.
     """
     store = store or ObjectStore(settings)
-    engine = engine or get_engine()
-    sources, dropped, skipped = reviewed_sources(settings, store, engine)
+    sources, dropped, skipped = reviewed_sources(settings, store, session)
     _require_every_split(len(sources), [policy.split_of(s.image.image_hash) for s in sources])
     training, entries, created = materialise(
         settings,
+        session,
         sources,
         kind="training",
         policy=policy,
         dropped=dropped,
         skipped=skipped,
         store=store,
-        engine=engine,
     )
     _require_every_split(len(entries), [e.split for e in entries])  # images may have gone missing
     return ExportResult(
-        training, _holdout(settings, training, entries, policy, store, engine), created
+        training, _holdout(settings, training, entries, policy, store, session), created
     )
 
 
 # --- reading snapshots ------------------------------------------------------------------------
 
 
-def get_snapshot(snapshot_id: int, engine: Engine | None = None) -> DatasetSnapshot:
-    with session_scope(engine) as session:
-        row = session.get(DatasetSnapshot, snapshot_id)
+def get_snapshot(session: Session, snapshot_id: int) -> DatasetSnapshot:
+    row = session.get(DatasetSnapshot, snapshot_id)
     if row is None:
         raise SnapshotError(f"no dataset snapshot with id {snapshot_id}")
     return row
@@ -481,25 +524,22 @@ def image_hashes(manifest: dict[str, Any]) -> list[str]:
     return [item["image_hash"] for item in manifest["images"]]
 
 
-def mark_labels_used(engine: Engine, hashes: Sequence[str]) -> int:
+def mark_labels_used(session: Session, hashes: Sequence[str]) -> int:
     """Flag these images' reviewed labels as consumed by a retrain (no longer "new" labels)."""
     if not hashes:
         return 0
-    with session_scope(engine) as session:
-        ids = select(Image.id).where(Image.content_hash.in_(list(hashes)))
-        result = session.exec(  # type: ignore[call-overload]
-            update(ReviewedLabel)
-            .where(ReviewedLabel.image_id.in_(ids))
-            .values(used_for_training=True)
-        )
-        return result.rowcount or 0
+    ids = select(Image.id).where(Image.content_hash.in_(list(hashes)))
+    result = session.exec(  # type: ignore[call-overload]
+        update(ReviewedLabel).where(ReviewedLabel.image_id.in_(ids)).values(used_for_training=True)
+    )
+    return result.rowcount or 0
 
 
 def training_snapshot_of(
-    settings: Settings, ref: ModelRef, engine: Engine | None = None
+    settings: Settings, session: Session, ref: ModelRef
 ) -> DatasetSnapshot | None:
     """The snapshot a model version was trained on (drift's reference), from its run's tag."""
     if not ref.run_id:
         return None
     digest = client(settings).get_run(ref.run_id).data.tags.get(SNAPSHOT_HASH_TAG)
-    return _find(engine or get_engine(), digest) if digest else None
+    return _find(session, digest) if digest else None

@@ -67,26 +67,7 @@ def train_yolo(
 
     model = YOLO(model_source)
     epoch_log: list[dict[str, Any]] = []
-
-    def _epoch_end(trainer: Any) -> None:
-        if trainer.epoch + 1 > trainer.epochs:
-            return  # the final validation of best.pt fires this hook once more
-        losses = (
-            trainer.label_loss_items(trainer.tloss, prefix="train")
-            if trainer.tloss is not None
-            else {}
-        )
-        record = {
-            "epoch": trainer.epoch + 1,
-            "epochs": trainer.epochs,
-            **_clean(losses),
-            **_clean(trainer.metrics or {}),
-        }
-        epoch_log.append(record)
-        if on_epoch:
-            on_epoch(record)
-
-    model.add_callback("on_fit_epoch_end", _epoch_end)
+    model.add_callback("on_fit_epoch_end", _epoch_recorder(epoch_log, on_epoch))
     args = dict(
         data=str(data_yaml),
         epochs=epochs,
@@ -105,7 +86,37 @@ def train_yolo(
     )
     args.update(extra_args or {})
     model.train(**args)
-    trainer = model.trainer
+    return _result(model.trainer, epoch_log)
+
+
+def _epoch_recorder(
+    epoch_log: list[dict[str, Any]], on_epoch: EpochCallback | None
+) -> Callable[[Any], None]:
+    """ultralytics' end-of-epoch hook: the epoch's losses and metrics appended to
+    ``epoch_log`` and passed to ``on_epoch``."""
+
+    def epoch_end(trainer: Any) -> None:
+        if trainer.epoch + 1 > trainer.epochs:
+            return  # the final validation of best.pt fires this hook once more
+        losses = (
+            trainer.label_loss_items(trainer.tloss, prefix="train")
+            if trainer.tloss is not None
+            else {}
+        )
+        record = {
+            "epoch": trainer.epoch + 1,
+            "epochs": trainer.epochs,
+            **_clean(losses),
+            **_clean(trainer.metrics or {}),
+        }
+        epoch_log.append(record)
+        if on_epoch:
+            on_epoch(record)
+
+    return epoch_end
+
+
+def _result(trainer: Any, epoch_log: list[dict[str, Any]]) -> TrainResult:
     save_dir = Path(trainer.save_dir)
     best = save_dir / "weights" / "best.pt"
     last = save_dir / "weights" / "last.pt"

@@ -13,6 +13,20 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+DEFAULT_CLASS_NAMES: tuple[str, ...] = ("scratch", "dent", "stain")
+"""The detector's classes when ``VISIONLOOP_CLASS_NAMES`` is not set (the synthetic generator's
+first three defect shapes)."""
+
+# Review selection defaults, shared by the settings and ``labeling.selection.SelectionPolicy``.
+UNCERTAINTY_LOW = 0.4
+"""A box at or above this confidence (and below ``UNCERTAINTY_HIGH``) is uncertain."""
+UNCERTAINTY_HIGH = 0.7
+"""Every box at or above this confidence: the image is confident."""
+LABELING_BUDGET = 50
+"""Images queued for review per selection cycle."""
+AUDIT_RATE = 0.02
+"""Share of confident images sent for review anyway (where a silent failure hides)."""
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -99,7 +113,7 @@ class Settings(BaseSettings):
 
     # --- the model -------------------------------------------------------------------------
     class_names: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["scratch", "dent", "stain"],
+        default_factory=lambda: list(DEFAULT_CLASS_NAMES),
         description="Detector classes, comma separated in the environment.",
     )
     model_yaml: str = Field(
@@ -115,15 +129,16 @@ class Settings(BaseSettings):
     seed: int = Field(default=0)
 
     # --- loop thresholds -------------------------------------------------------------------
-    uncertainty_low: float = Field(default=0.4)
-    uncertainty_high: float = Field(default=0.7)
-    labeling_budget: int = Field(default=50)
+    uncertainty_low: float = Field(default=UNCERTAINTY_LOW)
+    uncertainty_high: float = Field(default=UNCERTAINTY_HIGH)
+    labeling_budget: int = Field(default=LABELING_BUDGET)
     drift_audit_rate: float = Field(
         default=0.5,
         ge=0.0,
         le=1.0,
-        description="Share of confident images sent for review while drift is yellow or red: a drifted "
-        "model is often confidently blind (no box at all), so its confidence cannot choose.",
+        description="Share of confident images sent for review while drift is yellow or red: a "
+        "drifted model is often confidently blind (no box at all), so its confidence cannot "
+        "choose.",
     )
     drift_yellow: float = Field(default=0.3)
     drift_red: float = Field(default=0.7)
@@ -244,7 +259,7 @@ SECRETS_FILE = "secrets.env"
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that recreates ``settings`` in a child process (every value set explicitly)."""
+    """The environment that recreates ``settings`` in a child process (every value explicit)."""
     env = {}
     for name in settings.model_fields_set:
         value = getattr(settings, name)

@@ -33,9 +33,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-DEFAULT_CLASS_NAMES: tuple[str, ...] = ("scratch", "dent", "stain")
-
-Box = tuple[int, float, float, float, float]  # class_id, cx, cy, w, h (normalised)
+from visionloop.boxes import YoloBox, format_yolo_labels
+from visionloop.settings import DEFAULT_CLASS_NAMES
 
 _EMPTY_IMAGE_RATE = 0.05  # background-only images: rare, but a detector must see some
 _MAX_PLACEMENT_TRIES = 12
@@ -77,7 +76,7 @@ class DriftParams:
 @dataclass
 class SyntheticSample:
     image: np.ndarray  # H x W x 3 uint8 RGB
-    boxes: list[Box]
+    boxes: list[YoloBox]
 
 
 # --- surfaces --------------------------------------------------------------------------
@@ -146,83 +145,122 @@ def _rgb(hue: float, saturation: float, value: float) -> np.ndarray:
     return np.asarray(colorsys.hsv_to_rgb(hue, saturation, value), np.float32)[:, None, None]
 
 
+def _draw_scratch(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
+    # A scuff of a few near-parallel strokes: one thin line alone gives a box so narrow that
+    # few detector cells fall inside it, and a tiny model barely learns it.
+    s = float(mask.shape[0])
+    length = rng.uniform(0.22, 0.38) * s
+    angle = rng.integers(2) * math.pi / 2 + rng.uniform(-0.4, 0.4)  # along/across the grain
+    strokes = int(rng.integers(3, 6))
+    spread = rng.uniform(0.1, 0.16) * s
+    t = np.linspace(-0.5, 0.5, 5)
+    for offset in np.linspace(-spread / 2, spread / 2, strokes):
+        bend = rng.uniform(-0.06, 0.06) * length  # scratches are rarely perfectly straight
+        part = rng.uniform(0.7, 1.0)
+        along = t * length * part + rng.uniform(-0.1, 0.1) * length
+        across = offset + bend * (1 - 4 * t**2)
+        xs = cx + along * math.cos(angle) - across * math.sin(angle)
+        ys = cy + along * math.sin(angle) + across * math.cos(angle)
+        pts = np.round(np.stack([xs, ys], axis=1)).astype(np.int32)
+        width = max(2, round(s * rng.uniform(0.012, 0.02)))
+        cv2.polylines(mask, [pts], False, 255, width, cv2.LINE_AA)
+
+
+def _draw_dent(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
+    r = rng.uniform(0.09, 0.15) * mask.shape[0]
+    axes = (round(r), round(r * rng.uniform(0.75, 1.0)))
+    angle = rng.uniform(0, 180)
+    cv2.ellipse(mask, (round(cx), round(cy)), axes, angle, 0, 360, 255, -1, cv2.LINE_AA)
+
+
+def _draw_stain(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
+    r = rng.uniform(0.08, 0.14) * mask.shape[0]
+    for _ in range(rng.integers(4, 8)):
+        ox, oy = rng.uniform(-0.5, 0.5, 2) * r
+        axes = (round(r * rng.uniform(0.4, 0.8)), round(r * rng.uniform(0.3, 0.7)))
+        centre = (round(cx + ox), round(cy + oy))
+        cv2.ellipse(mask, centre, axes, rng.uniform(0, 180), 0, 360, 255, -1, cv2.LINE_AA)
+    sigma = 0.6
+    x, y, w, h = cv2.boundingRect(mask)
+    pad = math.ceil(3 * sigma)  # blur just around the patch: a full-frame blur is slow
+    x0, y0 = max(0, x - pad), max(0, y - pad)
+    roi = mask[y0 : y + h + pad, x0 : x + w + pad]
+    roi[...] = cv2.GaussianBlur(roi, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
+
+
+def _draw_ring(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
+    s = mask.shape[0]
+    r = rng.uniform(0.07, 0.12) * s
+    thickness = max(2, round(0.025 * s))
+    cv2.circle(mask, (round(cx), round(cy)), round(r), 255, thickness, cv2.LINE_AA)
+
+
+def _draw_chip(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
+    r = rng.uniform(0.07, 0.12) * mask.shape[0]
+    n = int(rng.integers(3, 5))
+    angles = rng.uniform(0, 2 * math.pi) + np.arange(n) * (2 * math.pi / n)
+    pts = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], axis=1)
+    cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 255, cv2.LINE_AA)
+
+
+def _draw_cross(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
+    s = mask.shape[0]
+    half, angle = rng.uniform(0.07, 0.12) * s, rng.uniform(0, math.pi / 2)
+    for a in (angle, angle + math.pi / 2):
+        dx, dy = half * math.cos(a), half * math.sin(a)
+        p0, p1 = (round(cx - dx), round(cy - dy)), (round(cx + dx), round(cy + dy))
+        cv2.line(mask, p0, p1, 255, max(2, round(0.028 * s)), cv2.LINE_AA)
+
+
+def _draw_dots(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
+    s = mask.shape[0]
+    spread = rng.uniform(0.06, 0.1) * s
+    for _ in range(rng.integers(5, 9)):
+        ox, oy = rng.uniform(-spread, spread, 2)
+        r = max(1, round(rng.uniform(0.015, 0.025) * s))
+        cv2.circle(mask, (round(cx + ox), round(cy + oy)), r, 255, -1, cv2.LINE_AA)
+
+
+def _draw_crack(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
+    # A jagged walk.
+    s = float(mask.shape[0])
+    step = 0.055 * s
+    heading = rng.uniform(0, 2 * math.pi)
+    pts = [(cx, cy)]
+    for _ in range(rng.integers(5, 8)):
+        heading += rng.uniform(-1.0, 1.0)
+        x, y = pts[-1]
+        pts.append((x + step * math.cos(heading), y + step * math.sin(heading)))
+    arr = np.clip(np.round(pts), 0, s - 1).astype(np.int32)
+    cv2.polylines(mask, [arr], False, 255, max(2, round(0.02 * s)), cv2.LINE_AA)
+
+
+_DRAW_SHAPE: dict[str, Callable[[np.ndarray, np.random.Generator, float, float], None]] = {
+    "scratch": _draw_scratch,
+    "dent": _draw_dent,
+    "stain": _draw_stain,
+    "ring": _draw_ring,
+    "chip": _draw_chip,
+    "cross": _draw_cross,
+    "dots": _draw_dots,
+    "crack": _draw_crack,
+}
+
+
+def _shape_of(class_id: int) -> str:
+    """The shape class ``class_id`` draws: the default classes are named after their shapes,
+    later ids cycle through the extra shapes."""
+    if class_id < len(DEFAULT_CLASS_NAMES):
+        return DEFAULT_CLASS_NAMES[class_id]
+    return _EXTRA_SHAPES[(class_id - len(DEFAULT_CLASS_NAMES)) % len(_EXTRA_SHAPES)]
+
+
 def _draw_mask(class_id: int, rng: np.random.Generator, size: int) -> np.ndarray:
     """The defect's coverage (uint8, 255 = fully covered) at a random place."""
     mask = np.zeros((size, size), np.uint8)
-    s = float(size)
-    margin = 0.12 * s
-    cx, cy = rng.uniform(margin, s - margin, 2)
-    shape = (
-        ("scratch", "dent", "stain")[class_id]
-        if class_id < 3
-        else _EXTRA_SHAPES[(class_id - 3) % len(_EXTRA_SHAPES)]
-    )
-    aa = cv2.LINE_AA
-    if shape == "scratch":
-        # A scuff of a few near-parallel strokes: one thin line alone gives a box so narrow
-        # that few detector cells fall inside it, and a tiny model barely learns it.
-        length = rng.uniform(0.22, 0.38) * s
-        angle = rng.integers(2) * math.pi / 2 + rng.uniform(-0.4, 0.4)  # along/across the grain
-        strokes = int(rng.integers(3, 6))
-        spread = rng.uniform(0.1, 0.16) * s
-        t = np.linspace(-0.5, 0.5, 5)
-        for offset in np.linspace(-spread / 2, spread / 2, strokes):
-            bend = rng.uniform(-0.06, 0.06) * length  # scratches are rarely perfectly straight
-            part = rng.uniform(0.7, 1.0)
-            along = t * length * part + rng.uniform(-0.1, 0.1) * length
-            across = offset + bend * (1 - 4 * t**2)
-            xs = cx + along * math.cos(angle) - across * math.sin(angle)
-            ys = cy + along * math.sin(angle) + across * math.cos(angle)
-            pts = np.round(np.stack([xs, ys], axis=1)).astype(np.int32)
-            cv2.polylines(mask, [pts], False, 255, max(2, round(s * rng.uniform(0.012, 0.02))), aa)
-    elif shape == "dent":
-        r = rng.uniform(0.09, 0.15) * s
-        axes = (round(r), round(r * rng.uniform(0.75, 1.0)))
-        cv2.ellipse(mask, (round(cx), round(cy)), axes, rng.uniform(0, 180), 0, 360, 255, -1, aa)
-    elif shape == "stain":
-        r = rng.uniform(0.08, 0.14) * s
-        for _ in range(rng.integers(4, 8)):
-            ox, oy = rng.uniform(-0.5, 0.5, 2) * r
-            axes = (round(r * rng.uniform(0.4, 0.8)), round(r * rng.uniform(0.3, 0.7)))
-            centre = (round(cx + ox), round(cy + oy))
-            cv2.ellipse(mask, centre, axes, rng.uniform(0, 180), 0, 360, 255, -1, aa)
-        sigma = 0.6
-        x, y, w, h = cv2.boundingRect(mask)
-        pad = math.ceil(3 * sigma)  # blur just around the patch: a full-frame blur is slow
-        x0, y0 = max(0, x - pad), max(0, y - pad)
-        roi = mask[y0 : y + h + pad, x0 : x + w + pad]
-        roi[...] = cv2.GaussianBlur(roi, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
-    elif shape == "ring":
-        r = rng.uniform(0.07, 0.12) * s
-        cv2.circle(mask, (round(cx), round(cy)), round(r), 255, max(2, round(0.025 * s)), aa)
-    elif shape == "chip":
-        r = rng.uniform(0.07, 0.12) * s
-        n = int(rng.integers(3, 5))
-        angles = rng.uniform(0, 2 * math.pi) + np.arange(n) * (2 * math.pi / n)
-        pts = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], axis=1)
-        cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 255, aa)
-    elif shape == "cross":
-        half, angle = rng.uniform(0.07, 0.12) * s, rng.uniform(0, math.pi / 2)
-        for a in (angle, angle + math.pi / 2):
-            dx, dy = half * math.cos(a), half * math.sin(a)
-            p0, p1 = (round(cx - dx), round(cy - dy)), (round(cx + dx), round(cy + dy))
-            cv2.line(mask, p0, p1, 255, max(2, round(0.028 * s)), aa)
-    elif shape == "dots":
-        spread = rng.uniform(0.06, 0.1) * s
-        for _ in range(rng.integers(5, 9)):
-            ox, oy = rng.uniform(-spread, spread, 2)
-            r = max(1, round(rng.uniform(0.015, 0.025) * s))
-            cv2.circle(mask, (round(cx + ox), round(cy + oy)), r, 255, -1, aa)
-    else:  # crack: a jagged walk
-        step = 0.055 * s
-        heading = rng.uniform(0, 2 * math.pi)
-        pts = [(cx, cy)]
-        for _ in range(rng.integers(5, 8)):
-            heading += rng.uniform(-1.0, 1.0)
-            x, y = pts[-1]
-            pts.append((x + step * math.cos(heading), y + step * math.sin(heading)))
-        arr = np.clip(np.round(pts), 0, s - 1).astype(np.int32)
-        cv2.polylines(mask, [arr], False, 255, max(2, round(0.02 * s)), aa)
+    margin = 0.12 * float(size)
+    cx, cy = rng.uniform(margin, float(size) - margin, 2)
+    _DRAW_SHAPE[_shape_of(class_id)](mask, rng, cx, cy)
     return mask
 
 
@@ -259,13 +297,13 @@ def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], pad: i
     return ax < bx + bw + pad and bx < ax + aw + pad and ay < by + bh + pad and by < ay + ah + pad
 
 
-def _defects(canvas: np.ndarray, rng: np.random.Generator, num_classes: int) -> list[Box]:
+def _defects(canvas: np.ndarray, rng: np.random.Generator, num_classes: int) -> list[YoloBox]:
     """Draw the image's defects onto ``canvas`` and return their normalised boxes."""
     size = canvas.shape[1]
     # Leaning towards more defects per image gives a small training set more to learn from.
     count = 0 if rng.random() < _EMPTY_IMAGE_RATE else int(rng.choice(3, p=(0.2, 0.35, 0.45))) + 1
     placed: list[tuple[int, int, int, int]] = []
-    boxes: list[Box] = []
+    boxes: list[YoloBox] = []
     # Distinct classes within an image (while there are enough) keep a small set balanced.
     if num_classes >= count:
         classes = rng.permutation(num_classes)
@@ -284,7 +322,7 @@ def _defects(canvas: np.ndarray, rng: np.random.Generator, num_classes: int) -> 
         _paint(canvas, mask, class_id, rng)
         placed.append(rect)
         x, y, w, h = rect
-        boxes.append((class_id, (x + w / 2) / size, (y + h / 2) / size, w / size, h / size))
+        boxes.append(YoloBox(class_id, (x + w / 2) / size, (y + h / 2) / size, w / size, h / size))
     return boxes
 
 
@@ -366,11 +404,6 @@ def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image, mode="RGB").save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
-
-
-def format_yolo_labels(boxes: Sequence[Box]) -> str:
-    """One ``cls cx cy w h`` line per box, 6 decimals, as YOLO label files expect."""
-    return "".join(f"{c} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n" for c, cx, cy, w, h in boxes)
 
 
 def write_yolo_dataset(

@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, Body, Depends
+from sqlmodel import Session
 
+from api.deps import SessionDep
 from api.security import require_api_token
 from labeling.sync import announce, sync_labels, task_ids_for_annotations
+from visionloop.db import session_scope
 from visionloop.settings import get_settings
 
 router = APIRouter(prefix="/api/labeling", tags=["labeling"])
@@ -17,8 +20,8 @@ def _ids(items: Any) -> list[int]:
     return [int(item["id"]) for item in items or [] if isinstance(item, dict) and "id" in item]
 
 
-def affected_tasks(event: dict[str, Any]) -> list[int]:
-    """The task ids a Label Studio webhook event is about."""
+def affected_tasks(event: dict[str, Any], session: Session) -> list[int]:
+    """The task ids a Label Studio webhook event is about (``session`` resolves deletions)."""
     action = event.get("action")
     if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
         task_id = (event.get("task") or {}).get("id", (event.get("annotation") or {}).get("task"))
@@ -28,26 +31,30 @@ def affected_tasks(event: dict[str, Any]) -> list[int]:
             {int(a["task"]) for a in event.get("annotation") or [] if a.get("task") is not None}
         )
     if action == "ANNOTATIONS_DELETED":
-        return task_ids_for_annotations(_ids(event.get("annotations")))
+        return task_ids_for_annotations(session, _ids(event.get("annotations")))
     if action == "TASKS_DELETED":
         return _ids(event.get("tasks"))
     return []
 
 
 def _sync(task_ids: list[int]) -> None:
-    announce(sync_labels(get_settings(), task_ids), via="webhook")
+    # Runs after the response, when the request's session is closed: a session of its own,
+    # committed before the activity event.
+    with session_scope() as session:
+        report = sync_labels(session, get_settings(), task_ids)
+    announce(report, via="webhook")
 
 
 @router.post("/webhook", status_code=202, dependencies=[Depends(require_api_token)])
 def label_studio_webhook(
-    background: BackgroundTasks, event: dict[str, Any] = Body(...)
+    background: BackgroundTasks, session: SessionDep, event: dict[str, Any] = Body(...)
 ) -> dict[str, Any]:
     """Sync the tasks an annotation or task event names from Label Studio.
 
     Answers at once and syncs after the response: Label Studio waits for webhooks with a
     short timeout, and the sync itself calls Label Studio back.
     """
-    task_ids = affected_tasks(event)
+    task_ids = affected_tasks(event, session)
     if task_ids:
         background.add_task(_sync, task_ids)
     return {"action": event.get("action"), "tasks": task_ids}

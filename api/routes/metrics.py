@@ -1,4 +1,4 @@
-"""Drift: the latest measurement with its per-feature detail, the timeline, and Evidently's report."""
+"""Drift: the latest measurement with its per-feature detail, the timeline, Evidently's report."""
 
 from __future__ import annotations
 

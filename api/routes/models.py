@@ -51,7 +51,9 @@ def promote_version(
 def rollback_champion(
     settings: SettingsDep, body: Annotated[RollbackIn | None, Body()] = None
 ) -> AliasChangeOut:
-    """Make `previous` (or ``to_version``) the champion again; 409 when there is nothing to go back to."""
+    """Make `previous` (or ``to_version``) the champion again.
+
+    409 when there is nothing to go back to."""
     body = body or RollbackIn()
     if body.to_version is not None:
         require_version(settings, body.to_version)

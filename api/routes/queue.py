@@ -107,6 +107,7 @@ def snapshots(
 )
 def export(
     settings: SettingsDep,
+    session: SessionDep,
     store: StoreDep,
     format: ExportFormat = "yolo",
     snapshot_id: Annotated[
@@ -114,7 +115,7 @@ def export(
     ] = None,
 ) -> StreamingResponse:
     """A dataset snapshot as a YOLO zip, COCO JSON or Label Studio JSON."""
-    snapshot = snapshot_for_export(snapshot_id)
+    snapshot = snapshot_for_export(session, snapshot_id)
     result = export_snapshot(settings, snapshot, format, store)
     return StreamingResponse(
         result.chunks(),

@@ -35,7 +35,7 @@ router = APIRouter(prefix="/api/retraining", tags=["retraining"])
 def status(settings: SettingsDep, session: SessionDep) -> RetrainingStatusOut:
     """The run in progress (with its stage and latest epoch), the last finished one, and why a
     retrain would or would not start now."""
-    overview = retraining_status(settings)
+    overview = retraining_status(session, settings)
     decision = retraining_conditions(session, settings)
     champion = get_alias(settings, CHAMPION)
     return RetrainingStatusOut.model_validate(
@@ -59,6 +59,7 @@ def conditions(settings: SettingsDep, session: SessionDep) -> ConditionsOut:
 
 @router.get("/history", response_model=Page[RetrainingRunOut], responses=responses(422))
 def history(
+    session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Offset = 0,
     status: RetrainStatus | None = None,
@@ -66,7 +67,11 @@ def history(
 ) -> Page[RetrainingRunOut]:
     """Retraining runs, newest first."""
     total, rows = retraining_history(
-        limit=limit, offset=offset, status=status.value if status else None, trigger=trigger
+        session,
+        limit=limit,
+        offset=offset,
+        status=status.value if status else None,
+        trigger=trigger,
     )
     return Page[RetrainingRunOut](
         total=total,
@@ -92,15 +97,18 @@ def run(session: SessionDep, run_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> R
     responses={**AUTH, **BODY, **responses(409, s409=BusyErrorBody)},
 )
 def trigger(
-    settings: SettingsDep, launcher: LauncherDep, body: Annotated[TriggerIn | None, Body()] = None
+    settings: SettingsDep,
+    session: SessionDep,
+    launcher: LauncherDep,
+    body: Annotated[TriggerIn | None, Body()] = None,
 ) -> TriggerOut:
-    """Start a retrain now (the Prefect deployment ``retrain/retrain``), whatever the conditions say.
+    """Start a retrain now (deployment ``retrain/retrain``), whatever the conditions say.
 
     409 names the retraining run that is still running or queued: one retrain at a time.
     """
     reason = body.reason if body else ""
     try:
-        launched = request_retrain(settings, reason, launcher)
+        launched = request_retrain(session, settings, reason, launcher)
     except LaunchFailed as exc:
         raise ServiceUnavailable(str(exc)) from exc
     return TriggerOut(

@@ -6,10 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, File, UploadFile
 
-from api.deps import PredictorDep, SettingsDep, StoreDep, Token
+from api.deps import PredictorDep, SessionDep, SettingsDep, StoreDep, Token
 from api.errors import AUTH, ImageErrorBody, PayloadTooLarge, ValidationErrorBody, responses
 from api.schemas import PredictionOut, StoredImageOut
 from ingest.upload import predict_upload, queue_flagged, store_incoming
+from visionloop.db import session_scope
 
 router = APIRouter(prefix="/api", tags=["serving"])
 
@@ -20,8 +21,8 @@ _IMAGE_ERRORS = {
     **responses(400, 413),
     422: {
         "model": ValidationErrorBody | ImageErrorBody,
-        "description": "The form is invalid (`errors` says where), or the file is not a usable image "
-        "(`code` says why).",
+        "description": "The form is invalid (`errors` says where), or the file is not a usable "
+        "image (`code` says why).",
     },
 }
 
@@ -41,6 +42,7 @@ def _read(upload: UploadFile) -> bytes:
 )
 def predict(
     settings: SettingsDep,
+    session: SessionDep,
     predictor: PredictorDep,
     store: StoreDep,
     background: BackgroundTasks,
@@ -52,10 +54,16 @@ def predict(
     selection flags the image, the review queue. A new champion is picked up without restart.
     """
     served = predict_upload(
-        settings, _read(file), predictor=predictor, store=store, filename=file.filename or ""
+        settings,
+        session,
+        _read(file),
+        predictor=predictor,
+        store=store,
+        filename=file.filename or "",
     )
     if served.review is not None:
-        background.add_task(queue_flagged, settings, served)  # calls Label Studio: after answering
+        # Calls Label Studio, so after answering, in a session of its own.
+        background.add_task(queue_flagged, session_scope, settings, served)
     return PredictionOut.model_validate(
         {**served.__dict__, "flagged_reason": served.review.reason if served.review else None}
     )

@@ -1,4 +1,4 @@
-"""Liveness of the API itself, the health of every service it depends on, and the machine's resources."""
+"""Liveness of the API itself, the health of every service it needs, the machine's resources."""
 
 from __future__ import annotations
 
