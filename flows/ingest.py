@@ -5,7 +5,7 @@ uncertain ones queued for review in Label Studio.
         ─► queue_uncertain ─► summarise
 
 Re-running it is safe and cheap: files whose source key or content is known are skipped,
-and nothing is written twice (see ``ingest.pipeline``).
+and nothing is written twice (see ``ingestion.pipeline``).
 
 The batches fan out through the flow's task runner, chosen from the settings when a run
 starts (``VISIONLOOP_TASK_RUNNER``, see ``ingest_task_runner``):
@@ -40,7 +40,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from ingest.pipeline import (
+from ingestion.pipeline import (
     BatchReport,
     SourceFile,
     ingest_sources,
@@ -130,7 +130,7 @@ def find_new_files(prefix: str, folder: str | None) -> list[SourceFile]:
     return new
 
 
-# A batch is ``ingest.pipeline.ingest_sources``, importable by name on any worker (this file
+# A batch is ``ingestion.pipeline.ingest_sources``, importable by name on any worker (this file
 # is loaded by Prefect from its path, under a module name a Dask worker could not import).
 # Results stay in memory (NO_CACHE): a batch is never worth re-running from a cache, and
 # hashing its inputs would cost more than the work.

@@ -18,7 +18,7 @@ from samples import awkward_files, good_jpegs, malformed_files
 from sqlmodel import col, select
 
 from cli.stack import Stack
-from ingest.pipeline import QUARANTINE_PREFIX
+from ingestion.pipeline import QUARANTINE_PREFIX
 from labeling.provision import client
 from labeling.selection import SelectionPolicy
 from labeling.tasks import IMAGE_ID_KEY

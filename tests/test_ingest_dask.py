@@ -49,8 +49,8 @@ from samples import awkward_files, good_jpegs, malformed_files
 from sqlmodel import select
 
 from cli.stack import Stack
-from ingest import pipeline as ingest_module
-from ingest.pipeline import SourceFile, ingest_batch, plan_batches
+from ingestion import pipeline as ingest_module
+from ingestion.pipeline import SourceFile, ingest_batch, plan_batches
 from labeling.selection import Candidate, SelectionPolicy
 from labeling.selection import select as select_for_review
 from labeling.tasks import IMAGE_ID_KEY
@@ -176,7 +176,7 @@ def test_concurrent_batches_with_identical_bytes_make_one_image(
             reports[side] = ingest_batch(settings, session, _NoStore(), sources, predictor=None)  # type: ignore[arg-type]
 
     threads = [threading.Thread(target=run, args=(side,)) for side in "ab"]
-    with caplog.at_level(logging.INFO, logger="ingest.pipeline"):
+    with caplog.at_level(logging.INFO, logger="ingestion.pipeline"):
         for t in threads:
             t.start()
         for t in threads:

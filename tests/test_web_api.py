@@ -24,7 +24,7 @@ from api import deps
 from api.main import create_app
 from api.routes import serving as serving_routes
 from cli.stack import Stack
-from ingest import upload as serving
+from ingestion import upload as serving
 from labeling.selection import Selected
 from serving.predictor import ChampionPredictor
 from training.retrain_guard import create_run, update_run

@@ -10,6 +10,7 @@ exactly is wrong with this file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import zlib
 from dataclasses import dataclass
@@ -176,10 +177,9 @@ def decode_image(
         raise ImageRejected("corrupt", f"the image data is broken: {exc}") from None
 
     decoded_size = image.size
-    try:
+    # A broken EXIF block leaves the pixels as decoded: orientation is a courtesy, not a need.
+    with contextlib.suppress(Exception):
         ImageOps.exif_transpose(image, in_place=True)
-    except Exception:
-        pass
     if image.size != decoded_size:  # rotated by 90 degrees
         width, height = height, width
     return DecodedImage(_to_rgb(image), width, height, fmt, mode)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, BackgroundTasks, File, UploadFile
 from api.deps import PredictorDep, SessionDep, SettingsDep, StoreDep, Token
 from api.errors import AUTH, ImageErrorBody, PayloadTooLarge, ValidationErrorBody, responses
 from api.schemas import PredictionOut, StoredImageOut
-from ingest.upload import predict_upload, queue_flagged, store_incoming
+from ingestion.upload import predict_upload, queue_flagged, store_incoming
 from visionloop.db import session_scope
 
 router = APIRouter(prefix="/api", tags=["serving"])

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from ingest.pipeline import image_row, measure_image, prediction_row
+from ingestion.pipeline import image_row, measure_image, prediction_row
 from labeling.selection import Candidate, Selected, SelectionPolicy
 from labeling.selection import select as select_for_review
 from serving.predictor import ChampionPredictor, PredictionResult
