@@ -16,7 +16,7 @@ from api.security import require_api_token
 from api.telemetry import RequestLog
 from serving.predictor import ChampionPredictor, get_predictor
 from training.retrain_launcher import LaunchedRetrain, launch_retrain
-from visionloop.db import engine_for, session_scope
+from visionloop.db import engine_for
 from visionloop.settings import Settings, get_settings
 from visionloop.storage import ObjectStore
 
@@ -37,9 +37,16 @@ EngineDep = Annotated[Engine, Depends(db_engine)]
 
 
 def db_session(engine: EngineDep) -> Iterator[Session]:
-    """The request's session: commits when the route returns, rolls back when it raises."""
-    with session_scope(engine) as session:
+    """The request's session: commits when the route returns; when it raises, nothing is
+    committed.
+
+    Not ``session_scope``: its rollback expires every row, and the error handlers read rows a
+    domain error carries (``RetrainBusy.holder``) after this ends. Closing without committing
+    rolls the transaction back all the same and leaves the rows readable.
+    """
+    with Session(engine, expire_on_commit=False) as session:
         yield session
+        session.commit()
 
 
 # "function" scope: the commit happens before the response is sent, so a client never sees a

@@ -37,7 +37,7 @@ def snapshot_seed_set(data_yaml: str) -> str:
     settings = get_settings()
     sources = yolo_folder_sources(Path(data_yaml), settings.class_names)
     with session_scope() as session:
-        snapshot, _, _ = materialise(settings, session, sources, kind="bootstrap")
+        snapshot, _, _ = materialise(session, settings, sources, kind="bootstrap")
     return snapshot.manifest_hash
 
 

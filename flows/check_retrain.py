@@ -22,7 +22,7 @@ from visionloop.settings import get_settings
 def release_dead_guard() -> int | None:
     """A retrain whose process died still holds the guard until Prefect is asked about it."""
     with session_scope() as session:
-        failed = reconcile(get_settings(), session)
+        failed = reconcile(session, get_settings())
     return failed.id if failed else None
 
 

@@ -48,7 +48,7 @@ def export_flow(
     """Snapshot every reviewed label; the same labels give the same snapshot (and hash)."""
     with session_scope() as session:
         result = export_reviewed_labels(
-            get_settings(), session, policy=SplitPolicy(test_percent, val_percent)
+            session, get_settings(), policy=SplitPolicy(test_percent, val_percent)
         )
     exported = ExportedSnapshot.of(result)
     get_run_logger().info(

@@ -161,8 +161,8 @@ def start_run(params: RetrainParams) -> int:
     flow_run_id = flow_run.get_id()
     with session_scope() as session:
         run = acquire(
-            get_settings(),
             session,
+            get_settings(),
             trigger=params.trigger,
             reason=params.reason,
             flow_run_id=flow_run_id,
@@ -186,7 +186,7 @@ def failure_reported(run_id: int, webhook: str) -> Iterator[None]:
         yield
     except BaseException as exc:
         with session_scope() as session:
-            failed = fail_run(get_settings(), session, run_id, _describe(exc))
+            failed = fail_run(session, get_settings(), run_id, _describe(exc))
         notify(
             EventKind.RETRAIN_FAILED,
             f"retraining run {run_id} failed: {failed.error}",

@@ -441,8 +441,8 @@ def _outcomes(
 
 
 def ingest_batch(
-    settings: Settings,
     session: Session,
+    settings: Settings,
     store: ObjectStore,
     sources: Sequence[SourceFile],
     *,
@@ -498,8 +498,8 @@ def ingest_sources(
     # nothing of the flow's to share; ``ingest_batch`` commits its rows in it.
     with session_scope() as session:
         report = ingest_batch(
-            settings,
             session,
+            settings,
             ObjectStore(settings),
             files,
             predictor=predictor,

@@ -141,8 +141,8 @@ def _review_of(
 
 
 def predict_upload(
-    settings: Settings,
     session: Session,
+    settings: Settings,
     data: bytes,
     *,
     predictor: ChampionPredictor,

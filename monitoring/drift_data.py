@@ -109,7 +109,7 @@ def _build_reference(
 ) -> pd.DataFrame:
     from training.snapshots import read_manifest, training_snapshot_of
 
-    snapshot = training_snapshot_of(settings, session, ref)
+    snapshot = training_snapshot_of(session, settings, ref)
     if snapshot is None:
         raise DriftError(
             f"model version {ref.version} has no training snapshot recorded in MLflow, so there is "

@@ -173,7 +173,7 @@ def test_concurrent_batches_with_identical_bytes_make_one_image(
         # One settle chunk per batch: both files are looked up at once, before any write.
         sources = [paths[f"{side}/shared.jpg"], paths[f"{side}/own.jpg"]]
         with session_scope() as session:  # each batch its own, as on two workers
-            reports[side] = ingest_batch(settings, session, _NoStore(), sources, predictor=None)  # type: ignore[arg-type]
+            reports[side] = ingest_batch(session, settings, _NoStore(), sources, predictor=None)  # type: ignore[arg-type]
 
     threads = [threading.Thread(target=run, args=(side,)) for side in "ab"]
     with caplog.at_level(logging.INFO, logger="ingestion.pipeline"):

@@ -128,7 +128,7 @@ def test_webhook_events_name_their_tasks() -> None:
         session.commit()
 
         def tasks(event: dict[str, Any]) -> list[int]:
-            return affected_tasks(event, session)
+            return affected_tasks(session, event)
 
         assert tasks(
             {"action": "ANNOTATION_CREATED", "task": {"id": 7}, "annotation": {"id": 1, "task": 7}}

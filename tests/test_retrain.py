@@ -304,7 +304,7 @@ def test_a_retrain_killed_midway_fails_releases_the_guard_and_keeps_the_champion
     assert _run(run.id).active_lock == "retrain"  # a dead process cannot let go by itself
 
     with session_scope() as session:
-        failed = reconcile(settings, session)
+        failed = reconcile(session, settings)
     assert failed is not None and failed.id == run.id
     run = _run(run.id)
     assert run.status == RetrainStatus.failed and run.active_lock is None and run.promoted is False
@@ -315,7 +315,7 @@ def test_a_retrain_killed_midway_fails_releases_the_guard_and_keeps_the_champion
     # The guard is free again: a later retrain takes it at once...
     with session_scope() as session:
         later = acquire(
-            settings, session, trigger="manual", reason="after the kill", flow_run_id=None
+            session, settings, trigger="manual", reason="after the kill", flow_run_id=None
         )
         release(session, later.id, status=RetrainStatus.cancelled, error="test only")
     # ...and Prefect hands the killed run's slot back once its lease lapses.

@@ -54,17 +54,17 @@ def test_a_second_retrain_is_refused_while_the_first_lives(
     session: Session, engine: Engine, outcomes: dict
 ) -> None:
     settings = load_settings()
-    first = acquire(settings, session, trigger="manual", flow_run_id="flow-a")
+    first = acquire(session, settings, trigger="manual", flow_run_id="flow-a")
     assert first.status == RetrainStatus.running and first.active_lock == retrain_guard.LOCK
 
     with pytest.raises(RetrainBusy, match=f"retraining run {first.id}"):
-        acquire(settings, session, trigger="drift", flow_run_id="flow-b")
+        acquire(session, settings, trigger="drift", flow_run_id="flow-b")
     refused = _get(engine, first.id + 1)
     assert refused.status == RetrainStatus.cancelled and f"run {first.id}" in refused.error
     assert current_holder(session).id == first.id
 
     release(session, first.id, status=RetrainStatus.succeeded, promoted=False)
-    third = acquire(settings, session, trigger="labels", flow_run_id="flow-c")
+    third = acquire(session, settings, trigger="labels", flow_run_id="flow-c")
     assert third.active_lock == retrain_guard.LOCK and _get(engine, first.id).active_lock is None
 
 
@@ -72,17 +72,17 @@ def test_a_dead_holder_is_failed_and_its_guard_released(
     session: Session, engine: Engine, outcomes: dict
 ) -> None:
     settings = load_settings()
-    dead = acquire(settings, session, trigger="manual", flow_run_id="flow-dead")
+    dead = acquire(session, settings, trigger="manual", flow_run_id="flow-dead")
     outcomes["flow-dead"] = "its Prefect flow run flow-dead ended Crashed: SIGKILL"
-    assert retrain_guard.reconcile(settings, session).id == dead.id
+    assert retrain_guard.reconcile(session, settings).id == dead.id
     failed = _get(engine, dead.id)
     assert failed.status == RetrainStatus.failed and failed.active_lock is None
     assert "Crashed: SIGKILL" in failed.error and failed.promoted is False and failed.finished_at
 
     # The same happens on the way in: a new run takes over from a dead holder by itself.
-    stale = acquire(settings, session, trigger="manual", flow_run_id="flow-stale")
+    stale = acquire(session, settings, trigger="manual", flow_run_id="flow-stale")
     outcomes["flow-stale"] = "its Prefect flow run flow-stale no longer exists"
-    fresh = acquire(settings, session, trigger="drift", flow_run_id="flow-fresh")
+    fresh = acquire(session, settings, trigger="drift", flow_run_id="flow-fresh")
     assert (
         current_holder(session).id == fresh.id
         and _get(engine, stale.id).status == RetrainStatus.failed
@@ -98,7 +98,7 @@ def test_a_request_whose_flow_run_never_started_is_failed(
     waiting = create_run(session, "manual", "")
     retrain_guard.update_run(session, waiting.id, prefect_flow_run_id="flow-waiting")
     outcomes["flow-queued"] = "its Prefect flow run flow-queued ended Cancelled"
-    assert retrain_guard.reconcile(settings, session) is None  # nobody held the guard
+    assert retrain_guard.reconcile(session, settings) is None  # nobody held the guard
     assert _get(engine, queued.id).status == RetrainStatus.failed
     assert "never started" in _get(engine, queued.id).error
     assert _get(engine, waiting.id).status == RetrainStatus.pending  # still queued in Prefect
@@ -108,10 +108,10 @@ def test_a_requested_run_is_picked_up_once(session: Session, outcomes: dict) -> 
     settings = load_settings()
     requested = create_run(session, "manual", "operator asked")
     assert requested.status == RetrainStatus.pending and requested.active_lock is None
-    taken = acquire(settings, session, trigger="manual", flow_run_id="flow-x", run_id=requested.id)
+    taken = acquire(session, settings, trigger="manual", flow_run_id="flow-x", run_id=requested.id)
     assert taken.id == requested.id and taken.prefect_flow_run_id == "flow-x"
     with pytest.raises(ValueError, match="not pending"):
-        acquire(settings, session, trigger="manual", run_id=requested.id)
+        acquire(session, settings, trigger="manual", run_id=requested.id)
 
 
 class _Hook(BaseHTTPRequestHandler):

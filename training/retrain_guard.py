@@ -107,8 +107,8 @@ def _require_pending(session: Session, run_id: int) -> None:
 
 
 def acquire(
-    settings: Settings,
     session: Session,
+    settings: Settings,
     *,
     trigger: str,
     reason: str = "",
@@ -138,7 +138,7 @@ def acquire(
             )
         except IntegrityError:
             holder = current_holder(session)
-            if holder is not None and reconcile(settings, session) is None:
+            if holder is not None and reconcile(session, settings) is None:
                 busy = RetrainBusy(holder)
                 update_run(
                     session,
@@ -183,7 +183,7 @@ def flow_run_outcome(flow_run_id: str) -> str | None:
     return f"its Prefect flow run {flow_run_id} ended {state.name}{message}"
 
 
-def reconcile(settings: Settings, session: Session) -> RetrainingRun | None:
+def reconcile(session: Session, settings: Settings) -> RetrainingRun | None:
     """Make the guard agree with Prefect; returns the holder it failed, if any.
 
     The guard's holder is failed and released once its flow run is over. A holder without a
@@ -200,7 +200,7 @@ def reconcile(settings: Settings, session: Session) -> RetrainingRun | None:
         return None
     log.warning("retraining run %s held the retrain guard but %s; releasing it", holder.id, outcome)
     return fail_run(
-        settings, session, holder.id, f"the retrain stopped without finishing: {outcome}"
+        session, settings, holder.id, f"the retrain stopped without finishing: {outcome}"
     )
 
 
@@ -228,7 +228,7 @@ def _fail_pending_that_never_started(session: Session) -> None:
         _commit(session)
 
 
-def fail_run(settings: Settings, session: Session, run_id: int, error: str) -> RetrainingRun:
+def fail_run(session: Session, settings: Settings, run_id: int, error: str) -> RetrainingRun:
     """Mark a run failed and release the guard; undo what it left half done.
 
     A failed run never promotes: if the champion alias already points at this run's model

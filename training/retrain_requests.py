@@ -70,7 +70,7 @@ def launched_pending(session: Session) -> RetrainingRun | None:
 
 def blocking_run(session: Session, settings: Settings) -> RetrainingRun | None:
     """The run that keeps a new retrain from starting, after reconciling with Prefect."""
-    reconcile(settings, session)
+    reconcile(session, settings)
     return current_holder(session) or launched_pending(session)
 
 
@@ -155,7 +155,7 @@ def _last_finished(session: Session) -> RetrainingRun | None:
 def retraining_status(session: Session, settings: Settings) -> RetrainingStatus:
     reconcile_error = None
     try:
-        reconcile(settings, session)
+        reconcile(session, settings)
     except Exception as exc:
         reconcile_error = f"could not reconcile with Prefect: {type(exc).__name__}: {exc}"
         log.warning(reconcile_error)

@@ -98,7 +98,7 @@ def _size_of(data: bytes) -> tuple[int, int]:
 
 
 def reviewed_sources(
-    settings: Settings, store: ObjectStore, session: Session
+    session: Session, settings: Settings, store: ObjectStore
 ) -> tuple[list[Source], list[str], dict[str, str]]:
     """Every reviewed label as a snapshot source; also the box labels the class map dropped
     and the images left out, with why (one bad row must not block every retrain).
@@ -234,8 +234,8 @@ def _available(sources: Sequence[Source]) -> tuple[list[Source], list[str]]:
 
 
 def materialise(
-    settings: Settings,
     session: Session,
+    settings: Settings,
     sources: Sequence[Source],
     *,
     kind: str,
@@ -413,8 +413,8 @@ def _require_every_split(total: int, splits: Sequence[str]) -> None:
 
 
 def export_reviewed_labels(
-    settings: Settings,
     session: Session,
+    settings: Settings,
     *,
     policy: SplitPolicy = SplitPolicy(),
     store: ObjectStore | None = None,
@@ -425,11 +425,11 @@ def export_reviewed_labels(
     needs the first two, and a challenger cannot be judged without the third.
     """
     store = store or ObjectStore(settings)
-    sources, dropped, skipped = reviewed_sources(settings, store, session)
+    sources, dropped, skipped = reviewed_sources(session, settings, store)
     _require_every_split(len(sources), [policy.split_of(s.image.image_hash) for s in sources])
     training, entries, created = materialise(
-        settings,
         session,
+        settings,
         sources,
         kind="training",
         policy=policy,
@@ -536,7 +536,7 @@ def mark_labels_used(session: Session, hashes: Sequence[str]) -> int:
 
 
 def training_snapshot_of(
-    settings: Settings, session: Session, ref: ModelRef
+    session: Session, settings: Settings, ref: ModelRef
 ) -> DatasetSnapshot | None:
     """The snapshot a model version was trained on (drift's reference), from its run's tag."""
     if not ref.run_id:

@@ -59,9 +59,8 @@ def emit(
     level: str = "info",
     engine: Engine | None = None,
 ) -> ActivityEvent:
-    # Stored as its plain value: an unknown kind fails here, not in a reader's filter.
     event = ActivityEvent(
-        kind=EventKind(kind).value, message=message, payload=payload or {}, level=level
+        kind=getattr(kind, "value", kind), message=message, payload=payload or {}, level=level
     )
     with session_scope(engine) as session:
         session.add(event)

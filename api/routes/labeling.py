@@ -20,7 +20,7 @@ def _ids(items: Any) -> list[int]:
     return [int(item["id"]) for item in items or [] if isinstance(item, dict) and "id" in item]
 
 
-def affected_tasks(event: dict[str, Any], session: Session) -> list[int]:
+def affected_tasks(session: Session, event: dict[str, Any]) -> list[int]:
     """The task ids a Label Studio webhook event is about (``session`` resolves deletions)."""
     action = event.get("action")
     if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
@@ -54,7 +54,7 @@ def label_studio_webhook(
     Answers at once and syncs after the response: Label Studio waits for webhooks with a
     short timeout, and the sync itself calls Label Studio back.
     """
-    task_ids = affected_tasks(event, session)
+    task_ids = affected_tasks(session, event)
     if task_ids:
         background.add_task(_sync, task_ids)
     return {"action": event.get("action"), "tasks": task_ids}

@@ -54,8 +54,8 @@ def predict(
     selection flags the image, the review queue. A new champion is picked up without restart.
     """
     served = predict_upload(
-        settings,
         session,
+        settings,
         _read(file),
         predictor=predictor,
         store=store,
