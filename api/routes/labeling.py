@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, Body, Depends
+from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from api.deps import SessionDep
+from api.deps import EngineDep, SessionDep, SettingsDep
 from api.security import require_api_token
 from labeling.sync import announce, sync_labels, task_ids_for_annotations
 from visionloop.db import session_scope
-from visionloop.settings import get_settings
+from visionloop.settings import Settings
 
 router = APIRouter(prefix="/api/labeling", tags=["labeling"])
 
@@ -37,17 +38,21 @@ def affected_tasks(session: Session, event: dict[str, Any]) -> list[int]:
     return []
 
 
-def _sync(task_ids: list[int]) -> None:
-    # Runs after the response, when the request's session is closed: a session of its own,
-    # committed before the activity event.
-    with session_scope() as session:
-        report = sync_labels(session, get_settings(), task_ids)
+def _sync(engine: Engine, settings: Settings, task_ids: list[int]) -> None:
+    # Runs after the response, when the request's session is closed: a session of its own on
+    # the request's engine, committed before the activity event.
+    with session_scope(engine) as session:
+        report = sync_labels(session, settings, task_ids)
     announce(report, via="webhook")
 
 
 @router.post("/webhook", status_code=202, dependencies=[Depends(require_api_token)])
 def label_studio_webhook(
-    background: BackgroundTasks, session: SessionDep, event: dict[str, Any] = Body(...)
+    background: BackgroundTasks,
+    settings: SettingsDep,
+    session: SessionDep,
+    engine: EngineDep,
+    event: dict[str, Any] = Body(...),
 ) -> dict[str, Any]:
     """Sync the tasks an annotation or task event names from Label Studio.
 
@@ -56,5 +61,5 @@ def label_studio_webhook(
     """
     task_ids = affected_tasks(session, event)
     if task_ids:
-        background.add_task(_sync, task_ids)
+        background.add_task(_sync, engine, settings, task_ids)
     return {"action": event.get("action"), "tasks": task_ids}

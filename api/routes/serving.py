@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, File, UploadFile
 
-from api.deps import PredictorDep, SessionDep, SettingsDep, StoreDep, Token
+from api.deps import EngineDep, PredictorDep, SessionDep, SettingsDep, StoreDep, Token
 from api.errors import AUTH, ImageErrorBody, PayloadTooLarge, ValidationErrorBody, responses
 from api.schemas import PredictionOut, StoredImageOut
 from ingestion.upload import predict_upload, queue_flagged, store_incoming
@@ -43,6 +44,7 @@ def _read(upload: UploadFile) -> bytes:
 def predict(
     settings: SettingsDep,
     session: SessionDep,
+    engine: EngineDep,
     predictor: PredictorDep,
     store: StoreDep,
     background: BackgroundTasks,
@@ -62,8 +64,8 @@ def predict(
         filename=file.filename or "",
     )
     if served.review is not None:
-        # Calls Label Studio, so after answering, in a session of its own.
-        background.add_task(queue_flagged, session_scope, settings, served)
+        # Calls Label Studio, so after answering, in a session of its own on the same engine.
+        background.add_task(queue_flagged, partial(session_scope, engine), settings, served)
     return PredictionOut.model_validate(
         {**served.__dict__, "flagged_reason": served.review.reason if served.review else None}
     )
