@@ -93,9 +93,11 @@ def broken_files(round_index: int) -> dict[str, bytes]:
     sample = encode_jpeg(generate_sample(round_index, seed=STREAM_SEED_OFFSET - 1).image)
     return {
         f"truncated-{round_index:02d}.jpg": sample[: len(sample) // 3],
+        # A real error page carries its request's id: two rounds' pages are different files,
+        # not one file delivered twice (which ingest would rightly count as a duplicate).
         f"error-page-{round_index:02d}.jpg": (
-            b"<!DOCTYPE html><html><body>502 Bad Gateway</body></html>"
-        ),
+            f"<!DOCTYPE html><html><body>502 Bad Gateway (request {round_index})</body></html>"
+        ).encode(),
     }
 
 
