@@ -296,24 +296,3 @@ def test_every_condition_is_registered_once_in_reading_order() -> None:
         ("too_few_labels", "blocker"),
         ("cooldown", "blocker"),
     ]
-
-
-def test_retraining_conditions_reads_the_given_session(
-    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from sqlmodel import Session
-
-    from monitoring import conditions
-
-    monkeypatch.setattr(
-        conditions, "champion_birth", lambda settings: (NOW - timedelta(hours=200), "5")
-    )
-    migrate(sqlite_url)
-    engine = make_engine(sqlite_url)
-    with Session(engine) as session:
-        decision = conditions.retraining_conditions(session, SETTINGS, NOW)
-    engine.dispose()
-    by_name = {c.name: c for c in decision.conditions}
-    assert by_name["champion_age"].value == 200.0 and by_name["champion_age"].fired
-    assert by_name["too_few_labels"].fired  # an empty database has no labels to learn from
-    assert not decision.should_retrain and decision.trigger is None

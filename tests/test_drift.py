@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pandas as pd
 import pytest
 
@@ -156,72 +154,3 @@ def test_current_window_and_latest_level_come_from_the_session(sqlite_url: str) 
     assert row["pred_share_scratch"] == 0.5 and row["pred_max_conf"] == 0.9
     assert "pred_boxes" not in other_version.columns  # no prediction of that model version
     assert level == "red"
-
-
-@pytest.fixture
-def local_db(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The platform database is a fresh SQLite file: activity events are written there too."""
-    from visionloop.db import migrate
-    from visionloop.settings import get_settings
-
-    monkeypatch.setenv("VISIONLOOP_DATABASE_URL", sqlite_url)
-    get_settings.cache_clear()
-    migrate(sqlite_url)
-    yield sqlite_url
-    get_settings.cache_clear()
-
-
-def test_a_measurement_is_stored_then_announced(
-    local_db: str, reference: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from datetime import UTC, datetime, timedelta
-
-    from sqlmodel import select
-
-    from monitoring import drift_monitor
-    from visionloop.db import session_scope
-    from visionloop.events import EventKind
-    from visionloop.models import ActivityEvent, Image
-    from visionloop.registry import ModelRef
-    from visionloop.settings import get_settings
-
-    now = datetime.now(UTC)
-    champion = ModelRef(name="detector", version="1", run_id=None, source="")
-    monkeypatch.setattr(drift_monitor, "get_alias", lambda settings, alias: champion)
-    monkeypatch.setattr(drift_monitor, "reference_frame", lambda *args: reference)
-    monkeypatch.setattr(drift_monitor, "ObjectStore", lambda settings: _NoStore())
-    shifted = _features(40, seed=3, drift=DriftParams(brightness=0.15))
-    with session_scope() as session:
-        session.add_all(
-            Image(
-                content_hash=f"{i:064d}",
-                object_key=f"k{i}",
-                features={k: float(v) for k, v in row.items()},
-                created_at=now - timedelta(minutes=5),
-            )
-            for i, row in enumerate(shifted.to_dict("records"))
-        )
-    settings = get_settings()
-
-    with session_scope() as session:
-        first = drift_monitor.measure_drift(session, settings, now=now)
-    with session_scope() as session:
-        again = drift_monitor.measure_drift(session, settings, now=now)
-    with session_scope() as session:
-        skipped = drift_monitor.measure_drift(
-            session, settings.model_copy(update={"drift_min_window": 41}), now=now
-        )
-        events = session.exec(select(ActivityEvent).order_by(ActivityEvent.id)).all()
-        stored = drift_monitor.latest_result(session)
-
-    assert first is not None and first.level == DriftLevel.red and first.window_size == 40
-    assert again is not None and stored is not None and stored.id == again.id
-    assert skipped is None
-    # Only a change of level is announced, with the stored result's id.
-    assert [e.kind for e in events] == [EventKind.DRIFT_LEVEL_CHANGED, EventKind.DRIFT_SKIPPED]
-    assert events[0].payload["result_id"] == first.id and events[0].payload["previous"] is None
-
-
-class _NoStore:
-    def put_bytes(self, *args: object) -> None:
-        pass

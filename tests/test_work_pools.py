@@ -18,7 +18,6 @@ import io
 import json
 import os
 import re
-import sys
 from importlib.metadata import version
 from importlib.resources import files
 from pathlib import Path
@@ -305,30 +304,6 @@ def test_command_line_job_variables_win_on_every_deployment(
         }
     result = CliRunner().invoke(recipes.deployments_app, ["render", variant, "--job-variable", "x"])
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
-
-
-def test_deploy_registers_the_rendered_file_from_the_project_dir(
-    project_settings: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[dict[str, Any]] = []
-
-    def fake_run(command: list[str], **kwargs: Any) -> Any:
-        prefect_file = Path(command[command.index("--prefect-file") + 1])
-        calls.append({"command": command, "text": prefect_file.read_text(), **kwargs})
-        return type("Completed", (), {"returncode": 3})()
-
-    monkeypatch.setattr(recipes.subprocess, "run", fake_run)
-    result = CliRunner().invoke(recipes.deployments_app, ["deploy", "kubernetes"])
-    assert result.exit_code == 3  # prefect deploy's own exit status
-    [call] = calls
-    prefect_file = call["command"][call["command"].index("--prefect-file") + 1]
-    assert call["command"] == [
-        *(sys.executable, "-m", "prefect", "--no-prompt", "deploy"),
-        *("--prefect-file", prefect_file, "--all"),
-    ]
-    assert call["cwd"] == ROOT  # entrypoints are relative to it
-    assert call["text"] == render_cli("kubernetes")
-    assert not Path(prefect_file).exists()
 
 
 def test_the_visionloop_command_offers_it(project_settings: Any) -> None:
