@@ -11,8 +11,8 @@ The box forms in use
 - Label Studio rectangles: top-left corner and size in percent of the image, with a
   clockwise rotation about that corner. ``ls_rectangle`` writes one, ``ls_extent`` reads one.
 
-Overlap works on corners (``corners`` reads either dict form): ``iou_matrix`` is ultralytics'
-IoU, ``greedy_match`` pairs boxes one to one, best overlaps first.
+Overlap works on corners (``corners`` reads either dict form): ``iou_matrix`` is their IoU,
+``greedy_match`` pairs boxes one to one, best overlaps first.
 """
 
 from __future__ import annotations
@@ -137,24 +137,36 @@ def box_dicts(boxes: Iterable[YoloBox], class_names: Sequence[str]) -> list[dict
 def corners(boxes: Iterable[Mapping[str, Any]]) -> np.ndarray:
     """Box dicts of one form, predicted (``x1..y2``) or reviewed (``cx, cy, w, h``), as an
     (N, 4) array of corners."""
-    from ultralytics.utils.ops import xywh2xyxy  # torch comes with it: only when boxes are read
-
     rows = list(boxes)
     if rows and "x1" not in rows[0]:
-        centres = [[box["cx"], box["cy"], box["w"], box["h"]] for box in rows]
-        return xywh2xyxy(np.array(centres, np.float64))
+        centres = np.array([[box["cx"], box["cy"], box["w"], box["h"]] for box in rows], np.float64)
+        half = centres[:, 2:] / 2
+        return np.hstack([centres[:, :2] - half, centres[:, :2] + half])
     return np.array([[b["x1"], b["y1"], b["x2"], b["y2"]] for b in rows], np.float64).reshape(-1, 4)
 
 
 def iou_matrix(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> np.ndarray:
-    """IoU of every corner box of ``a`` with every one of ``b``, an (N, M) array."""
-    from ultralytics.utils.metrics import bbox_ioa
+    """IoU of every corner box of ``a`` with every one of ``b``, an (N, M) array; 0 where the
+    union is empty.
 
-    a_array = np.asarray(a, np.float64).reshape(-1, 4)
-    b_array = np.asarray(b, np.float64).reshape(-1, 4)
-    # The smallest eps there is: ultralytics' default (1e-7) would shift the IoU of small
-    # normalised boxes by ~1e-4, enough to move a box across UNCHANGED_IOU in the verdict.
-    return bbox_ioa(a_array, b_array, iou=True, eps=np.finfo(np.float64).tiny)
+    A few lines of numpy rather than ultralytics' box ops: those bring torch into every process
+    that reads a review (the API's queue stats, the label-sync flow) for a handful of boxes.
+    """
+    a_array = np.asarray(a, np.float64).reshape(-1, 1, 4)
+    b_array = np.asarray(b, np.float64).reshape(1, -1, 4)
+    width = np.minimum(a_array[..., 2], b_array[..., 2]) - np.maximum(
+        a_array[..., 0], b_array[..., 0]
+    )
+    height = np.minimum(a_array[..., 3], b_array[..., 3]) - np.maximum(
+        a_array[..., 1], b_array[..., 1]
+    )
+    inter = np.clip(width, 0.0, None) * np.clip(height, 0.0, None)
+
+    def area(boxes: np.ndarray) -> np.ndarray:
+        return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+    union = area(a_array) + area(b_array) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def greedy_match(ious: np.ndarray, min_iou: float = MATCH_IOU) -> list[float]:
