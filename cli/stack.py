@@ -71,6 +71,48 @@ def _bin(name: str) -> str:
     return found
 
 
+# What Prefect's server answers while its database is busy (SQLite locked by the scheduler's
+# burst of writes right after a deploy, say): Prefect's own client retries these, and so do we.
+PREFECT_BUSY = frozenset({429, 502, 503, 504})
+
+
+def prefect_call(
+    settings: Settings,
+    method: str,
+    path: str,
+    *,
+    body: dict | None = None,
+    patience: float = 90.0,
+) -> httpx.Response:
+    """One call to Prefect's REST API that waits out a busy server, for `patience` seconds."""
+    url = f"{settings.prefect_api}/{path.lstrip('/')}"
+    deadline = time.monotonic() + patience
+    pause = 0.5
+    while True:
+        try:
+            response = httpx.request(method, url, json=body, timeout=30)
+            if response.status_code not in PREFECT_BUSY:
+                return response
+            problem = f"HTTP {response.status_code}: {response.text[:200]}"
+            wait = _retry_after(response, pause)
+        except httpx.TransportError as exc:
+            problem, wait = f"{type(exc).__name__}: {exc}", pause
+        if time.monotonic() + wait > deadline:
+            raise StackError(
+                f"Prefect at {settings.prefect_api} stayed unavailable for {patience:.0f} s "
+                f"({method} {path}: {problem})"
+            )
+        time.sleep(wait)
+        pause = min(pause * 2, 5.0)
+
+
+def _retry_after(response: httpx.Response, default: float) -> float:
+    try:
+        return float(response.headers["Retry-After"])
+    except (KeyError, ValueError):  # absent, or an HTTP date: our own backoff then
+        return default
+
+
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
@@ -616,10 +658,9 @@ class Stack:
             self.reload()
 
     def _ensure_work_pool(self) -> None:
-        api = self.settings.prefect_api
         pool = self.settings.prefect_work_pool
-        response = httpx.post(
-            f"{api}/work_pools/", json={"name": pool, "type": "process"}, timeout=10
+        response = prefect_call(
+            self.settings, "POST", "work_pools/", body={"name": pool, "type": "process"}
         )
         if response.status_code not in (201, 409):
             raise StackError(f"creating Prefect work pool {pool!r} failed: {response.text[:300]}")
@@ -662,19 +703,17 @@ class Stack:
             )
 
     def _match_pauses_to_schedules(self) -> None:
-        api = self.settings.prefect_api
         for deployment in self._deployments():
             if deployment["paused"] == self.settings.schedules_enabled:
-                httpx.patch(
-                    f"{api}/deployments/{deployment['id']}",
-                    json={"paused": not self.settings.schedules_enabled},
-                    timeout=10,
+                prefect_call(
+                    self.settings,
+                    "PATCH",
+                    f"deployments/{deployment['id']}",
+                    body={"paused": not self.settings.schedules_enabled},
                 ).raise_for_status()
 
     def _deployments(self) -> list[dict]:
-        response = httpx.post(
-            f"{self.settings.prefect_api}/deployments/filter", json={}, timeout=10
-        )
+        response = prefect_call(self.settings, "POST", "deployments/filter", body={})
         response.raise_for_status()
         return response.json()
 

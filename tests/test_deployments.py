@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 import yaml
 
-from cli.stack import Stack
+from cli.stack import Stack, prefect_call
 
 pytestmark = pytest.mark.stack
 
 
 def test_every_deployment_is_registered_with_its_schedule(stack: Stack) -> None:
     recipe = yaml.safe_load((stack.settings.project_dir / "prefect.yaml").read_text())
-    api = stack.settings.prefect_api
-    registered = httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()
+    registered = prefect_call(stack.settings, "POST", "deployments/filter", body={}).json()
     flows = {
-        f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=30).json()
+        f["id"]: f["name"]
+        for f in prefect_call(stack.settings, "POST", "flows/filter", body={}).json()
     }
     by_name = {d["name"]: d for d in registered}
 

@@ -17,7 +17,7 @@ import pytest
 from samples import awkward_files, good_jpegs, malformed_files
 from sqlmodel import col, select
 
-from cli.stack import Stack
+from cli.stack import Stack, prefect_call
 from ingestion.pipeline import QUARANTINE_PREFIX
 from labeling.provision import client
 from labeling.selection import SelectionPolicy
@@ -262,19 +262,19 @@ def test_work_is_batched_and_progress_reported(
     settings: Settings, first_run: dict[str, Any]
 ) -> None:
     flow_run_id = first_run["flow_run_id"]
-    api = settings.prefect_api
-    task_runs = httpx.post(
-        f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}}, timeout=30
+    task_runs = prefect_call(
+        settings, "POST", "task_runs/filter", body={"flow_runs": {"id": {"any_": [flow_run_id]}}}
     ).json()
     names = sorted(t["name"].rsplit("-", 1)[0] for t in task_runs)
     batches = math.ceil(first_run["summary"]["files"] / BATCH)
     assert names.count("ingest_files") == batches
     assert len(names) == batches + 2  # find_new_files, queue_uncertain: never a task per image
 
-    artifacts = httpx.post(
-        f"{api}/artifacts/filter",
-        json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}},
-        timeout=30,
+    artifacts = prefect_call(
+        settings,
+        "POST",
+        "artifacts/filter",
+        body={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}},
     ).json()
     by_key = {a["key"]: a for a in artifacts}
     assert by_key["ingest-progress"]["data"] == 100.0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -101,6 +103,33 @@ def test_second_up_reuses_running_services(stack: Stack) -> None:
     states = Stack(load_settings()).up()
     assert {s.name: s.action for s in states} == {name: "reused" for name in SERVICE_ORDER}
     assert {name: stack.running_pid(name) for name in SERVICE_ORDER} == before
+
+
+@pytest.mark.stack
+def test_registering_deployments_waits_out_a_busy_prefect_database(stack: Stack) -> None:
+    """Prefect answers 503 while its SQLite database is locked, as it is when its scheduler
+    writes a burst of runs right after a deploy; `up` waits that out instead of failing."""
+    api = stack.settings.prefect_api
+    deployment = httpx.post(f"{api}/deployments/filter", json={"limit": 1}, timeout=30).json()[0]
+    httpx.patch(
+        f"{api}/deployments/{deployment['id']}", json={"paused": False}, timeout=30
+    ).raise_for_status()
+
+    lock = sqlite3.connect(stack.root / "prefect" / "prefect.db", check_same_thread=False)
+    lock.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(15.0, lock.rollback)
+    release.start()
+    try:
+        busy = httpx.patch(
+            f"{api}/deployments/{deployment['id']}", json={"paused": True}, timeout=60
+        )
+        assert busy.status_code == 503, busy.text  # the fault is real, not assumed
+        stack._match_pauses_to_schedules()
+    finally:
+        release.join()
+        lock.close()
+    after = httpx.get(f"{api}/deployments/{deployment['id']}", timeout=30).json()
+    assert after["paused"] is True
 
 
 @pytest.mark.stack
