@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from cli.stack import SERVICE_ORDER, ServiceSpec, Stack, StackError, free_port
+from cli.stack import SERVICE_ORDER, ServiceSpec, Stack, StackError, free_port, prefect_call
 from monitoring.health import PROBES
 from visionloop.settings import load_settings
 
@@ -109,27 +109,24 @@ def test_second_up_reuses_running_services(stack: Stack) -> None:
 def test_registering_deployments_waits_out_a_busy_prefect_database(stack: Stack) -> None:
     """Prefect answers 503 while its SQLite database is locked, as it is when its scheduler
     writes a burst of runs right after a deploy; `up` waits that out instead of failing."""
-    api = stack.settings.prefect_api
-    deployment = httpx.post(f"{api}/deployments/filter", json={"limit": 1}, timeout=30).json()[0]
-    httpx.patch(
-        f"{api}/deployments/{deployment['id']}", json={"paused": False}, timeout=30
-    ).raise_for_status()
+    settings = stack.settings
+    deployment = prefect_call(settings, "POST", "deployments/filter", body={"limit": 1}).json()[0]
+    path = f"deployments/{deployment['id']}"
+    prefect_call(settings, "PATCH", path, body={"paused": False}).raise_for_status()
 
     lock = sqlite3.connect(stack.root / "prefect" / "prefect.db", check_same_thread=False)
     lock.execute("BEGIN EXCLUSIVE")
     release = threading.Timer(15.0, lock.rollback)
     release.start()
     try:
-        busy = httpx.patch(
-            f"{api}/deployments/{deployment['id']}", json={"paused": True}, timeout=60
-        )
+        # A plain call, without prefect_call's patience.
+        busy = httpx.patch(f"{settings.prefect_api}/{path}", json={"paused": True}, timeout=60)
         assert busy.status_code == 503, busy.text  # the fault is real, not assumed
         stack._match_pauses_to_schedules()
     finally:
         release.join()
         lock.close()
-    after = httpx.get(f"{api}/deployments/{deployment['id']}", timeout=30).json()
-    assert after["paused"] is True
+    assert prefect_call(settings, "GET", path).json()["paused"] is True
 
 
 @pytest.mark.stack
