@@ -108,6 +108,25 @@ class Settings(BaseSettings):
         description="Bearer token for mutating API calls; empty means one generated per data dir.",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_read_token: SecretStr = Field(
+        default=SecretStr(""),
+        description="Bearer token for data-bearing GETs (dataset export, reports, images); empty "
+        "means the API token is the read token too.",
+    )
+    webhook_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="Secret Label Studio sends with its webhook calls (it is readable by Label "
+        "Studio users, so it opens the webhook only); empty means one generated per data dir.",
+    )
+    max_body_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body the API reads; larger ones get 413 before a byte is "
+        "read past the limit.",
+    )
+    max_event_streams: int = Field(
+        default=16, ge=1, description="Concurrent /api/events/stream connections per API process."
+    )
 
     s3_port: int = Field(default=8333, description="Port of the local SeaweedFS S3 API.")
 
@@ -163,6 +182,42 @@ class Settings(BaseSettings):
     )
     promotion_margin: float = Field(default=0.0)
     class_drop_tolerance: float = Field(default=0.05)
+
+    # --- outages: every client waits a bounded time and retries a bounded number of times ---
+    service_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Connect/read timeout of each call to S3, MLflow, Label Studio, Prefect and "
+        "the database.",
+    )
+    service_retries: int = Field(
+        default=2, ge=0, description="Retries of a failed call to a service before giving up."
+    )
+    task_retries: int = Field(
+        default=2, ge=0, description="Prefect retries of a flow task that talks to a server."
+    )
+    task_retry_delay_s: float = Field(default=5.0, ge=0)
+
+    # --- hostile input ----------------------------------------------------------------------
+    max_image_pixels: int = Field(
+        default=40_000_000,
+        ge=1,
+        description="Images with more pixels are refused before decoding.",
+    )
+    decode_budget_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Decoded pixels held at once by one ingest process: batches wait for room "
+        "instead of counting files.",
+    )
+    ingest_max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="A file whose batch crashed or timed out this many times is quarantined.",
+    )
+    ingest_batch_timeout_s: float = Field(
+        default=600.0, gt=0, description="A batch taking longer than this counts as timed out."
+    )
 
     # --- scale-out ---------------------------------------------------------------------------
     task_runner: Literal["threads", "dask"] = Field(
