@@ -1,6 +1,6 @@
 """What the routers depend on, injected so tests and the benchmark can swap any of it
 (``app.dependency_overrides``): settings, a database session, the champion predictor, the
-object store, the retrain launcher and the bearer-token check."""
+object store, the retrain launcher and the bearer-token checks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from api.security import require_api_token
+from api.security import require_api_token, require_read_token, require_webhook_token
 from api.telemetry import RequestLog
 from serving.predictor import ChampionPredictor, get_predictor
 from training.retrain_launcher import LaunchedRetrain, launch_retrain
@@ -106,3 +106,7 @@ RequestLogDep = Annotated[RequestLog, Depends(request_log)]
 
 Token = Depends(require_api_token)
 """For ``dependencies=[Token]`` on every mutating operation."""
+ReadToken = Depends(require_read_token)
+"""For ``dependencies=[ReadToken]`` on every data-bearing GET (``api.gate.DATA_GETS``)."""
+WebhookToken = Depends(require_webhook_token)
+"""For the Label Studio webhook only."""

@@ -10,6 +10,7 @@ their HTTP status here, once, so routers never translate exceptions themselves.
 from __future__ import annotations
 
 import logging
+import uuid
 from http import HTTPStatus
 from typing import Any
 
@@ -20,14 +21,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.predictor import NoChampionError
 from training.model_catalog import UnknownModelVersion
 from training.retrain_guard import RetrainBusy
 from training.snapshot_export import UnknownSnapshot
+from training.snapshots import ManifestRejected
 from visionloop.images import ImageRejected
-from visionloop.registry import RegistryError
+from visionloop.registry import RegistryError, WeightsChecksumError
 from visionloop.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -81,14 +85,14 @@ class ServiceUnavailable(RuntimeError):
 
 _DESCRIPTIONS = {
     400: "The body could not be parsed (not JSON, not UTF-8, or a broken multipart form).",
-    401: "Missing or wrong bearer token (VISIONLOOP_API_TOKEN).",
+    401: "Missing, malformed or wrong bearer token.",
     404: "What the request names does not exist.",
     409: "The platform's state does not allow this now.",
-    413: "The upload is too large.",
+    413: "The request body is larger than the API accepts (max_body_bytes).",
     422: "The request is invalid; `errors` says where.",
     503: (
-        "A service this needs (MLflow, Prefect, the object store) is unavailable, "
-        "or there is no champion."
+        "A service this needs (the database, MLflow, Prefect, the object store) is "
+        "unavailable, or there is no champion."
     ),
 }
 _MODELS: dict[int, type[ErrorBody]] = {422: ValidationErrorBody}
@@ -111,8 +115,15 @@ def responses(*codes: int, **models: type[ErrorBody]) -> dict[int | str, dict[st
 
 AUTH = responses(401, 503)
 """What a token-guarded operation can add: 401, and 503 when the server has no token set."""
-BODY = responses(400, 422)
-"""What an operation with a request body can add."""
+BODY = responses(400, 413, 422)
+"""What an operation with a request body can add (413: over max_body_bytes)."""
+DATABASE_UNAVAILABLE = (
+    "the platform database is unavailable; check that it is running and that "
+    "VISIONLOOP_DATABASE_URL points at it, then try again"
+)
+"""Says which service and which setting, never the statement, driver or host: those are for
+the server's log."""
+_KINDS = {413: "payload_too_large"}
 
 
 def content(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
@@ -124,6 +135,8 @@ def content(media_type: str, description: str) -> dict[int | str, dict[str, Any]
 
 
 def _kind(status: int) -> str:
+    if status in _KINDS:
+        return _KINDS[status]
     try:
         return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
     except ValueError:
@@ -192,6 +205,16 @@ async def _conflict(_request: Request, exc: Conflict) -> JSONResponse:
     return error_response(409, "conflict", str(exc))
 
 
+async def _snapshot_rejected(_request: Request, exc: ManifestRejected) -> JSONResponse:
+    # The stored snapshot fails its own hashes or paths: nothing to retry, a person must look.
+    return error_response(409, "snapshot_rejected", str(exc))
+
+
+async def _weights_untrusted(_request: Request, exc: WeightsChecksumError) -> JSONResponse:
+    # Not an outage: the registry answered, and what it holds must not be loaded.
+    return error_response(409, "weights_untrusted", str(exc))
+
+
 async def _too_large(_request: Request, exc: PayloadTooLarge) -> JSONResponse:
     return error_response(413, "payload_too_large", str(exc))
 
@@ -201,9 +224,26 @@ async def _unavailable(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, "service_unavailable", f"{type(exc).__name__}: {exc}")
 
 
-async def _internal(_request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", exc_info=exc)
-    return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # The statement, its parameters and the host stay in the log: they tell an intruder the
+    # schema and the network, and a person reading the answer nothing they can act on.
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(503, "database_unavailable", DATABASE_UNAVAILABLE)
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    request_id = uuid.uuid4().hex
+    log.error(
+        "unhandled error %s on %s %s", request_id, request.method, request.url.path, exc_info=exc
+    )
+    return error_response(
+        500,
+        "internal_error",
+        f"the API failed to answer this request; the server log has the cause under "
+        f"request id {request_id}",
+        headers={"X-Request-ID": request_id},
+        request_id=request_id,
+    )
 
 
 def install(app: FastAPI) -> None:
@@ -217,6 +257,8 @@ def install(app: FastAPI) -> None:
         app.add_exception_handler(missing, _not_found)  # type: ignore[arg-type]
     app.add_exception_handler(Conflict, _conflict)  # type: ignore[arg-type]
     app.add_exception_handler(PayloadTooLarge, _too_large)  # type: ignore[arg-type]
+    app.add_exception_handler(ManifestRejected, _snapshot_rejected)  # type: ignore[arg-type]
+    app.add_exception_handler(WeightsChecksumError, _weights_untrusted)  # type: ignore[arg-type]
     # The services the API stands on: their failures are theirs to report, as 503 with the cause.
     for unavailable in (
         ServiceUnavailable,
@@ -227,4 +269,7 @@ def install(app: FastAPI) -> None:
         ConnectionError,
     ):
         app.add_exception_handler(unavailable, _unavailable)
+    # Connection refused, dropped, timed out or the database gone: an outage, not a bug.
+    for outage in (OperationalError, InterfaceError, DisconnectionError, PoolTimeout):
+        app.add_exception_handler(outage, _database_unavailable)
     app.add_exception_handler(Exception, _internal)

@@ -7,6 +7,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from api import errors
+from api.gate import Gate
 from api.routes import (
     dashboard,
     events,
@@ -29,13 +30,19 @@ def create_app() -> FastAPI:
         title="visionloop",
         description="Continuous training for YOLO detectors: retraining status and conditions, "
         "labelling queue, drift, models and serving. Mutating operations need "
-        "`Authorization: Bearer <VISIONLOOP_API_TOKEN>`; every error is JSON "
+        "`Authorization: Bearer <VISIONLOOP_API_TOKEN>`; data-bearing reads (dataset exports, "
+        "drift reports) need `VISIONLOOP_API_READ_TOKEN` or the API token; the Label Studio "
+        "webhook also opens with `VISIONLOOP_WEBHOOK_SECRET`. Bodies over `max_body_bytes` "
+        "get 413 before they are read. Every error is JSON "
         '`{"error": kind, "detail": sentence}`. The dashboard is at `/dashboard`.',
         version="0.1.0",
     )
     app.state.request_log = RequestLog()
     app.state.resource_sampler = ResourceSampler()
     errors.install(app)
+    # Inside the telemetry, so refusals are counted; outside routing, so nothing reads a body
+    # before the gate has let the request through.
+    app.add_middleware(Gate)
     app.add_middleware(TelemetryMiddleware, log=app.state.request_log)
     if settings.cors_origins:
         app.add_middleware(
@@ -48,6 +55,7 @@ def create_app() -> FastAPI:
         app.include_router(module.router)
     # The webhook's own router declares no error responses; these are what it can answer here.
     app.include_router(labeling.router, responses={**errors.AUTH, **errors.BODY})
+    app.state.event_streams = events.StreamSlots(settings.max_event_streams)
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     return app
 

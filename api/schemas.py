@@ -105,8 +105,9 @@ class RetrainingStatusOut(Out):
     last_finished: RetrainingRunOut | None
     champion_version: str | None
     conditions: ConditionsOut
-    reconcile_error: str | None = Field(
-        description="Set when Prefect could not be asked; the state may be stale."
+    state_note: str | None = Field(
+        description="Set while a run is queued or running: its state is the database's, "
+        "reconciled with Prefect by the trigger and the check-retrain flow, so it may be stale."
     )
 
 

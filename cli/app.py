@@ -120,6 +120,24 @@ def migrate(revision: str = "head") -> None:
     console.print(f"database at {settings.db_url.split('@')[-1]} is at {revision}")
 
 
+@app.command("trust-weights")
+def trust_weights(
+    version: Annotated[str, typer.Argument(help="Registered model version.")],
+    sha256: Annotated[str, typer.Argument(help="sha256 of the best.pt you vetted.")],
+) -> None:
+    """Let a version registered without a checksum be loaded, once you vetted its weights."""
+    from visionloop.registry import RegistryError
+    from visionloop.registry import trust_weights as record_trust
+
+    settings = _settings()
+    _use_stack_env(settings)
+    try:
+        ref = record_trust(settings, version, sha256)
+    except RegistryError as exc:
+        _fail(exc)
+    console.print(f"model version {ref.version} may be loaded: sha256 {ref.sha256}")
+
+
 @app.command()
 def generate(
     out: Annotated[Path, typer.Argument(help="Folder for the YOLO dataset.")],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import secrets
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import psutil
@@ -288,6 +290,90 @@ def mlflow_spec(stack: Stack) -> ServiceSpec:
     )
 
 
+# Label Studio's own default banned subnets (1.23): it offers no allow list, only this list
+# switched off as a whole plus a list of extra bans, so the stack rebuilds it minus the few
+# addresses Label Studio must reach.
+LABEL_STUDIO_DEFAULT_BANNED_SUBNETS = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.88.99.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "233.252.0.0/24",
+    "240.0.0.0/4",
+    "255.255.255.255/32",
+    "::/128",
+    "::1/128",
+    "::ffff:0:0/96",
+    "::ffff:0:0:0/96",
+    "64:ff9b::/96",
+    "64:ff9b:1::/48",
+    "100::/64",
+    "2001:0000::/32",
+    "2001:20::/28",
+    "2001:db8::/32",
+    "2002::/16",
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def banned_subnets_except(allowed: set[IPAddress]) -> list[str]:
+    """Label Studio's default banned subnets with exactly the ``allowed`` addresses cut out."""
+    banned: list[str] = []
+    for subnet in map(ipaddress.ip_network, LABEL_STUDIO_DEFAULT_BANNED_SUBNETS):
+        pieces = [subnet]
+        for address in allowed:
+            pieces = [
+                rest
+                for piece in pieces
+                for rest in (
+                    piece.address_exclude(ipaddress.ip_network(address))
+                    if piece.version == address.version and address in piece
+                    else [piece]
+                )
+            ]
+        banned.extend(str(piece) for piece in sorted(pieces))
+    return banned
+
+
+def _host_addresses(host: str) -> set[IPAddress]:
+    """Every address ``host`` (an IP or a name, with or without a port) resolves to."""
+    name = urlsplit(f"//{host}").hostname or host
+    try:
+        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise StackError(f"cannot resolve {name!r}: {exc}") from exc
+    return {ipaddress.ip_address(info[4][0]) for info in infos}
+
+
+def label_studio_ssrf_env(settings: Settings) -> dict[str, str]:
+    """Label Studio's SSRF guard on, open only to the object store and the API's webhook.
+
+    Both live on private or loopback addresses in a self-hosted platform, which the guard bans
+    wholesale. Label Studio bans by address only, so every port of an allowed address stays
+    reachable: these are the addresses of the S3 endpoint and the API, nothing else.
+    """
+    allowed = _host_addresses(settings.s3_host) | _host_addresses(settings.api_host)
+    return {
+        "SSRF_PROTECTION_ENABLED": "true",
+        "USE_DEFAULT_BANNED_SUBNETS": "false",
+        "USER_ADDITIONAL_BANNED_SUBNETS": ",".join(banned_subnets_except(allowed)),
+    }
+
+
 def label_studio_spec(stack: Stack) -> ServiceSpec:
     s = stack.settings
     ls_dir = _state_dir(stack, "label-studio")
@@ -308,12 +394,12 @@ def label_studio_spec(stack: Stack) -> ServiceSpec:
             "LABEL_STUDIO_PASSWORD": s.label_studio_password.get_secret_value(),
             "LABEL_STUDIO_BASE_DATA_DIR": str(ls_dir),
             "LABEL_STUDIO_HOST": s.label_studio,
-            # Lets tasks point at images served by the platform's S3 endpoint.
-            "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+            # Review images come from S3 through the connected storage; serving host files
+            # would let any Label Studio user read them. Said explicitly: left unset, Label
+            # Studio turns it on by itself when it finds a likely document root.
+            "LOCAL_FILES_SERVING_ENABLED": "false",
             "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-            # Its SSRF guard bans loopback and private addresses, which is exactly where
-            # a self-hosted object store (review images) and the API (webhook) live.
-            "USE_DEFAULT_BANNED_SUBNETS": "false",
+            **label_studio_ssrf_env(s),
             "SENTRY_DSN": "",
             "FRONTEND_SENTRY_DSN": "",
         },
@@ -412,8 +498,7 @@ class Stack:
         return record["pid"]
 
     def _spawn(self, spec: ServiceSpec) -> int:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.ensure_private_dirs()
         env = {**os.environ, **spec.env}
         with open(self.log_dir / f"{spec.name}.log", "ab") as log:
             proc = subprocess.Popen(
@@ -446,14 +531,25 @@ class Stack:
         return _terminate_group(pid, timeout)
 
     # --- secrets ---------------------------------------------------------------------------
+    def ensure_private_dirs(self) -> None:
+        """The data dir, run/ and logs/ exist and only their owner can enter them.
+
+        Created 0700 before anything is written into them (secrets, logs with tokens in
+        tracebacks); existing ones are tightened.
+        """
+        for path in (self.root, self.run_dir, self.log_dir):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(path, 0o700)
+
     def ensure_secrets(self) -> Settings:
         """Generate the local stack's secrets once per data dir, then reload the settings."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.ensure_private_dirs()
         path = self.root / SECRETS_FILE
         wanted = {
             "VISIONLOOP_S3_SECRET_KEY": self.settings.s3_secret_key,
             "VISIONLOOP_LABEL_STUDIO_PASSWORD": self.settings.label_studio_password,
             "VISIONLOOP_API_TOKEN": self.settings.api_token,
+            "VISIONLOOP_WEBHOOK_SECRET": self.settings.webhook_secret,
         }
         missing = {
             k: secrets.token_urlsafe(24) for k, v in wanted.items() if not v.get_secret_value()
@@ -465,11 +561,13 @@ class Stack:
         return self.reload()
 
     def _append_secrets(self, values: dict[str, str]) -> None:
-        path = self.root / SECRETS_FILE
-        with open(path, "a") as fh:
+        # 0600 from creation on: a chmod after writing would leave a window (or, when the write
+        # fails, a file) readable by everyone.
+        fd = os.open(self.root / SECRETS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "a") as fh:
             for key, value in values.items():
                 fh.write(f"{key}={value}\n")
-        os.chmod(path, 0o600)
 
     def reload(self) -> Settings:
         """Fill secrets that are still empty from ``secrets.env``; every other value stays."""
@@ -532,7 +630,7 @@ class Stack:
         venv.parent.mkdir(parents=True, exist_ok=True)
         uv = _bin("uv")
         log = self.log_dir / "label-studio-install.log"
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.ensure_private_dirs()
         with open(log, "wb") as fh:
             for cmd, env in (
                 ([uv, "venv", "-q", "--python", sys.executable, str(venv)], {}),
@@ -656,6 +754,15 @@ class Stack:
         if access.token != s.label_studio_token.get_secret_value():
             self._append_secrets({"VISIONLOOP_LABEL_STUDIO_TOKEN": access.token})
             self.reload()
+        self._register_webhook()
+
+    def _register_webhook(self) -> None:
+        """Point the review project's webhook at the API with the current webhook secret now,
+        so a rotated secret (or an upgrade from the API token) does not wait for queued tasks.
+        """
+        from labeling.wiring import ensure_webhook, review_project
+
+        ensure_webhook(self.settings, review_project(self.settings))
 
     def _ensure_work_pool(self) -> None:
         pool = self.settings.prefect_work_pool

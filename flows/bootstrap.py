@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from flows import server_retries
 from training.snapshots import SNAPSHOT_HASH_TAG, materialise, yolo_folder_sources
 from training.tracking import tracked_training
 from visionloop.db import session_scope
@@ -31,7 +32,7 @@ def generate_seed_set(images: int, seed: int) -> str:
     return str(data_yaml)
 
 
-@task
+@task(**server_retries())
 def snapshot_seed_set(data_yaml: str) -> str:
     """The seed set as a `bootstrap` snapshot: the first champion's training reference (drift)."""
     settings = get_settings()
@@ -72,7 +73,7 @@ def train_seed_model(
     return run_id, result.metrics
 
 
-@task
+@task(**server_retries())
 def register_champion(run_id: str) -> ModelRef:
     return register_weights(get_settings(), run_id, alias=CHAMPION)
 

@@ -1,6 +1,6 @@
 """Check-and-retrain: evaluate the retraining conditions and start the retrain when they say so.
 
-release_dead_guard ─► decide ─► report ─► start_retrain (if the conditions fire)
+release_dead_guard ─► decide ─► report ─► record_request ─► start_retrain (if they fire)
 """
 
 from __future__ import annotations
@@ -10,15 +10,16 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from flows import server_retries
 from monitoring.conditions import RetrainDecision, retraining_conditions
-from training.retrain_guard import reconcile
+from training.retrain_guard import create_run, reconcile
 from training.retrain_launcher import LaunchedRetrain, launch_retrain
 from visionloop.db import session_scope
 from visionloop.events import EventKind, emit
 from visionloop.settings import get_settings
 
 
-@task
+@task(**server_retries())
 def release_dead_guard() -> int | None:
     """A retrain whose process died still holds the guard until Prefect is asked about it."""
     with session_scope() as session:
@@ -26,13 +27,13 @@ def release_dead_guard() -> int | None:
     return failed.id if failed else None
 
 
-@task
+@task(**server_retries())
 def decide() -> RetrainDecision:
     with session_scope() as session:
         return retraining_conditions(session, get_settings())
 
 
-@task
+@task(**server_retries())
 def report(decision: RetrainDecision) -> None:
     logger = get_run_logger()
     logger.info(decision.summary)
@@ -50,8 +51,23 @@ def report(decision: RetrainDecision) -> None:
     )
 
 
-@task
-def start_retrain(decision: RetrainDecision) -> LaunchedRetrain:
+@task(**server_retries())
+def record_request(decision: RetrainDecision) -> int:
+    """The pending retraining run to launch: the manual request, or one recorded now.
+
+    A task of its own so that retrying the launch reuses this run instead of recording
+    another one per attempt."""
+    if decision.manual_request_id is not None:
+        return decision.manual_request_id
+    assert decision.trigger is not None  # a decision to retrain names what fired
+    with session_scope() as session:
+        run_id = create_run(session, decision.trigger, decision.summary).id
+    assert run_id is not None
+    return run_id
+
+
+@task(**server_retries())
+def start_retrain(decision: RetrainDecision, retraining_run_id: int) -> LaunchedRetrain:
     assert decision.trigger is not None  # a decision to retrain names what fired
     with session_scope() as session:
         return launch_retrain(
@@ -59,7 +75,7 @@ def start_retrain(decision: RetrainDecision) -> LaunchedRetrain:
             get_settings(),
             trigger=decision.trigger,
             reason=decision.summary,
-            retraining_run_id=decision.manual_request_id,
+            retraining_run_id=retraining_run_id,
         )
 
 
@@ -74,5 +90,5 @@ def check_and_retrain_flow(dry_run: bool = False) -> dict[str, Any]:
     report(decision)
     launched = None
     if decision.should_retrain and not dry_run:
-        launched = start_retrain(decision)
+        launched = start_retrain(decision, record_request(decision))
     return {**decision.as_dict(), "launched": asdict(launched) if launched else None}

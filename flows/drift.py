@@ -7,13 +7,14 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows import server_retries
 from monitoring.drift_monitor import measure_drift
 from visionloop.db import session_scope
 from visionloop.models import DriftLevel
 from visionloop.settings import get_settings
 
 
-@task(retries=2, retry_delay_seconds=10)
+@task(**server_retries())
 def measure(stat_test: str | None) -> dict[str, Any] | None:
     with session_scope() as session:
         result = measure_drift(session, get_settings(), stat_test=stat_test)

@@ -4,8 +4,16 @@ uncertain ones queued for review in Label Studio.
     find_new_files ─► ingest_files (a task per batch, on the task runner) ─► gather
         ─► queue_uncertain ─► summarise
 
-Re-running it is safe and cheap: files whose source key or content is known are skipped,
-and nothing is written twice (see ``ingestion.pipeline``).
+Re-running it is safe and cheap: files whose source key (at its current version) or content
+is known are skipped, and nothing is written twice (see ``ingestion.pipeline``).
+
+Every task that talks to a server is retried ``VISIONLOOP_TASK_RETRIES`` times; a batch
+taking longer than ``VISIONLOOP_INGEST_BATCH_TIMEOUT_S`` stops as timed out, which counts
+against the files it was working on (``ingest_max_attempts``). The batch keeps that deadline
+itself, not Prefect: a task timeout cannot interrupt a batch in a worker thread. A batch that
+fails keeps what the batches before it committed; the run then fails with the error that
+names the service, and a re-run after the service is back takes up exactly the files without
+an outcome.
 
 The batches fan out through the flow's task runner, chosen from the settings when a run
 starts (``VISIONLOOP_TASK_RUNNER``, see ``ingest_task_runner``):
@@ -30,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -42,11 +50,13 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from ingestion.pipeline import (
     BatchReport,
+    BatchTimedOut,
     SourceFile,
     ingest_sources,
     list_bucket,
     list_folder,
     plan_batches,
+    record_failure,
     unseen,
 )
 from labeling.selection import Candidate, SelectionPolicy, select
@@ -134,13 +144,17 @@ def find_new_files(prefix: str, folder: str | None) -> list[SourceFile]:
 # is loaded by Prefect from its path, under a module name a Dask worker could not import).
 # Results stay in memory (NO_CACHE): a batch is never worth re-running from a cache, and
 # hashing its inputs would cost more than the work.
-ingest_files = task(
-    ingest_sources,
-    name="ingest_files",
-    cache_policy=NO_CACHE,
-    retries=1,
-    retry_delay_seconds=5,
-)
+# Retries come from the settings when a run starts (``server_task``). No ``timeout_seconds``:
+# the batch keeps ``ingest_batch_timeout_s`` itself (``ingestion.pipeline.Deadline``).
+ingest_files = task(ingest_sources, name="ingest_files", cache_policy=NO_CACHE)
+
+
+def server_task(t: Task, settings: Settings, **options: Any) -> Task:
+    """``t`` with the settings' retries: decorator values are fixed when this file is
+    imported, settings are read when a run starts."""
+    return t.with_options(
+        retries=settings.task_retries, retry_delay_seconds=settings.task_retry_delay_s, **options
+    )
 
 
 @task(cache_policy=NO_CACHE)
@@ -265,6 +279,18 @@ class IngestTally:
         return summary
 
 
+def remember_failure(batch: list[SourceFile], error: BaseException) -> None:
+    """Note on the batch's counted attempts (a lost worker) why it failed; a database that is
+    away too leaves the note out, not the run's own error."""
+    if isinstance(error, BatchTimedOut):
+        return  # noted by the batch, on the files it was working on (not those it never began)
+    try:
+        with session_scope() as session:
+            record_failure(session, batch, f"{type(error).__name__}: {error}")
+    except Exception as exc:
+        get_run_logger().warning("the failure of a batch was not recorded: %s", exc)
+
+
 def _summary_markdown(summary: dict[str, Any], quarantined: dict[str, str]) -> str:
     lines = [
         "# Ingest",
@@ -297,6 +323,7 @@ def gather(
         except Exception as exc:  # the other batches still finish and are counted
             failures.append(exc)
             tally.batch_failed(len(batches[index]), index, len(batches), exc)
+            remember_failure(batches[index], exc)
             continue
         tally.batch_done(len(batches[index]), report)
     return reports, failures
@@ -325,18 +352,20 @@ def ingest_flow(
     ``conf`` the lowest box confidence kept; ``selection`` overrides the settings'
     selection policy for this run.
     """
-    policy = selection or drift_aware_policy(get_settings())
-    files = find_new_files(prefix, folder)
+    settings = get_settings()
+    policy = selection or drift_aware_policy(settings)
+    files = server_task(find_new_files, settings)(prefix, folder)
     batches = plan_batches(files, batch_size)
     tally = IngestTally(len(files))
-    futures = {ingest_files.submit(batch, imgsz, conf): i for i, batch in enumerate(batches)}
+    ingest = server_task(ingest_files, settings)
+    futures = {ingest.submit(batch, imgsz, conf): i for i, batch in enumerate(batches)}
     reports, failures = gather(batches, futures, tally)
     gathered = Gathered.of(reports)
     if gathered.unpredicted:
         get_run_logger().warning("ingested without predictions: %s", gathered.unpredicted)
     # Always: it also gives a task to queue rows a failed run left without one (and the
     # images of the batches that did finish are queued even when another failed).
-    queued = queue_uncertain(gathered.candidates, policy)
+    queued = server_task(queue_uncertain, settings)(gathered.candidates, policy)
     if failures:
         raise failures[0]
     return tally.summarise(gathered, queued)

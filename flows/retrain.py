@@ -29,6 +29,7 @@ from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict
 
+from flows import server_retries
 from flows.evaluate import Evaluation, evaluate_flow
 from flows.export import ExportedSnapshot, export_flow
 from flows.train import TrainedChallenger, train_flow
@@ -233,7 +234,7 @@ def evaluate_stage(
     )
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **server_retries())
 def confirm_verdict(run_id: int, evaluation: Evaluation) -> Verdict:
     """The gate's decision, checked again now: a run that lost the guard must not promote,
     and a comparison with a champion someone has moved by hand meanwhile is stale."""
@@ -253,7 +254,7 @@ def confirm_verdict(run_id: int, evaluation: Evaluation) -> Verdict:
     return Verdict(promote=decision.promote, reasons=list(decision.reasons))
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **server_retries())
 def consume_labels(snapshot_id: int) -> None:
     """Consumed labels stop counting as new for the retraining conditions, promoted or not:
     retraining on the same labels would only reach the same verdict."""
@@ -262,7 +263,7 @@ def consume_labels(snapshot_id: int) -> None:
         mark_labels_used(session, image_hashes(manifest))
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **server_retries())
 def promote_challenger(run_id: int, version: str) -> None:
     promote(get_settings(), version, reason=f"retraining run {run_id} passed the gate")
 
@@ -307,7 +308,7 @@ def record_success(
     )
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **server_retries())
 def announce(summary: RetrainSummary, webhook: str) -> None:
     _stage(summary.retraining_run_id, "notify")
     notify(

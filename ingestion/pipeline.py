@@ -1,8 +1,10 @@
 """Ingest: new files in the object store (or a local folder) become images the loop knows.
 
 A file is identified by its content (SHA-256): identical bytes under two names are one
-image. A name ingested before is not even read again; new names are read, hashed and, when
-their content is known, counted as duplicates. Each file ends as exactly one of
+image. A name ingested before is not even read again unless its content changed since (its
+ETag, or a local file's size and modification time): new names and new versions are read,
+hashed and, when their content is known, counted as duplicates; the rows of earlier versions
+stay. Each file ends as exactly one of
 
 - ``ingested``: decoded, stored in the images bucket under its content key, image-quality
   features computed and, when a champion exists, predicted;
@@ -17,25 +19,41 @@ equal sizes longer than a batch, or two runs at once) turns those files into dup
 when the database's unique content hash refuses its rows, so identical bytes stay one image.
 
 ``ingest_batch`` overlaps the work: a small thread pool reads, hashes, validates, decodes
-and measures a few files ahead, and uploads the new ones, while the calling thread predicts.
+and measures files ahead, and uploads the new ones, while the calling thread predicts.
 On a CPU ultralytics gives inference ``cpu_count - 1`` threads (one on two cores), so the
-rest of the pipeline runs beside prediction instead of adding to its time.
+rest of the pipeline runs beside prediction instead of adding to its time. How far ahead is
+bounded by bytes, not files (``ByteBudget``): a file is decoded only while the estimated
+decoded bytes in flight leave room for it.
+
+A file that kills its batch (the process dies, or the batch times out) must not be retried
+forever: every batch records an attempt per file (``ingest_attempts``) before working on it
+and clears it once the file has an outcome. Files with an attempt left over are retried one
+per batch, so one bad file does not take its neighbours down with it, and at
+``ingest_max_attempts`` a file is quarantined as ``poison`` without being decoded again.
+
+The batch enforces ``ingest_batch_timeout_s`` itself (``Deadline``), between files and while
+waiting for one. A Prefect task timeout cannot interrupt a batch in a worker thread: it lands
+only once the blocking call in hand (a decode, an upload) returns, wherever the batch then
+is. A timed-out batch keeps the attempts of the files it was working on, noted "timed out
+after N s".
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
+import threading
+import time
 from bisect import bisect_left
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -52,8 +70,15 @@ from serving.predictor import (
     get_predictor,
 )
 from visionloop.db import session_scope
-from visionloop.images import DecodedImage, ImageRejected, decode_image
-from visionloop.models import Image, ImageStatus, Prediction
+from visionloop.images import (
+    DecodedImage,
+    DecodeLimits,
+    ImageRejected,
+    decode_cost,
+    decode_image,
+)
+from visionloop.models import Image, ImageStatus, IngestAttempt, Prediction, utcnow
+from visionloop.registry import RegistryError
 from visionloop.settings import Settings, get_settings
 from visionloop.storage import ObjectStore, content_key, sha256_hex
 
@@ -63,8 +88,6 @@ T = TypeVar("T")
 QUARANTINE_PREFIX = "ingest/"
 WORKERS = 2
 """Threads reading, decoding and uploading ahead of prediction."""
-LOOKAHEAD = 16
-"""Files prepared ahead of prediction at most: bounds memory whatever the batch size."""
 PREDICT_CHUNK = 4
 """Images per ultralytics call: on a CPU bigger batches are no faster, only later to start."""
 _QUERY_CHUNK = 500  # keys per IN (...) query, well under every database's parameter limit
@@ -75,6 +98,8 @@ class SourceFile:
     uri: str
     """``s3://bucket/key`` or ``file:///absolute/path``: stored as the image's ``source_key``."""
     size: int
+    version: str = ""
+    """What changes when the content does (S3 ETag; size and mtime of a local file)."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +131,7 @@ class BatchReport:
 
 def list_bucket(store: ObjectStore, bucket: str, prefix: str = "") -> list[SourceFile]:
     return [
-        SourceFile(f"s3://{bucket}/{obj.key}", obj.size)
+        SourceFile(f"s3://{bucket}/{obj.key}", obj.size, obj.etag)
         for obj in store.list_objects(bucket, prefix)
         if not obj.key.endswith("/")  # folder markers some S3 consoles create
     ]
@@ -116,11 +141,12 @@ def list_folder(folder: Path) -> list[SourceFile]:
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
-    return [
-        SourceFile(path.as_uri(), path.stat().st_size)
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    ]
+    return [_local_file(path) for path in sorted(root.rglob("*")) if path.is_file()]
+
+
+def _local_file(path: Path) -> SourceFile:
+    stat = path.stat()
+    return SourceFile(path.as_uri(), stat.st_size, f"{stat.st_size}:{stat.st_mtime_ns}")
 
 
 def read_source(store: ObjectStore, uri: str) -> bytes:
@@ -146,12 +172,19 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 def unseen(sources: Iterable[SourceFile], session: Session) -> list[SourceFile]:
-    """The sources no image row names as its source (new since the last run)."""
+    """The sources whose current version no image row names (new or changed since the last
+    run). A row from before versions were kept counts when the size matches."""
     sources = list(sources)
-    known: set[str] = set()
+    read: set[tuple[str, str]] = set()
     for chunk in _chunks([s.uri for s in sources], _QUERY_CHUNK):
-        known.update(session.exec(select(Image.source_key).where(col(Image.source_key).in_(chunk))))
-    return [s for s in sources if s.uri not in known]
+        rows = session.exec(
+            select(Image.source_key, Image.source_version, Image.size_bytes).where(
+                col(Image.source_key).in_(chunk)
+            )
+        )
+        for key, version, size in rows:
+            read.add((key, version if version is not None else f"size:{size}"))
+    return [s for s in sources if not read & {(s.uri, s.version), (s.uri, f"size:{s.size}")}]
 
 
 def plan_batches(sources: Sequence[SourceFile], batch_size: int) -> list[list[SourceFile]]:
@@ -202,68 +235,199 @@ class PreparedImage:
     decoded: DecodedImage | None = None
     features: dict[str, float] | None = None
     rejected: ImageRejected | None = None
+    source_version: str | None = None
+    weight: int = 0
+    """Bytes it holds against the batch's ``ByteBudget`` until it is settled."""
 
 
-def measure_image(data: bytes, source_key: str, decoded: DecodedImage) -> PreparedImage:
+def measure_image(
+    data: bytes, source_key: str, decoded: DecodedImage, limits: DecodeLimits
+) -> PreparedImage:
     """A decoded file's content key and image-quality features (``ImageRejected`` if the
     features cannot be measured). Features come from the bytes, so every way in (ingest or
-    the API) measures an image the same way."""
-    features = extract_features(data)
+    the API) measures an image the same way, under the same ``limits`` it was decoded with."""
+    features = extract_features(data, limits=limits)
     key = content_key(data, suffix=decoded.extension)
     return PreparedImage(source_key, data, sha256_hex(data), key, decoded, features)
 
 
-def prepare_image(data: bytes, source_key: str, decode_side: int | None) -> PreparedImage:
+def quarantined(data: bytes, source_key: str, rejected: ImageRejected) -> PreparedImage:
+    # Keyed by content alone (not the file's name), like every stored image.
+    key = content_key(data, prefix=QUARANTINE_PREFIX)
+    return PreparedImage(source_key, data, sha256_hex(data), key, rejected=rejected)
+
+
+def prepare_image(
+    data: bytes, source_key: str, decode_side: int | None, limits: DecodeLimits
+) -> PreparedImage:
     """Validate, decode and measure one file's bytes; an unusable file is prepared for
     quarantine, with why."""
     try:
-        return measure_image(data, source_key, decode_image(data, max_side=decode_side))
+        decoded = decode_image(data, max_side=decode_side, limits=limits)
+        return measure_image(data, source_key, decoded, limits)
     except ImageRejected as exc:
-        # Keyed by content alone (not the file's name), like every stored image.
-        key = content_key(data, prefix=QUARANTINE_PREFIX)
-        return PreparedImage(source_key, data, sha256_hex(data), key, rejected=exc)
+        return quarantined(data, source_key, exc)
 
 
-def _prepare(store: ObjectStore, source: SourceFile, decode_side: int | None) -> PreparedImage:
-    """Read and prepare one file (runs on a worker thread)."""
-    return prepare_image(read_source(store, source.uri), source.uri, decode_side)
+class BudgetClosed(RuntimeError):
+    """The batch stopped taking files (an error elsewhere): the waiting ones give up."""
 
 
-def _store(settings: Settings, store: ObjectStore, prepared: PreparedImage) -> None:
+class ByteBudget:
+    """Estimated bytes of the files being decoded or waiting to be settled, admitted in
+    source order: a file waits until its bytes fit, and a file alone always fits, however
+    large.
+
+    Admission in order keeps the files the consumer waits for (it takes them in order) from
+    being starved by later ones; ``peak`` is the most bytes ever in flight.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self.peak = 0
+        self._next = 0
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def _fits(self, ticket: int, weight: int) -> bool:
+        room = self.in_flight == 0 or self.in_flight + weight <= self.limit
+        return ticket == self._next and room
+
+    def acquire(self, ticket: int, weight: int) -> None:
+        """Wait for the turn of the ``ticket``-th file and room for its ``weight``."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._closed or self._fits(ticket, weight))
+            if self._closed:
+                raise BudgetClosed("the batch stopped before this file was decoded")
+            self._next += 1
+            self.in_flight += weight
+            self.peak = max(self.peak, self.in_flight)
+            self._changed.notify_all()
+
+    def release(self, weight: int) -> None:
+        with self._changed:
+            self.in_flight -= weight
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+
+class BatchTimedOut(TimeoutError):
+    """The batch ran past ``ingest_batch_timeout_s``."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a batch must stop (``time.monotonic``), checked between files."""
+
+    at: float
+    timeout_s: float
+
+    @classmethod
+    def after(cls, timeout_s: float) -> Deadline:
+        return cls(time.monotonic() + timeout_s, timeout_s)
+
+    def left(self) -> float | None:
+        """Seconds left (None: no deadline; waits take no infinite timeout)."""
+        return None if math.isinf(self.at) else max(0.0, self.at - time.monotonic())
+
+    def expired(self) -> BatchTimedOut:
+        return BatchTimedOut(f"timed out after {self.timeout_s:g} s")
+
+    def check(self) -> None:
+        if time.monotonic() >= self.at:
+            raise self.expired()
+
+    def result(self, future: Future[T]) -> T:
+        """``future``'s result, or ``BatchTimedOut`` once the deadline passes first (the
+        future's own errors, a ``TimeoutError`` of a socket among them, pass unchanged)."""
+        done, _ = wait([future], timeout=self.left())
+        if not done:
+            raise self.expired()
+        return future.result()
+
+
+NO_DEADLINE = Deadline(math.inf, math.inf)
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    decode_side: int | None
+    limits: DecodeLimits
+    refused: dict[str, ImageRejected] = field(default_factory=dict)
+    """Files quarantined without decoding (by uri), with why."""
+
+
+def _prepare(
+    store: ObjectStore,
+    source: SourceFile,
+    ticket: int,
+    options: PrepareOptions,
+    budget: ByteBudget,
+) -> PreparedImage:
+    """Read and prepare one file (runs on a worker thread), its decode admitted by ``budget``."""
+    data = read_source(store, source.uri)
+    refused = options.refused.get(source.uri)
+    # A file over the decode limit is refused before decoding: it holds no more than that.
+    cost = 0 if refused else decode_cost(data, max_side=options.decode_side)
+    weight = len(data) + min(cost, options.limits.max_bytes)
+    budget.acquire(ticket, weight)
+    try:
+        if refused is not None:
+            prepared = quarantined(data, source.uri, refused)
+        else:
+            prepared = prepare_image(data, source.uri, options.decode_side, options.limits)
+    except BaseException:
+        budget.release(weight)
+        raise
+    prepared.source_version = source.version
+    prepared.weight = weight
+    return prepared
+
+
+def _store(
+    store: ObjectStore, bucket: str, key: str, data: bytes, content_type: str | None
+) -> None:
     """Upload new content; a plain put, as the database has just said the content is new
     (a leftover of a failed run under the same content key holds the same bytes anyway)."""
-    if prepared.decoded is None:
-        store.put_bytes(settings.bucket_quarantine, prepared.object_key, prepared.data)
-    else:
-        content_type = prepared.decoded.content_type
-        store.put_bytes(settings.bucket_images, prepared.object_key, prepared.data, content_type)
+    store.put_bytes(bucket, key, data, content_type or "application/octet-stream")
 
 
-def _prepared_in_order(
+def prepared_chunks(
     pool: ThreadPoolExecutor,
     store: ObjectStore,
     sources: Sequence[SourceFile],
-    decode_side: int | None,
-) -> Iterator[PreparedImage]:
-    """Prepared files in source order, at most ``LOOKAHEAD`` in flight."""
-    queue: deque[Future[PreparedImage]] = deque()
-    remaining = iter(sources)
+    options: PrepareOptions,
+    budget: ByteBudget,
+    deadline: Deadline = NO_DEADLINE,
+) -> Iterator[list[PreparedImage]]:
+    """Prepared files in source order, in chunks of up to ``PREDICT_CHUNK``; the caller
+    releases each file's ``weight`` from ``budget`` once it is done with it.
 
-    def top_up() -> None:
-        while len(queue) < LOOKAHEAD:
-            source = next(remaining, None)
-            if source is None:
-                return
-            queue.append(pool.submit(_prepare, store, source, decode_side))
-
-    top_up()
+    A chunk is handed over early when the next file is not ready yet: that file may be
+    waiting for the bytes this chunk holds. ``BatchTimedOut`` once ``deadline`` passes, even
+    while a file is still being decoded.
+    """
+    futures = [
+        pool.submit(_prepare, store, source, i, options, budget) for i, source in enumerate(sources)
+    ]
     try:
-        while queue:
-            prepared = queue.popleft().result()
-            top_up()
-            yield prepared
+        chunk: list[PreparedImage] = []
+        for future in futures:
+            if chunk and (len(chunk) == PREDICT_CHUNK or not future.done()):
+                yield chunk
+                chunk = []
+            chunk.append(deadline.result(future))
+            deadline.check()
+        if chunk:
+            yield chunk
     finally:
-        for future in queue:  # an error upstream: do not leave work running
+        budget.close()  # an error upstream: files still waiting give up
+        for future in futures:
             future.cancel()
 
 
@@ -291,6 +455,7 @@ def image_row(prepared: PreparedImage, status: ImageStatus = ImageStatus.ingeste
         content_hash=prepared.content_hash,
         object_key=prepared.object_key,
         source_key=prepared.source_key,
+        source_version=prepared.source_version,
         size_bytes=len(prepared.data),
     )
     if prepared.rejected is not None:
@@ -379,8 +544,8 @@ class _Settler:
     """A batch's files sorted into new and known content, a few at a time; the new ones are
     uploaded (on the pool) and predicted (on the calling thread).
 
-    Only rows and hashes are kept: a file's bytes and pixels are freed as soon as it is
-    uploaded and predicted, so memory stays bounded by ``LOOKAHEAD``.
+    Only rows and hashes are kept: a file's pixels are freed, and its bytes given back to
+    the ``budget``, once it is predicted (an upload keeps only the file's bytes).
     """
 
     def __init__(
@@ -390,9 +555,11 @@ class _Settler:
         store: ObjectStore,
         pool: ThreadPoolExecutor,
         predict: Callable[[list[np.ndarray]], list[PredictionResult]] | None,
+        budget: ByteBudget,
     ) -> None:
         self._settings, self._session, self._store, self._pool = settings, session, store, pool
         self._predict = predict
+        self._budget = budget
         self.new: dict[str, Image] = {}  # content hash -> its new row, in order
         self.known: dict[str, Image] = {}  # content hash -> row of an earlier run
         self.order: list[tuple[str, str]] = []  # (source key, content hash) of every file
@@ -400,6 +567,21 @@ class _Settler:
         self._uploads: list[Future[None]] = []
 
     def settle(self, chunk: list[PreparedImage]) -> None:
+        try:
+            self._settle(chunk)
+        finally:
+            for prepared in chunk:
+                self._budget.release(prepared.weight)
+
+    def _upload(self, prepared: PreparedImage) -> None:
+        if prepared.decoded is None:
+            bucket, content_type = self._settings.bucket_quarantine, None
+        else:
+            bucket, content_type = self._settings.bucket_images, prepared.decoded.content_type
+        args = (self._store, bucket, prepared.object_key, prepared.data, content_type)
+        self._uploads.append(self._pool.submit(_store, *args))
+
+    def _settle(self, chunk: list[PreparedImage]) -> None:
         fresh = [p.content_hash for p in chunk if p.content_hash not in self.new]
         self.known.update(_known_hashes(self._session, fresh))
         to_predict = []
@@ -408,17 +590,17 @@ class _Settler:
             if prepared.content_hash in self.known or prepared.content_hash in self.new:
                 continue
             self.new[prepared.content_hash] = image_row(prepared)
-            self._uploads.append(self._pool.submit(_store, self._settings, self._store, prepared))
+            self._upload(prepared)
             if prepared.decoded is not None:
                 to_predict.append(prepared)
         if self._predict is not None and to_predict:
             results = self._predict([p.decoded.rgb for p in to_predict])  # type: ignore[union-attr]
             self.predictions.update((p.content_hash, r) for p, r in zip(to_predict, results))
 
-    def wait_for_uploads(self) -> None:
+    def wait_for_uploads(self, deadline: Deadline) -> None:
         """Raise if an upload failed: rows are only written for content that is stored."""
         for upload in self._uploads:
-            upload.result()
+            deadline.result(upload)
 
 
 def _outcomes(
@@ -449,12 +631,18 @@ def ingest_batch(
     predictor: ChampionPredictor | None,
     imgsz: int | None = None,
     conf: float = PREDICT_CONF,
+    refused: dict[str, ImageRejected] | None = None,
+    budget: ByteBudget | None = None,
+    deadline: Deadline = NO_DEADLINE,
 ) -> BatchReport:
     """Ingest ``sources``, their rows written and committed in one transaction (see
     ``_write_rows``); ``predictor`` None skips prediction (no champion yet).
 
     ``imgsz`` is the prediction size (default: the champion's training size), JPEGs are
-    decoded no larger than it needs; boxes under ``conf`` are not kept.
+    decoded no larger than it needs; boxes under ``conf`` are not kept. ``refused`` files
+    are quarantined with the given reason, without being decoded. ``budget`` bounds the
+    decoded bytes in flight (default: ``decode_budget_bytes``). Past ``deadline`` the batch
+    stops with ``BatchTimedOut`` and writes no rows.
     """
     report = BatchReport()
     decode_side = None
@@ -464,16 +652,188 @@ def ingest_batch(
         report.model_version = predictor.model_version()
         predict = partial(predictor.predict_batch, imgsz=imgsz, conf=conf)
 
-    with ThreadPoolExecutor(WORKERS, thread_name_prefix="ingest") as pool:
-        settler = _Settler(settings, session, store, pool, predict)
-        prepared = _prepared_in_order(pool, store, sources, decode_side)
-        for chunk in _chunks(prepared, PREDICT_CHUNK):
+    options = PrepareOptions(decode_side, DecodeLimits.from_settings(settings), refused or {})
+    budget = budget or ByteBudget(settings.decode_budget_bytes)
+    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="ingest")
+    timed_out = False
+    try:
+        settler = _Settler(settings, session, store, pool, predict, budget)
+        for chunk in prepared_chunks(pool, store, sources, options, budget, deadline):
             settler.settle(chunk)
-        settler.wait_for_uploads()
+            deadline.check()
+        settler.wait_for_uploads(deadline)
+    except BatchTimedOut:
+        timed_out = True
+        raise
+    finally:
+        # Past the deadline nobody waits for the file still being decoded: its thread ends
+        # on its own, and its result is dropped.
+        pool.shutdown(wait=not timed_out, cancel_futures=True)
 
     new, report.candidates = _write_rows(session, settler.new, settler.known, settler.predictions)
     report.files = _outcomes(settler.order, new, settler.known)
     return report
+
+
+# --- attempts: files whose batch crashed or timed out ---------------------------------------
+
+POISON = "poison"
+CRASHED = "the process running it ended without a result"
+
+
+def _attempt_rows(session: Session, sources: Sequence[SourceFile]) -> dict[str, IngestAttempt]:
+    """The attempt rows of ``sources`` (for their current versions), by uri."""
+    wanted = {(s.uri, s.version) for s in sources}
+    rows: dict[str, IngestAttempt] = {}
+    for chunk in _chunks([s.uri for s in sources], _QUERY_CHUNK):
+        found = session.exec(select(IngestAttempt).where(col(IngestAttempt.source_key).in_(chunk)))
+        rows.update((r.source_key, r) for r in found if (r.source_key, r.source_version) in wanted)
+    return rows
+
+
+def start_attempts(session: Session, sources: Sequence[SourceFile]) -> None:
+    """Count one more attempt of each of ``sources`` and commit it before any work starts:
+    if the process dies in the batch, the count stays."""
+    rows = _attempt_rows(session, sources)
+    for source in sources:
+        row = rows.get(source.uri) or IngestAttempt(
+            source_key=source.uri, source_version=source.version
+        )
+        row.attempts += 1
+        row.updated_at = utcnow()
+        session.add(row)
+    session.commit()
+
+
+def end_attempts(session: Session, sources: Sequence[SourceFile], *, counted: bool) -> None:
+    """The batch of ``sources`` ended: with an outcome for each (``counted``: the attempts
+    are cleared) or with an ordinary error, which is no crash (the attempt is taken back)."""
+    rows = _attempt_rows(session, sources)
+    for row in rows.values():
+        if counted or row.attempts <= 1:
+            session.delete(row)
+        else:
+            row.attempts -= 1
+            session.add(row)
+    session.commit()
+
+
+def record_failure(session: Session, sources: Sequence[SourceFile], error: str) -> None:
+    """Remember why the batch of ``sources`` ended without outcomes (a timeout, a lost
+    worker): the quarantine reason quotes the last one."""
+    for row in _attempt_rows(session, sources).values():
+        row.last_error = error
+        row.updated_at = utcnow()
+        session.add(row)
+    session.commit()
+
+
+def poison_reason(row: IngestAttempt) -> ImageRejected:
+    return ImageRejected(
+        POISON,
+        f"its ingest batch crashed or timed out {row.attempts} times; "
+        f"last: {row.last_error or CRASHED}",
+    )
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """A batch's files in the groups it ingests them in."""
+
+    poison: dict[str, ImageRejected]
+    """Files at the attempt limit: quarantined without being decoded."""
+    groups: list[list[SourceFile]]
+    """The rest: the files with no earlier attempt together, each suspect alone."""
+
+
+def plan_attempts(session: Session, sources: Sequence[SourceFile], max_attempts: int) -> BatchPlan:
+    rows = _attempt_rows(session, sources)
+    poison = {uri: poison_reason(row) for uri, row in rows.items() if row.attempts >= max_attempts}
+    fresh = [s for s in sources if s.uri not in rows]
+    suspects = [[s] for s in sources if s.uri in rows and s.uri not in poison]
+    poisoned = [s for s in sources if s.uri in poison]
+    groups = ([poisoned] if poisoned else []) + ([fresh] if fresh else []) + suspects
+    return BatchPlan(poison, groups)
+
+
+def _merge(reports: Sequence[BatchReport]) -> BatchReport:
+    merged = BatchReport()
+    for report in reports:
+        merged.files += report.files
+        merged.candidates += report.candidates
+        merged.model_version = merged.model_version or report.model_version
+    return merged
+
+
+# --- the batch task ----------------------------------------------------------------------
+
+
+class MLflowUnavailable(RegistryError):
+    """The champion could not be looked up: MLflow did not answer."""
+
+
+def _champion(settings: Settings) -> tuple[ChampionPredictor | None, str | None]:
+    """This process's predictor and, when there is no champion yet, why not."""
+    try:
+        predictor = get_predictor(settings)
+        predictor.model_version()
+    except NoChampionError as exc:
+        return None, str(exc)
+    except Exception as exc:
+        if "MLflow" in str(exc):
+            raise
+        raise MLflowUnavailable(
+            f"MLflow at {settings.mlflow_uri} is unavailable: {type(exc).__name__}: {exc}"
+        ) from exc
+    return predictor, None
+
+
+def _ingest_group(
+    settings: Settings,
+    store: ObjectStore,
+    group: Sequence[SourceFile],
+    plan: BatchPlan,
+    predict: dict[str, Any],
+    deadline: Deadline,
+) -> BatchReport:
+    """One group of a batch, its attempts counted before and settled after, each in a session
+    of its own (the one that counts must be committed whatever happens next)."""
+    poisoned = all(s.uri in plan.poison for s in group)
+    if not poisoned:
+        with session_scope() as session:
+            start_attempts(session, group)
+    try:
+        with session_scope() as session:
+            report = ingest_batch(
+                session,
+                settings,
+                store,
+                group,
+                refused=plan.poison,
+                deadline=deadline,
+                **predict,
+            )
+    except BatchTimedOut as exc:
+        # A timeout counts like a crash: the attempts stay, noted with why.
+        if not poisoned:
+            _note_failure(group, str(exc))
+        raise
+    except Exception:
+        # An error that reached here is no crash: the attempt does not count.
+        with contextlib.suppress(Exception), session_scope() as session:
+            end_attempts(session, group, counted=False)
+        raise
+    with session_scope() as session:
+        end_attempts(session, group, counted=True)
+    return report
+
+
+def _note_failure(group: Sequence[SourceFile], error: str) -> None:
+    try:
+        with session_scope() as session:
+            record_failure(session, group, error)
+    except Exception as exc:  # the database away too: the attempts still count, unexplained
+        log.warning("why %d files timed out was not recorded: %s", len(group), exc)
 
 
 def ingest_sources(
@@ -486,26 +846,26 @@ def ingest_sources(
     arguments and result are plain picklable dataclasses. It lives here rather than in
     ``flows/ingest.py`` so that a worker imports it by name wherever the project is
     installed (Prefect loads a deployment's flow file under a module name of its own).
+
+    ``BatchTimedOut`` once the work on its files takes longer than ``ingest_batch_timeout_s``
+    (finding the champion is not counted: loading it has its own timeouts).
     """
     settings = get_settings()
-    predictor: ChampionPredictor | None = get_predictor(settings)
-    unpredicted = None
-    try:
-        predictor.model_version()  # type: ignore[union-attr]
-    except NoChampionError as exc:
-        predictor, unpredicted = None, str(exc)
-    # The batch's own session: on a Dask worker this process is the edge of the run, with
-    # nothing of the flow's to share; ``ingest_batch`` commits its rows in it.
+    # The batch's own sessions: on a Dask worker this process is the edge of the run, with
+    # nothing of the flow's to share; ``ingest_batch`` commits its rows in them.
     with session_scope() as session:
-        report = ingest_batch(
-            session,
-            settings,
-            ObjectStore(settings),
-            files,
-            predictor=predictor,
-            imgsz=imgsz,
-            conf=conf,
-        )
+        plan = plan_attempts(session, files, settings.ingest_max_attempts)
+    predictor, unpredicted = _champion(settings)
+    predict = {"predictor": predictor, "imgsz": imgsz, "conf": conf}
+    store = ObjectStore(settings)
+    deadline = Deadline.after(settings.ingest_batch_timeout_s)
+    reports: list[BatchReport] = []
+    for group in plan.groups:
+        if reports:
+            # Between groups: a group past the deadline is not started, so not counted.
+            deadline.check()
+        reports.append(_ingest_group(settings, store, group, plan, predict, deadline))
+    report = _merge(reports)
     report.unpredicted = unpredicted
     report.worker = f"{socket.gethostname()}:{os.getpid()}"
     return report

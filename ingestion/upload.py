@@ -26,7 +26,7 @@ from labeling.selection import Candidate, Selected, SelectionPolicy
 from labeling.selection import select as select_for_review
 from serving.predictor import ChampionPredictor, PredictionResult
 from visionloop.events import EventKind, emit
-from visionloop.images import DecodedImage, decode_image
+from visionloop.images import DecodedImage, DecodeLimits, decode_image
 from visionloop.models import Image, ImageStatus, Prediction
 from visionloop.settings import Settings
 from visionloop.storage import ObjectStore, content_key, sha256_hex
@@ -112,7 +112,7 @@ def _logged_image(
     image = _image(session, digest)
     if image is not None:
         return image, False
-    prepared = measure_image(data, source_key, decoded)
+    prepared = measure_image(data, source_key, decoded, DecodeLimits.from_settings(settings))
     store.put_if_absent(settings.bucket_images, prepared.object_key, data, decoded.content_type)
     row = image_row(prepared, ImageStatus.predicted)
     return _insert_or_existing(session, row, lambda: _image(session, digest))
@@ -154,7 +154,8 @@ def predict_upload(
     The image and the prediction are each committed as they are logged (see
     ``_insert_or_existing``).
     """
-    decoded = decode_image(data, max_side=predictor.input_size())
+    limits = DecodeLimits.from_settings(settings)
+    decoded = decode_image(data, max_side=predictor.input_size(), limits=limits)
     [result] = predictor.predict_batch([decoded.rgb])
     source_key = f"{API_SOURCE}:predict/{filename}"[:_SOURCE_KEY_MAX]
     image, new_image = _logged_image(settings, session, store, data, decoded, source_key)
@@ -209,7 +210,8 @@ def queue_flagged(
 
 def store_incoming(settings: Settings, data: bytes, *, store: ObjectStore) -> Stored:
     """Validate an upload and put it in the incoming bucket under its content key."""
-    decoded = decode_image(data, max_side=VALIDATE_SIDE)
+    limits = DecodeLimits.from_settings(settings)
+    decoded = decode_image(data, max_side=VALIDATE_SIDE, limits=limits)
     key = content_key(data, suffix=decoded.extension, prefix=UPLOAD_PREFIX)
     created = store.put_if_absent(settings.bucket_incoming, key, data, decoded.content_type)
     return Stored(

@@ -27,6 +27,7 @@ from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from labeling.label_config import build_label_config, label_config_matches
+from visionloop.settings import get_settings
 
 __all__ = [
     "LabelStudioAccess",
@@ -36,6 +37,7 @@ __all__ = [
     "ensure_project",
     "obtain_token",
     "provision",
+    "unreachable",
     "wait_until_ready",
 ]
 
@@ -75,7 +77,7 @@ def _secret(value: Any) -> str:
     return getter() if callable(getter) else str(value or "")
 
 
-def _unreachable(url: str, exc: BaseException) -> LabelStudioError:
+def unreachable(url: str, exc: BaseException) -> LabelStudioError:
     return LabelStudioError(
         f"cannot reach Label Studio at {url}: {type(exc).__name__}: {exc or 'no detail'}. "
         f"Is it running? Check {URL_SETTINGS}."
@@ -202,15 +204,26 @@ def obtain_token(url: str, username: str, password: Any, timeout: float = DEFAUL
                     f"(HTTP {answer.status_code}: {_detail(answer)})"
                 )
     except httpx.TransportError as exc:
-        raise _unreachable(base, exc) from exc
+        raise unreachable(base, exc) from exc
     check_token(base, token, timeout=timeout)
     return str(token)
 
 
-def client(url: str, token: Any, timeout: float = 60.0) -> LabelStudio:
-    """A ``label_studio_sdk`` client for ``url`` authenticated by ``token`` (legacy or PAT)."""
+def client(url: str, token: Any, timeout: float | None = None) -> LabelStudio:
+    """A ``label_studio_sdk`` client for ``url`` authenticated by ``token`` (legacy or PAT).
+
+    Each request waits at most ``timeout`` (default ``VISIONLOOP_SERVICE_TIMEOUT_S``) and a
+    refused connection is retried ``VISIONLOOP_SERVICE_RETRIES`` times, so a Label Studio that
+    is down is reported within a bounded time.
+    """
+    settings = get_settings()
     try:
-        return LabelStudio(base_url=_base(url), api_key=_secret(token), timeout=timeout)
+        return LabelStudio(
+            base_url=_base(url),
+            api_key=_secret(token),
+            timeout=settings.service_timeout_s if timeout is None else timeout,
+            max_retries=settings.service_retries,
+        )
     except ApiError as exc:  # an expired personal access token fails at construction
         raise LabelStudioError(
             f"Label Studio token rejected: {_api_detail(exc)}. Check {TOKEN_SETTING}."
@@ -242,14 +255,14 @@ def check_token(url: str, token: Any, timeout: float = DEFAULT_TIMEOUT) -> None:
             f"(HTTP {exc.status_code}: {_api_detail(exc)})"
         ) from exc
     except httpx.TransportError as exc:
-        raise _unreachable(base, exc) from exc
+        raise unreachable(base, exc) from exc
 
 
 # --- the review project -----------------------------------------------------------------
 
 
 def ensure_project(
-    url: str, token: Any, title: str, class_names: list[str], timeout: float = 60.0
+    url: str, token: Any, title: str, class_names: list[str], timeout: float | None = None
 ) -> int:
     """Id of the project titled ``title``, created or updated to label exactly ``class_names``.
 
@@ -304,7 +317,7 @@ def ensure_project(
             f"{_api_detail(exc)}). Check {PROJECT_SETTING} and {CLASSES_SETTING}."
         ) from exc
     except httpx.TransportError as exc:
-        raise _unreachable(base, exc) from exc
+        raise unreachable(base, exc) from exc
 
 
 def provision(

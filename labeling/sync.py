@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import httpx
 import numpy as np
 from label_studio_sdk.core.api_error import ApiError
 from sqlmodel import Session, col, select
 
+from labeling.provision import unreachable
 from labeling.wiring import ReviewProject, review_project
 from visionloop.boxes import (
     FROM_NAME,
@@ -456,11 +458,15 @@ def sync_labels(
         return report
     project = project or review_project(settings)
     wanted = None if task_ids is None else [i.label_studio_task_id for i in items]
-    tasks = _fetch_tasks(project, wanted)  # type: ignore[arg-type]
-    users: dict[int, str] = {}
-    for item in items:
-        task = tasks.get(item.label_studio_task_id)  # type: ignore[arg-type]
-        reconcile(session, settings, item, task, report, users=users, project=project)
+    try:
+        tasks = _fetch_tasks(project, wanted)  # type: ignore[arg-type]
+        users: dict[int, str] = {}
+        for item in items:
+            task = tasks.get(item.label_studio_task_id)  # type: ignore[arg-type]
+            reconcile(session, settings, item, task, report, users=users, project=project)
+    except httpx.TransportError as exc:
+        # The caller's transaction rolls back: a sync cut short changes nothing.
+        raise unreachable(settings.label_studio, exc) from exc
     return report
 
 

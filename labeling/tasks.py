@@ -1,10 +1,12 @@
 """The review queue: selected images become Label Studio tasks pre-annotated by the champion.
 
-An image is queued at most once (``labeling_queue.image_id`` is unique). Queueing is two
-steps that can each be repeated safely: first the queue rows (``pending``, no task yet), then
-one Label Studio task per row without a task id. A run that dies between the two leaves
-rows without a task id; the next run looks for tasks that carry those images' ids (the
-import may have landed) before importing the rest, so no image gets a second task.
+An image is queued at most once (``labeling_queue.image_id`` is unique) and gets one Label
+Studio task. Queueing is two steps: first the queue rows (``pending``, no task yet), then one
+task per row. Who imports a row's task is decided in the database, never by looking at Label
+Studio: the caller whose insert created the row, or, once a row has waited ``ORPHAN_AFTER_S``
+without a task (its importer died), the one run that claims it. A claimed orphan's task may
+have landed before the crash, so tasks carry the image id and the claimant links such a task
+instead of importing a second one.
 
 Each task carries the champion's boxes as a prediction (with scores and the model version),
 so a reviewer corrects rather than draws.
@@ -20,8 +22,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
 from labeling.selection import Selected
@@ -33,7 +39,7 @@ from labeling.wiring import (
     review_project,
 )
 from visionloop.boxes import ls_rectangle
-from visionloop.models import Image, ImageStatus, LabelingQueueItem, Prediction
+from visionloop.models import Image, ImageStatus, LabelingQueueItem, Prediction, utcnow
 from visionloop.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,9 @@ IMPORT_CHUNK = 100
 """Tasks per import request."""
 IMAGE_ID_KEY = "visionloop_image_id"
 """Task data key holding the platform's image id (finds the task of an image again)."""
+ORPHAN_AFTER_S = 300.0
+"""A queue row still without a task this long after it was added has lost its importer (a
+crash, or Label Studio was down): the next run claims it and finds or creates its task."""
 
 
 @dataclass
@@ -111,6 +120,22 @@ def _latest_predictions(session: Session, image_ids: Sequence[int]) -> dict[int,
     return {row.image_id: row for row in rows}  # later rows win
 
 
+def _insert_rows(session: Session, rows: Sequence[LabelingQueueItem]) -> set[int]:
+    """Insert the rows whose image has none yet; the image ids this call inserted.
+
+    The unique ``image_id`` is the claim: a concurrent caller queueing the same image loses the
+    insert, so exactly one caller owns each row and imports its task.
+    """
+    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    statement = (
+        insert(LabelingQueueItem)
+        .values([row.model_dump(exclude={"id"}) for row in rows])
+        .on_conflict_do_nothing(index_elements=["image_id"])
+        .returning(col(LabelingQueueItem.image_id))
+    )
+    return set(session.connection().execute(statement).scalars())
+
+
 def _add_rows(
     session: Session, settings: Settings, selected: Sequence[Selected], report: QueueReport
 ) -> None:
@@ -120,50 +145,77 @@ def _add_rows(
             select(LabelingQueueItem.image_id).where(col(LabelingQueueItem.image_id).in_(ids))
         )
     )
-    images = {i.id: i for i in session.exec(select(Image).where(col(Image.id).in_(ids)))}
-    predictions = _latest_predictions(session, ids)
-    for choice in selected:
-        if choice.image_id in queued:
-            report.already_queued.append(choice.image_id)
-            continue
-        queued.add(choice.image_id)
-        image = images[choice.image_id]
-        prediction = predictions.get(choice.image_id)
-        session.add(
-            LabelingQueueItem(
-                image_id=choice.image_id,
-                prediction_id=prediction.id if prediction else None,
-                image_path=image_uri(settings, image.object_key),
-                confidence_score=choice.confidence,
-                flagged_reason=choice.reason,
-            )
+    fresh = {s.image_id: s for s in selected if s.image_id not in queued}
+    images = {i.id: i for i in session.exec(select(Image).where(col(Image.id).in_(list(fresh))))}
+    predictions = _latest_predictions(session, list(fresh))
+    rows = [
+        LabelingQueueItem(
+            image_id=image_id,
+            prediction_id=predictions[image_id].id if image_id in predictions else None,
+            image_path=image_uri(settings, images[image_id].object_key),
+            confidence_score=choice.confidence,
+            flagged_reason=choice.reason,
         )
-        image.status = ImageStatus.queued
-        session.add(image)
-        report.added.append(choice.image_id)
+        for image_id, choice in fresh.items()
+    ]
+    inserted = _insert_rows(session, rows) if rows else set()
+    for choice in selected:
+        if choice.image_id in inserted and choice.image_id not in report.added:
+            images[choice.image_id].status = ImageStatus.queued
+            session.add(images[choice.image_id])
+            report.added.append(choice.image_id)
+        elif choice.image_id not in report.added:
+            report.already_queued.append(choice.image_id)
 
 
 def _tasks_by_image(project: ReviewProject, wanted: set[int]) -> dict[int, int]:
-    """Existing tasks of the project for the images in ``wanted`` (image id -> task id)."""
+    """Existing tasks of the project for the images in ``wanted`` (image id -> oldest task id)."""
     found: dict[int, int] = {}
     for task in project.ls.tasks.list(project=project.id, fields="task_only", page_size=500):
         image_id = (task.data or {}).get(IMAGE_ID_KEY)
         if image_id in wanted:
-            found[int(image_id)] = int(task.id)
+            found[int(image_id)] = min(int(task.id), found.get(int(image_id), int(task.id)))
     return found
 
 
-def _unlinked_tasks(
-    session: Session, settings: Settings
-) -> list[tuple[LabelingQueueItem, dict[str, Any]]]:
-    """Every queue row without a task, oldest first, with the task it is to get."""
-    items = list(
-        session.exec(
-            select(LabelingQueueItem)
-            .where(col(LabelingQueueItem.label_studio_task_id).is_(None))
-            .order_by(col(LabelingQueueItem.id))
+def _claim_orphans(session: Session) -> list[int]:
+    """Claim the rows whose importer is gone: unlinked for ``ORPHAN_AFTER_S`` (row ids).
+
+    Each claim is a compare-and-set on ``created_at`` that restarts the row's wait, so of
+    several runs looking at once only one wins a row, and it has the same time to finish.
+    """
+    cutoff = utcnow() - timedelta(seconds=ORPHAN_AFTER_S)
+    stale = session.exec(
+        select(LabelingQueueItem.id, LabelingQueueItem.created_at).where(
+            col(LabelingQueueItem.label_studio_task_id).is_(None),
+            col(LabelingQueueItem.created_at) < cutoff,
         )
-    )
+    ).all()
+    claimed = []
+    for row_id, created_at in stale:
+        result = session.connection().execute(
+            update(LabelingQueueItem)
+            .where(
+                col(LabelingQueueItem.id) == row_id,
+                col(LabelingQueueItem.created_at) == created_at,
+                col(LabelingQueueItem.label_studio_task_id).is_(None),
+            )
+            .values(created_at=utcnow())
+        )
+        if result.rowcount == 1:
+            claimed.append(row_id)
+    session.commit()
+    return claimed
+
+
+def _unlinked_tasks(
+    session: Session, settings: Settings, row_ids: Sequence[int] | None = None
+) -> list[tuple[LabelingQueueItem, dict[str, Any]]]:
+    """The queue rows without a task (those of ``row_ids``), oldest first, with their tasks."""
+    query = select(LabelingQueueItem).where(col(LabelingQueueItem.label_studio_task_id).is_(None))
+    if row_ids is not None:
+        query = query.where(col(LabelingQueueItem.id).in_(row_ids))
+    items = list(session.exec(query.order_by(col(LabelingQueueItem.id))))
     ids = [item.image_id for item in items]
     images = {i.id: i for i in session.exec(select(Image).where(col(Image.id).in_(ids)))}
     prediction_ids = [i.prediction_id for i in items if i.prediction_id is not None]
@@ -178,6 +230,14 @@ def _unlinked_tasks(
         )
         for item in items
     ]
+
+
+def _own_rows(session: Session, image_ids: Sequence[int]) -> list[int]:
+    return list(
+        session.exec(
+            select(LabelingQueueItem.id).where(col(LabelingQueueItem.image_id).in_(image_ids))
+        )
+    )
 
 
 def _import_chunk(
@@ -202,23 +262,30 @@ def link_tasks(
     report: QueueReport,
     project: ReviewProject | None = None,
 ) -> None:
-    """Create the Label Studio task of every queue row that has none.
+    """Create the Label Studio task of every queue row this call owns.
+
+    It owns the rows it inserted (``report.added``) and the orphans it claims
+    (``_claim_orphans``); a row another caller is still importing is left to it. An orphan's
+    task may exist already (its importer died after Label Studio created it): it is found by
+    the image id it carries and linked instead of imported again.
 
     Label Studio is only contacted when there is such a row; its image storage and webhook
     are ensured first, so every task it gets can be displayed and reports back. ``session``
     is committed after each batch of links (module docstring).
     """
-    pending = _unlinked_tasks(session, settings)
+    own = _own_rows(session, report.added) if report.added else []
+    orphans = _claim_orphans(session)
+    pending = _unlinked_tasks(session, settings, [*own, *orphans])
     if not pending:
         return
     project = project or review_project(settings)
     ensure_image_storage(settings, project)
     ensure_webhook(settings, project)
 
-    fresh = set(report.added)
-    orphans = [item for item, _ in pending if item.image_id not in fresh]
-    linked = _tasks_by_image(project, {item.image_id for item in orphans}) if orphans else {}
-    _store_links(session, [item for item in orphans if item.image_id in linked], linked)
+    claimed = set(orphans)
+    found = [item for item, _ in pending if item.id in claimed]
+    linked = _tasks_by_image(project, {item.image_id for item in found}) if found else {}
+    _store_links(session, [item for item in found if item.image_id in linked], linked)
 
     to_import = [(item, task) for item, task in pending if item.image_id not in linked]
     for start in range(0, len(to_import), IMPORT_CHUNK):

@@ -7,13 +7,16 @@
   (at most 7 days with S3 signatures) that a queue can easily outlive. The storage is
   never synced: tasks are created by the ingest flow only.
 - **Webhook**: annotation and task events are POSTed to the API's
-  ``/api/labeling/webhook`` with the API's bearer token, so reviewed labels arrive within
-  seconds; the label-sync flow reconciles whatever a webhook missed.
+  ``/api/labeling/webhook`` with the webhook secret as bearer token, so reviewed labels arrive
+  within seconds; the label-sync flow reconciles whatever a webhook missed. Every Label Studio
+  user can read a webhook's headers, so they carry a secret that opens this one route only,
+  never the API token.
 
 Both are ensured idempotently every time tasks are queued. Label Studio refuses private
 and loopback addresses for both by default (its SSRF protection); the object store and the
 API of a self-hosted platform live on exactly such addresses, so Label Studio must run with
-``USE_DEFAULT_BANNED_SUBNETS=false`` (``LabelStudioError`` says so when it is missing).
+its default bans rebuilt minus those two addresses (``cli.stack.label_studio_ssrf_env``;
+``LabelStudioError`` says so when they are banned).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ WEBHOOK_ACTIONS = (
 _SSRF_HINT = (
     "Label Studio refuses to connect to {url}: {detail}. Its SSRF protection bans private "
     "and loopback addresses, where a self-hosted object store and API live: start Label "
-    "Studio with USE_DEFAULT_BANNED_SUBNETS=false."
+    "Studio with USE_DEFAULT_BANNED_SUBNETS=false and USER_ADDITIONAL_BANNED_SUBNETS set to "
+    "its default list minus the addresses of the object store and the API."
 )
 
 
@@ -106,10 +110,24 @@ def webhook_url(settings: Settings) -> str:
     return f"{settings.api_url}{WEBHOOK_PATH}"
 
 
+def webhook_secret(settings: Settings) -> str:
+    secret = settings.webhook_secret.get_secret_value()
+    if not secret:
+        raise LabelStudioError(
+            "VISIONLOOP_WEBHOOK_SECRET is empty: Label Studio's webhook needs its own secret "
+            "(`visionloop up` generates one in the data dir's secrets.env)"
+        )
+    return secret
+
+
 def ensure_webhook(settings: Settings, project: ReviewProject, url: str | None = None) -> int:
-    """Id of the project's webhook to the API, created or brought up to date."""
+    """Id of the project's webhook to the API, created or brought up to date.
+
+    A webhook whose headers differ (one still carrying the API token, or an old secret) is
+    rewritten, so an upgrade or a rotated secret takes effect on the next call.
+    """
     url = url or webhook_url(settings)
-    headers = {"Authorization": f"Bearer {settings.api_token.get_secret_value()}"}
+    headers = {"Authorization": f"Bearer {webhook_secret(settings)}"}
     wanted = dict(
         url=url,
         headers=headers,

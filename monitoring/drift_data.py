@@ -24,7 +24,7 @@ from sqlmodel import Session, select
 
 from monitoring.drift import DriftError
 from monitoring.features import FEATURE_NAMES, extract_features
-from visionloop.images import decode_image
+from visionloop.images import DecodeLimits, decode_image
 from visionloop.models import Image, ImageStatus, Prediction
 from visionloop.registry import ModelRef
 from visionloop.settings import Settings
@@ -87,17 +87,17 @@ def _reference_rows(
     names: Sequence[str],
     predictor: ChampionPredictor,
     class_names: Sequence[str],
+    limits: DecodeLimits,
 ) -> list[dict[str, Any]]:
     """Feature rows of one batch of snapshot images; prediction statistics only for the images
     outside the training split (a model is over-confident on what it trained on)."""
     unseen = [k for k, name in enumerate(names) if "/train/" not in f"/{name}"]
-    predictions = (
-        predictor.predict_batch([decode_image(blobs[k]).rgb for k in unseen]) if unseen else []
-    )
+    decoded = [decode_image(blobs[k], limits=limits).rgb for k in unseen]
+    predictions = predictor.predict_batch(decoded) if unseen else []
     by_index = dict(zip(unseen, predictions))
     rows: list[dict[str, Any]] = []
     for k, blob in enumerate(blobs):
-        row: dict[str, Any] = dict(extract_features(blob))
+        row: dict[str, Any] = dict(extract_features(blob, limits=limits))
         if k in by_index:
             row.update(prediction_stats(by_index[k].boxes, class_names))
         rows.append(row)
@@ -117,6 +117,7 @@ def _build_reference(
         )
     manifest = read_manifest(settings, snapshot, store)
     predictor = _predictor_for(settings, ref)
+    limits = DecodeLimits.from_settings(settings)
     rows: list[dict[str, Any]] = []
     items = manifest["images"]
     for start in range(0, len(items), _BATCH):
@@ -125,7 +126,7 @@ def _build_reference(
             store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + name)
             for name in names
         ]
-        rows.extend(_reference_rows(blobs, names, predictor, manifest["class_names"]))
+        rows.extend(_reference_rows(blobs, names, predictor, manifest["class_names"], limits))
     return pd.DataFrame(rows)
 
 

@@ -30,7 +30,7 @@ import math
 import cv2
 import numpy as np
 
-from visionloop.images import decode_image
+from visionloop.images import DEFAULT_LIMITS, DecodeLimits, decode_image
 
 ANALYSIS_SIDE = 320
 
@@ -107,12 +107,15 @@ def features_from_array(
     }
 
 
-def extract_features(image: bytes | np.ndarray) -> dict[str, float]:
+def extract_features(
+    image: bytes | np.ndarray, *, limits: DecodeLimits = DEFAULT_LIMITS
+) -> dict[str, float]:
     """Features of encoded image bytes (the stored definition) or of an RGB array.
 
-    ``ImageRejected`` says why bytes are not an image.
+    ``ImageRejected`` says why bytes are not an image, or are over ``limits`` (pass the
+    settings' ``DecodeLimits.from_settings``: the defaults ignore what an operator set).
     """
     if isinstance(image, np.ndarray):
         return features_from_array(image)
-    decoded = decode_image(image, max_side=ANALYSIS_SIDE)
+    decoded = decode_image(image, max_side=ANALYSIS_SIDE, limits=limits)
     return features_from_array(decoded.rgb, width=decoded.width, height=decoded.height)

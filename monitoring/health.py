@@ -70,7 +70,9 @@ def probe_s3(settings: Settings, timeout: float = 3.0) -> ServiceHealth:
     from visionloop.storage import ObjectStore
 
     def check() -> str:
-        store = ObjectStore(settings, retries=0)
+        # A probe asks once and waits no longer than it was told to.
+        bounded = settings.model_copy(update={"service_timeout_s": timeout})
+        store = ObjectStore(bounded, retries=0)
         store.ping()
         missing = [b for b in settings.all_buckets if not store.client.bucket_exists(b)]
         return f"missing buckets: {', '.join(missing)}" if missing else "buckets ok"

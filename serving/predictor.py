@@ -2,8 +2,9 @@
 
 Which version is the champion is MLflow's fact (ARCHITECTURE.md, "Where each fact lives"): the
 predictor asks the registry at most every ``recheck_s`` seconds and, when the alias points
-elsewhere, downloads that version's weights (cached per version under
-``<data_dir>/models``) and swaps the model between two batches. Flows and the API share one
+elsewhere, downloads that version's weights (verified and cached under ``<data_dir>/models``, see
+``visionloop.registry.download_weights``) and swaps the model between two batches. While the
+registry is unreachable the loaded model keeps serving. Flows and the API share one
 predictor per process through ``get_predictor``.
 
 Boxes are plain dicts, coordinates normalised to 0..1 of the upright image:
@@ -12,6 +13,7 @@ Boxes are plain dicts, coordinates normalised to 0..1 of the upright image:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -22,13 +24,23 @@ import cv2
 import numpy as np
 
 from training.trainer import configure_ultralytics
-from visionloop.registry import CHAMPION, ModelRef, RegistryError, download_weights, get_alias
+from visionloop.registry import (
+    CHAMPION,
+    ModelRef,
+    RegistryError,
+    WeightsChecksumError,
+    download_weights,
+    get_alias,
+)
 from visionloop.settings import Settings
 
-RECHECK_S = 30.0
-"""How stale the predictor's idea of the champion may get (seconds)."""
+RECHECK_S = 10.0
+"""How stale the predictor's idea of the champion may get (seconds); also how often a registry
+outage is retried while the last champion keeps serving."""
 PREDICT_CONF = 0.25
 """Boxes under this confidence are dropped (ultralytics' own default)."""
+
+log = logging.getLogger(__name__)
 
 
 class NoChampionError(RegistryError):
@@ -46,7 +58,15 @@ class PredictionResult:
 
 
 class ChampionPredictor:
-    """Batched prediction with the current holder of ``alias``; safe to share across threads."""
+    """Batched prediction with the current holder of ``alias``; safe to share across threads.
+
+    Two locks with one job each: ``_refresh_lock`` lets one thread at a time ask the registry
+    and load weights, ``_lock`` guards the model while it predicts and while it is swapped.
+    Nothing slow happens under ``_lock``, and once a model is loaded no request waits for a
+    refresh another thread is doing: it predicts with the model it has. A failed refresh (the
+    registry down, weights refused) keeps the loaded model and is tried again ``recheck_s``
+    later; ``last_error`` says why it failed.
+    """
 
     def __init__(
         self,
@@ -59,14 +79,20 @@ class ChampionPredictor:
         self.alias = alias
         self.recheck_s = recheck_s
         self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._model: Any = None
         self._ref: ModelRef | None = None
         self._checked_at = float("-inf")
+        self.last_error: str | None = None
 
-    def _current(self) -> tuple[Any, ModelRef]:
-        """The loaded model, reloaded first if the alias moved (call with the lock held)."""
-        now = time.monotonic()
-        if self._model is None or now - self._checked_at >= self.recheck_s:
+    def _due(self) -> bool:
+        return self._model is None or time.monotonic() - self._checked_at >= self.recheck_s
+
+    def _refresh(self) -> None:
+        """Follow the alias if the last look is stale (call with ``_refresh_lock`` held)."""
+        if not self._due():
+            return  # another thread refreshed while this one waited
+        try:
             ref = get_alias(self.settings, self.alias)
             if ref is None:
                 raise NoChampionError(
@@ -74,30 +100,64 @@ class ChampionPredictor:
                     f"{self.alias!r} in MLflow at {self.settings.mlflow_uri}; run "
                     "`visionloop bootstrap` to train a first one"
                 )
-            if self._ref is None or ref.version != self._ref.version:
-                self._model = self._load(ref)
-                self._ref = ref
-            self._checked_at = now
-        assert self._ref is not None
-        return self._model, self._ref
+            if self._ref is None or ref != self._ref:
+                model = self._load(ref)
+                with self._lock:
+                    self._model, self._ref = model, ref
+            self.last_error = None
+        except RegistryError as exc:
+            if self._model is None:
+                raise
+            self.last_error = str(exc)
+            log.warning(
+                "keeping model version %s: %s", self._ref.version if self._ref else "?", exc
+            )
+        finally:
+            self._checked_at = time.monotonic()
+
+    def _current(self) -> tuple[Any, ModelRef]:
+        """The model to predict with, refreshed first when due.
+
+        Without a model the caller waits for the load (bounded by the registry's limits);
+        with one it only refreshes if no other thread is at it already.
+        """
+        if self._due():
+            blocking = self._model is None
+            if self._refresh_lock.acquire(blocking=blocking):
+                try:
+                    self._refresh()
+                finally:
+                    self._refresh_lock.release()
+        with self._lock:
+            assert self._model is not None and self._ref is not None
+            return self._model, self._ref
 
     def _load(self, ref: ModelRef) -> Any:
+        """The version's model, from checksum-verified weights, checked by a safe load first."""
         configure_ultralytics(self.settings.data_dir / ".ultralytics")
         from ultralytics import YOLO
+        from ultralytics.nn.tasks import torch_safe_load
 
         weights = download_weights(self.settings, ref, self.settings.data_dir / "models")
+        # A weights_only load that admits only ultralytics' and torch's own classes: a pickle
+        # referring to anything else is refused before the full load below runs its code.
+        try:
+            torch_safe_load(str(weights), safe_only=True)
+        except Exception as exc:
+            raise WeightsChecksumError(
+                f"the weights of model version {ref.version} are not a plain ultralytics "
+                f"checkpoint ({type(exc).__name__}: {exc}): refused"
+            ) from exc
         return YOLO(str(weights), task="detect")
 
     def model_version(self) -> str:
         """The champion's version, loading it if needed."""
-        with self._lock:
-            return self._current()[1].version
+        return self._current()[1].version
 
     def input_size(self) -> int:
         """The square size images are letterboxed to: what the champion was trained at."""
-        with self._lock:
-            model, _ = self._current()
-            return int(model.overrides.get("imgsz") or 640)
+        model, _ = self._current()
+        return int(model.overrides.get("imgsz") or 640)
 
     def predict_batch(
         self, images: Sequence[np.ndarray], *, imgsz: int | None = None, conf: float = PREDICT_CONF
@@ -111,11 +171,11 @@ class ChampionPredictor:
             return []
         # ultralytics reads numpy images as OpenCV's BGR.
         bgr = [cv2.cvtColor(image, cv2.COLOR_RGB2BGR) for image in images]
-        with self._lock:
-            model, ref = self._current()
-            kwargs: dict[str, Any] = {"conf": conf, "verbose": False}
-            if imgsz:
-                kwargs["imgsz"] = imgsz
+        model, ref = self._current()
+        kwargs: dict[str, Any] = {"conf": conf, "verbose": False}
+        if imgsz:
+            kwargs["imgsz"] = imgsz
+        with self._lock:  # one batch at a time per model; a swap waits for it
             results = model.predict(bgr, **kwargs)
         names = results[0].names if results else {}
         out = []

@@ -4,6 +4,8 @@ awkward but valid ones with what decoding them must give."""
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from dataclasses import dataclass
 from functools import cache
 
@@ -99,3 +101,38 @@ def good_jpegs(count: int, seed: int, size: int = 160) -> dict[str, bytes]:
     return {
         f"img_{i:03d}.jpg": _encode(_scene(i, seed, size), "JPEG", quality=90) for i in range(count)
     }
+
+
+def _noise(count: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, count, dtype=np.uint8).tobytes()
+
+
+def _with_chunk_data(png: bytes, chunk: bytes, data: bytes) -> bytes:
+    """``png`` with the data of its first ``chunk`` replaced, the chunk's CRC kept valid."""
+    at = png.index(chunk)
+    length = struct.unpack(">I", png[at - 4 : at])[0]
+    crc = struct.pack(">I", zlib.crc32(chunk + data))
+    head, tail = png[: at - 4], png[at + 8 + length :]
+    return head + struct.pack(">I", len(data)) + chunk + data + crc + tail
+
+
+@cache
+def corrupt_files(seed: int) -> dict[str, tuple[bytes, str]]:
+    """File name -> (bytes that start like a known format but are broken, that format)."""
+    scene = _scene(2, seed, size=64)
+    png = _encode(scene, "PNG")
+    bad_crc = bytearray(png)
+    bad_crc[29] ^= 0xFF  # the IHDR chunk's checksum
+    return {
+        "bad_crc.png": (bytes(bad_crc), "PNG"),
+        "garbage_idat.png": (_with_chunk_data(png, b"IDAT", _noise(600, seed)), "PNG"),
+        "garbage.jpg": (b"\xff\xd8\xff" + _noise(3000, seed + 1), "JPEG"),
+        "garbage.webp": (_encode(scene, "WEBP")[:12] + _noise(300, seed + 2), "WEBP"),
+        "garbage.bmp": (b"BM" + _noise(300, seed + 3), "BMP"),
+        "garbage.tif": (_encode(scene, "TIFF")[:4] + _noise(300, seed + 4), "TIFF"),
+    }
+
+
+def deep_png(width: int, height: int) -> bytes:
+    """A 16-bit grey PNG of a few kilobytes that decodes to ``width x height`` pixels."""
+    return _encode(Image.new("I;16", (width, height)), "PNG")

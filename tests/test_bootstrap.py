@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 
+from cli.stack import Stack
+from visionloop.models import utcnow
 from visionloop.registry import CHAMPION, client, download_weights, get_alias
-from visionloop.settings import Settings
+from visionloop.settings import Settings, get_settings
 from visionloop.synthetic import generate_sample
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+
+@pytest.fixture
+def settings(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """A registered model of its own: other tests of the session bootstrap champions too."""
+    monkeypatch.setenv("VISIONLOOP_MODEL_NAME", f"bootstrap-test-{uuid.uuid4().hex[:8]}")
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()
 
 
 def test_bootstrap_registers_a_champion(settings: Settings, tmp_path) -> None:
     from flows.bootstrap import bootstrap_flow
     from visionloop.events import recent
 
+    started = utcnow()
     assert get_alias(settings, CHAMPION) is None
     result = bootstrap_flow(epochs=2, images=16)
     assert result["created"] is True
@@ -41,7 +56,7 @@ def test_bootstrap_registers_a_champion(settings: Settings, tmp_path) -> None:
     assert prediction[0].boxes is not None
 
     # Progress went out as events, one per epoch.
-    epochs = [e.payload["epoch"] for e in recent(kind_prefix="training.epoch")]
+    epochs = [e.payload["epoch"] for e in recent(since=started, kind_prefix="training.epoch")]
     assert sorted(epochs) == [1, 2]
 
     # A second bootstrap keeps the champion it has.

@@ -57,6 +57,8 @@ REQUIRED_PROJECT_ENV = {
     "VISIONLOOP_LABEL_STUDIO_URL",
     "VISIONLOOP_LABEL_STUDIO_TOKEN",
     "VISIONLOOP_API_TOKEN",
+    "VISIONLOOP_API_READ_TOKEN",
+    "VISIONLOOP_WEBHOOK_SECRET",
 }
 # Published service -> (Settings field with its default port, port the server listens on when
 # its command line does not say `--port`).
@@ -67,6 +69,10 @@ SETTINGS_PORTS = {
     "label-studio": ("label_studio_port", 8080),
 }
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN")
+# Only these reach the host, and only on loopback unless BIND_ADDRESS says otherwise: Prefect
+# and MLflow have no authentication, PostgreSQL and MinIO hold every secret's worth of data.
+PUBLISHED = {"api", "label-studio"}
+UNPUBLISHED = {"prefect-server", "mlflow", "postgres", "minio"}
 
 
 # --- compose variable interpolation --------------------------------------------------------------
@@ -191,6 +197,25 @@ def option(args: list[str], *names: str) -> str | None:
     return None
 
 
+def published_bindings(service: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) of every published port; "" is all addresses."""
+    bindings = []
+    for entry in service.get("ports") or []:
+        if isinstance(entry, dict):
+            host = str(entry.get("host_ip", ""))
+            bindings.append((host, int(entry["published"]), int(entry["target"])))
+            continue
+        parts = str(entry).split("/")[0].rsplit(":", 2)
+        host = parts[0] if len(parts) == 3 else ""
+        bindings.append((host, int(parts[-2]) if len(parts) > 1 else 0, int(parts[-1])))
+    return bindings
+
+
+def networks(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    joined = service.get("networks") or ["default"]
+    return {n: {} for n in joined} if isinstance(joined, list) else dict(joined)
+
+
 def published_ports(service: dict[str, Any]) -> set[tuple[int, int]]:
     """(host port, container port) pairs, from the short or the long `ports` syntax."""
     pairs = set()
@@ -276,7 +301,7 @@ def test_every_service_exists(raw: dict[str, Any]) -> None:
     assert set(raw) >= SERVICES, f"missing services: {sorted(SERVICES - set(raw))}"
 
 
-@pytest.mark.parametrize("name", sorted(SETTINGS_PORTS))
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_published_port_is_the_settings_default(
     name: str, raw: dict[str, Any], defaults: Settings
 ) -> None:
@@ -292,8 +317,79 @@ def test_infrastructure_ports(raw: dict[str, Any]) -> None:
     minio_args = command(raw["minio"])
     assert option(minio_args, "--address") == ":9000"
     assert option(minio_args, "--console-address") == ":9001"
-    assert {(9000, 9000), (9001, 9001)} <= published_ports(raw["minio"])
-    assert (5432, 5432) in published_ports(raw["postgres"])
+
+
+def test_only_the_api_and_label_studio_are_published(raw: dict[str, Any]) -> None:
+    published = {name for name, service in raw.items() if service.get("ports")}
+    assert published == PUBLISHED, f"published: {sorted(published)}"
+    assert not published & UNPUBLISHED
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_ports_bind_loopback_by_default(name: str, resolved: dict[str, Any]) -> None:
+    bindings = published_bindings(resolved[name])
+    assert bindings and all(host == "127.0.0.1" for host, _, _ in bindings), bindings
+
+
+def test_bind_address_moves_every_published_port(
+    document: dict[str, Any], example_env: dict[str, str]
+) -> None:
+    services = interpolate_values(document, {**example_env, "BIND_ADDRESS": "10.1.2.3"})
+    for name in PUBLISHED:
+        hosts = {host for host, _, _ in published_bindings(services["services"][name])}
+        assert hosts == {"10.1.2.3"}, f"{name}: {hosts}"
+
+
+def test_backend_network_is_internal_and_joined_by_every_service(
+    raw: dict[str, Any], document: dict[str, Any]
+) -> None:
+    declared = document.get("networks") or {}
+    assert declared.get("backend", {}).get("internal") is True
+    for name, service in raw.items():
+        assert "backend" in networks(service), f"{name} is not on the backend network"
+    on_edge = {name for name, service in raw.items() if set(networks(service)) - {"backend"}}
+    assert on_edge == PUBLISHED, f"beyond the internal network: {sorted(on_edge)}"
+
+
+def test_docker_pool_flow_runs_and_worker_join_networks_compose_creates(
+    document: dict[str, Any],
+) -> None:
+    # Compose names a network `<project>_<name>` and creates `default` only for a service that
+    # joins it; with every service on `backend`, a flow run sent to `<project>_default` would
+    # fail to start.
+    project = document["name"]
+    pool = yaml.safe_load((ROOT / "deployments" / "work-pools" / "docker.yaml").read_text())
+    variables = pool["job_variables"]
+    assert variables["networks"] == [f"{project}_backend"]
+    volumes = {spec.split(":")[0] for spec in variables["volumes"]}
+    assert volumes == {f"{project}_visionloop-data"} and "visionloop-data" in document["volumes"]
+    addition = yaml.safe_load((ROOT / "deployments" / "compose.docker-pool.yml").read_text())
+    worker = addition["services"]["docker-worker"]
+    assert "backend" in networks(worker), "the docker worker cannot reach prefect-server"
+    assert not worker.get("ports")
+
+
+def test_label_studio_has_no_local_files_and_its_ssrf_guard_on(
+    raw: dict[str, Any], resolved: dict[str, Any]
+) -> None:
+    import ipaddress
+
+    from cli.stack import banned_subnets_except
+
+    env = environment(resolved["label-studio"])
+    assert env["LOCAL_FILES_SERVING_ENABLED"].lower() == "false"
+    assert env["SSRF_PROTECTION_ENABLED"].lower() == "true"
+    # The defaults are switched off only to be rebuilt below, minus what Label Studio must
+    # reach: the API (webhook, on each of its networks) and MinIO (review images).
+    assert env["USE_DEFAULT_BANNED_SUBNETS"].lower() == "false"
+    reachable = {
+        ipaddress.ip_address(net["ipv4_address"])
+        for name in ("api", "minio")
+        for net in networks(raw[name]).values()
+    }
+    assert len(reachable) == 3
+    expected = banned_subnets_except(reachable)
+    assert env["USER_ADDITIONAL_BANNED_SUBNETS"].split(",") == expected
 
 
 # --- env names against Settings ------------------------------------------------------------------
@@ -525,6 +621,8 @@ def test_env_example_interpolates_completely(
         "POSTGRES_PASSWORD",
         "MINIO_ROOT_PASSWORD",
         "VISIONLOOP_API_TOKEN",
+        "VISIONLOOP_API_READ_TOKEN",
+        "VISIONLOOP_WEBHOOK_SECRET",
         "LABEL_STUDIO_PASSWORD",
         "LABEL_STUDIO_USER_TOKEN",
     ],

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from samples import EXIF_ORIENTATION, awkward_files, malformed_files
+from samples import EXIF_ORIENTATION, awkward_files, corrupt_files, deep_png, malformed_files
 
 from monitoring.features import ANALYSIS_SIDE, FEATURE_NAMES, extract_features, features_from_array
-from visionloop.images import ImageRejected, decode_image
+from visionloop.images import (
+    DecodeLimits,
+    ImageRejected,
+    decode_image,
+    estimated_decode_bytes,
+)
 from visionloop.synthetic import DriftParams, apply_drift, encode_jpeg, generate_sample
 
 
@@ -45,6 +53,77 @@ def test_rejection_messages_say_what_the_file_is() -> None:
     assert "0 bytes" in messages["empty.jpg"]
     assert "truncated" in messages["truncated.jpg"]
     assert "1x20000" in messages["strip.png"]
+
+
+@pytest.mark.parametrize("name", sorted(corrupt_files(0)))
+def test_broken_files_of_a_known_format_are_corrupt_not_unknown(name: str) -> None:
+    data, fmt = corrupt_files(0)[name]
+    with pytest.raises(ImageRejected) as caught:
+        decode_image(data)
+    assert caught.value.code == "corrupt"
+    assert caught.value.detail.startswith(f"corrupt {fmt}: ")
+    assert len(caught.value.detail) > len(f"corrupt {fmt}: ")  # with what PIL found wrong
+
+
+def test_truncated_files_say_their_format() -> None:
+    data, _ = malformed_files(0)["truncated.png"]
+    with pytest.raises(ImageRejected) as caught:
+        decode_image(data)
+    assert caught.value.detail.startswith("truncated PNG: ")
+
+
+def test_the_pixel_limit_is_the_callers() -> None:
+    data = deep_png(100, 100)
+    decode_image(data, limits=DecodeLimits(max_pixels=10_000, max_bytes=2**30))
+    with pytest.raises(ImageRejected) as caught:
+        decode_image(data, limits=DecodeLimits(max_pixels=9_999, max_bytes=2**30))
+    assert caught.value.code == "decompression_bomb"
+    assert "10,000 pixels, over the 9,999 limit" in caught.value.detail
+
+
+def test_features_are_measured_under_the_callers_limits() -> None:
+    data = deep_png(100, 100)
+    assert extract_features(data, limits=DecodeLimits(max_pixels=10_000, max_bytes=2**30))
+    with pytest.raises(ImageRejected) as caught:
+        extract_features(data, limits=DecodeLimits(max_pixels=9_999, max_bytes=2**30))
+    assert caught.value.code == "decompression_bomb"
+
+
+def test_an_image_too_large_to_decode_is_refused_with_the_numbers() -> None:
+    data = deep_png(4000, 4000)  # about 30 kB
+    needed = estimated_decode_bytes(4000, 4000, "I;16")
+    limits = DecodeLimits(max_pixels=40_000_000, max_bytes=needed - 1)
+    with pytest.raises(ImageRejected) as caught:
+        decode_image(data, limits=limits)
+    assert caught.value.code == "too_large"
+    assert caught.value.detail == (
+        f"4000x4000 I;16 pixels would take about {needed / 2**20:,.0f} MiB to decode, "
+        f"over the {(needed - 1) / 2**20:,.0f} MiB limit"
+    )
+    assert decode_image(data, limits=DecodeLimits(40_000_000, needed)).rgb.shape == (4000, 4000, 3)
+
+
+_PEAK_RSS = """
+import resource, sys
+from visionloop.images import decode_image
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rgb = decode_image(data).rgb
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024, rgb.shape[0] * rgb.shape[1])
+"""
+
+
+def test_a_small_sixteen_bit_file_decodes_within_its_estimate(tmp_path: Path) -> None:
+    # A 30 kB file of 16 Mpx 16-bit pixels: float arithmetic on it once took 14 bytes a pixel.
+    path = tmp_path / "deep.png"
+    path.write_bytes(deep_png(4000, 4000))
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, str(path)], capture_output=True, text=True, check=True
+    )
+    grown, pixels = map(int, done.stdout.split())
+    assert pixels == 16_000_000
+    assert grown <= estimated_decode_bytes(4000, 4000, "I;16"), f"{grown / 2**20:.0f} MiB"
 
 
 @pytest.mark.parametrize("name", sorted(awkward_files(0)))

@@ -148,13 +148,27 @@ def reviewed(queued: dict[int, LabelingQueueItem], project: ReviewProject) -> di
     return roles
 
 
-def test_the_webhook_needs_the_api_token(settings: Settings) -> None:
+def test_the_webhook_opens_with_its_secret_or_the_api_token_and_nothing_else(
+    settings: Settings,
+) -> None:
     event = {"action": "TASKS_DELETED", "tasks": [{"id": 1}]}
     assert httpx.post(webhook_url(settings), json=event, timeout=10).status_code == 401
     wrong = {"Authorization": "Bearer wrong"}
     assert (
         httpx.post(webhook_url(settings), json=event, headers=wrong, timeout=10).status_code == 401
     )
+    # An action the sync ignores: opening the webhook must not touch Label Studio's tasks.
+    ignored = {"action": "PROJECT_UPDATED"}
+    secret = {"Authorization": f"Bearer {settings.webhook_secret.get_secret_value()}"}
+    api = {"Authorization": f"Bearer {settings.api_token.get_secret_value()}"}
+    assert settings.webhook_secret.get_secret_value() != settings.api_token.get_secret_value()
+    for opener in (secret, api):
+        opened = httpx.post(webhook_url(settings), json=ignored, headers=opener, timeout=10)
+        assert opened.status_code == 202, opened.text
+    # Label Studio users can read the secret, so it opens the webhook and nothing else.
+    for method, path in (("POST", "/api/retraining/trigger"), ("GET", "/api/labeling/export")):
+        refused = httpx.request(method, settings.api_url + path, headers=secret, timeout=10)
+        assert refused.status_code == 401, f"{method} {path}: {refused.text}"
 
 
 def test_submitted_annotations_arrive_as_reviewed_labels(reviewed: dict[str, int]) -> None:

@@ -21,6 +21,7 @@ TABLES = {
     "retraining_runs",
     "drift_results",
     "activity_events",
+    "ingest_attempts",
 }
 
 

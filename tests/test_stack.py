@@ -106,6 +106,36 @@ def test_second_up_reuses_running_services(stack: Stack) -> None:
 
 
 @pytest.mark.stack
+def test_second_up_rewrites_the_one_webhook_in_place_with_the_webhook_secret(
+    stack: Stack,
+) -> None:
+    from labeling.wiring import ensure_webhook, review_project, webhook_url
+
+    s = stack.settings
+    project = review_project(s)
+    hook_id = ensure_webhook(s, project)
+    # An install from before the webhook had its own secret: the API token in its headers.
+    stale = {"Authorization": f"Bearer {s.api_token.get_secret_value()}"}
+    project.ls.webhooks.update(id=hook_id, url=webhook_url(s), headers=stale)
+    token = s.label_studio_token.get_secret_value()
+    with httpx.Client(
+        base_url=s.label_studio, headers={"Authorization": f"Token {token}"}, timeout=30
+    ) as ls:
+
+        def hooks() -> list[dict]:
+            return ls.get("/api/webhooks/", params={"project": project.id}).json()
+
+        before = hooks()
+        Stack(load_settings()).up()
+        after = hooks()
+    # Rewritten where it was, not added beside it: Label Studio would call both.
+    assert sorted(h["id"] for h in after) == sorted(h["id"] for h in before)
+    ours = [h for h in after if h["url"] == webhook_url(s)]
+    assert [h["id"] for h in ours] == [hook_id]
+    assert ours[0]["headers"] == {"Authorization": f"Bearer {s.webhook_secret.get_secret_value()}"}
+
+
+@pytest.mark.stack
 def test_registering_deployments_waits_out_a_busy_prefect_database(stack: Stack) -> None:
     """Prefect answers 503 while its SQLite database is locked, as it is when its scheduler
     writes a burst of runs right after a deploy; `up` waits that out instead of failing."""

@@ -28,6 +28,7 @@ from ingestion import upload as serving
 from labeling.selection import Selected
 from serving.predictor import ChampionPredictor
 from training.retrain_guard import create_run, update_run
+from training.retrain_requests import blocking_run
 from visionloop.db import engine_for, migrate, session_scope
 from visionloop.events import emit
 from visionloop.models import (
@@ -162,7 +163,10 @@ def test_the_webhook_answers_in_the_same_json(client: TestClient) -> None:
 
 def test_unknown_paths_and_methods_answer_json(client: TestClient) -> None:
     assert_error(client.get("/api/nothing-here"), 404, "not_found")
-    assert_error(client.delete("/api/models"), 405, "method_not_allowed")
+    # A method that may change something is refused before routing unless it has the token,
+    # so the unauthenticated get no map of which paths take which methods.
+    assert_error(client.delete("/api/models"), 401, "unauthorized")
+    assert_error(client.delete("/api/models", headers=auth()), 405, "method_not_allowed")
 
 
 def test_cors_origins_come_from_the_settings(monkeypatch: pytest.MonkeyPatch, stack: Stack) -> None:
@@ -343,7 +347,10 @@ def test_trigger_starts_the_retrain_deployment_and_refuses_a_second(
     finally:
         _cancel_and_wait(launched["flow_run_id"])
 
-    # Once Prefect says the run is over, the status (reconciled) lets the next one through.
+    # Once Prefect says the run is over, the trigger's reconciliation lets the next one through;
+    # the status only reads what the database recorded.
+    with session_scope() as session:
+        assert blocking_run(session, get_settings()) is None
     status = client.get("/api/retraining/status").json()
     assert status["state"] == "idle", status
     finished = client.get(launched["status_url"]).json()
@@ -694,7 +701,8 @@ def test_export_hands_out_a_snapshot_in_every_format(client: TestClient, champio
     assert snapshots["total"] >= 1
     newest = client.get("/api/labeling/snapshots").json()["items"][0]
 
-    latest = client.get("/api/labeling/export")
+    assert_error(client.get("/api/labeling/export"), 401, "unauthorized")
+    latest = client.get("/api/labeling/export", headers=auth())
     assert latest.status_code == 200 and latest.headers["content-type"] == "application/zip"
     chosen = int(latest.headers["x-snapshot-id"])
     archive = zipfile.ZipFile(io.BytesIO(latest.content))
@@ -708,18 +716,28 @@ def test_export_hands_out_a_snapshot_in_every_format(client: TestClient, champio
     assert labels and len(labels) == len(images) and "manifest.json" in names
     assert "attachment" in latest.headers["content-disposition"]
 
-    coco = client.get(f"/api/labeling/export?format=coco&snapshot_id={chosen}").json()
+    coco = client.get(
+        f"/api/labeling/export?format=coco&snapshot_id={chosen}", headers=auth()
+    ).json()
     assert (
         len(coco["images"]) == len(images)
         and [c["name"] for c in coco["categories"]] == settings.class_names
     )
-    studio = client.get(f"/api/labeling/export?format=labelstudio&snapshot_id={chosen}").json()
+    studio = client.get(
+        f"/api/labeling/export?format=labelstudio&snapshot_id={chosen}", headers=auth()
+    ).json()
     assert len(studio) == len(images) and "annotations" in studio[0]
     assert newest["id"] >= chosen
 
-    assert_error(client.get("/api/labeling/export?snapshot_id=987654"), 404, "not_found")
-    assert_error(client.get("/api/labeling/export?format=voc"), 422, "validation_error")
-    assert_error(client.get("/api/labeling/export?snapshot_id=0"), 422, "validation_error")
+    assert_error(
+        client.get("/api/labeling/export?snapshot_id=987654", headers=auth()), 404, "not_found"
+    )
+    assert_error(
+        client.get("/api/labeling/export?format=voc", headers=auth()), 422, "validation_error"
+    )
+    assert_error(
+        client.get("/api/labeling/export?snapshot_id=0", headers=auth()), 422, "validation_error"
+    )
     assert_error(client.get("/api/labeling/snapshots?kind=other"), 422, "validation_error")
 
 
@@ -793,12 +811,17 @@ def test_drift_latest_history_and_report(client: TestClient) -> None:
         )
 
         for path in ("/api/metrics/drift/report", f"/api/metrics/drift/{ids[1]}/report"):
-            report = client.get(path)
+            assert_error(client.get(path), 401, "unauthorized")
+            report = client.get(path, headers=auth())
             assert report.status_code == 200 and "evidently says hi" in report.text
             assert report.headers["content-type"].startswith("text/html")
-        assert_error(client.get(f"/api/metrics/drift/{ids[0]}/report"), 404, "not_found")
+        assert_error(
+            client.get(f"/api/metrics/drift/{ids[0]}/report", headers=auth()), 404, "not_found"
+        )
         assert_error(client.get("/api/metrics/drift/987654"), 404, "not_found")
-        assert_error(client.get("/api/metrics/drift/987654/report"), 404, "not_found")
+        assert_error(
+            client.get("/api/metrics/drift/987654/report", headers=auth()), 404, "not_found"
+        )
         assert_error(client.get("/api/metrics/drift/history?limit=0"), 422, "validation_error")
         assert_error(client.get("/api/metrics/drift/x"), 422, "validation_error")
     finally:
@@ -819,7 +842,7 @@ def test_drift_before_any_measurement_is_a_404_that_says_so(
     overrides[deps.db_session] = empty_session
     body = assert_error(client.get("/api/metrics/drift"), 404, "not_found")
     assert "not been measured" in body["detail"]
-    assert_error(client.get("/api/metrics/drift/report"), 404, "not_found")
+    assert_error(client.get("/api/metrics/drift/report", headers=auth()), 404, "not_found")
     assert client.get("/api/metrics/drift/history").json()["points"] == []
 
 

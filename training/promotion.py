@@ -9,7 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from visionloop.events import EventKind, emit
-from visionloop.registry import CHAMPION, PREVIOUS, RegistryError, get_alias, get_version, set_alias
+from visionloop.registry import (
+    CHAMPION,
+    PREVIOUS,
+    SHA256_TAG,
+    RegistryError,
+    WeightsChecksumError,
+    get_alias,
+    get_version,
+    set_alias,
+)
 from visionloop.settings import Settings
 
 
@@ -20,9 +29,19 @@ class AliasChange:
     changed: bool  # False: it already was the champion
 
 
+def _loadable(settings: Settings, version: str) -> None:
+    """A clear error for a version that does not exist or that serving would refuse to load:
+    an alias must never point at weights nobody can verify."""
+    if not get_version(settings, version).sha256:
+        raise WeightsChecksumError(
+            f"model version {version} has no {SHA256_TAG} tag, so serving would refuse it; "
+            "vet its weights and run `visionloop trust-weights` first"
+        )
+
+
 def promote(settings: Settings, version: str, reason: str = "") -> AliasChange:
     """Make ``version`` the champion; the one it replaces becomes `previous`."""
-    get_version(settings, version)  # a clear error for a version that does not exist
+    _loadable(settings, version)
     current = get_alias(settings, CHAMPION)
     if current is not None and current.version == version:
         previous = get_alias(settings, PREVIOUS)
@@ -52,7 +71,7 @@ def rollback(settings: Settings, to_version: str | None = None, reason: str = ""
         if previous is None:
             raise RegistryError("no `previous` model version to roll back to")
         to_version = previous.version
-    get_version(settings, to_version)
+    _loadable(settings, to_version)
     if current is not None and current.version == to_version:
         return AliasChange(to_version, None, False)
     set_alias(settings, CHAMPION, to_version)

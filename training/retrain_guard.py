@@ -23,8 +23,9 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from training.prefect_calls import bounded_prefect_calls
 from visionloop.models import RetrainingRun, RetrainStatus
-from visionloop.settings import Settings
+from visionloop.settings import Settings, get_settings
 
 LOCK = "retrain"
 log = logging.getLogger(__name__)
@@ -171,7 +172,9 @@ def flow_run_outcome(flow_run_id: str) -> str | None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    with get_client(sync_client=True) as client:
+    # Reconciling runs inside requests and flows: an unreachable Prefect must fail it quickly,
+    # by name, not hang them on Prefect's own 60 s x 5 retries.
+    with bounded_prefect_calls(get_settings()), get_client(sync_client=True) as client:
         try:
             flow_run = client.read_flow_run(UUID(flow_run_id))
         except ObjectNotFound:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlmodel import Session
 
 from training.gate import DEFAULT_PRIMARY_METRIC
+from training.prefect_calls import bounded_prefect_calls
 from training.retrain_guard import create_run, update_run
 from visionloop.formats import DEFAULT_TEST_PERCENT, DEFAULT_VAL_PERCENT
 from visionloop.settings import Settings
@@ -70,11 +71,12 @@ def launch_retrain(
         retraining_run_id = create_run(session, trigger, reason).id
     assert retraining_run_id is not None
     params = RetrainParams(trigger=trigger, reason=reason, retraining_run_id=retraining_run_id)
-    flow_run = run_deployment(
-        RETRAIN_DEPLOYMENT,
-        parameters=deployment_parameters(params),
-        timeout=0,  # do not wait: training takes minutes to hours
-        tags=[f"retraining-run:{retraining_run_id}", f"trigger:{trigger}"],
-    )
+    with bounded_prefect_calls(settings):
+        flow_run = run_deployment(
+            RETRAIN_DEPLOYMENT,
+            parameters=deployment_parameters(params),
+            timeout=0,  # do not wait: training takes minutes to hours
+            tags=[f"retraining-run:{retraining_run_id}", f"trigger:{trigger}"],
+        )
     update_run(session, retraining_run_id, prefect_flow_run_id=str(flow_run.id))
     return LaunchedRetrain(retraining_run_id, str(flow_run.id))

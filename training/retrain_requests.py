@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 MANUAL = "manual"
 FINISHED = (RetrainStatus.succeeded, RetrainStatus.failed, RetrainStatus.cancelled)
 _request_lock = threading.Lock()  # one check-then-launch at a time per process (double clicks)
+STALE_NOTE = (
+    "the state is what the platform database last recorded; a run whose Prefect flow run "
+    "has ended is reconciled by the next trigger or check-retrain run"
+)
 
 
 class LaunchFailed(RuntimeError):
@@ -48,7 +52,7 @@ class RetrainingStatus:
     current: RetrainingRun | None
     progress: Progress | None
     last_finished: RetrainingRun | None
-    reconcile_error: str | None  # Prefect could not be asked; the state may be stale
+    state_note: str | None  # set while a run is current: its state may lag behind Prefect's
 
 
 def _now() -> datetime:
@@ -152,20 +156,21 @@ def _last_finished(session: Session) -> RetrainingRun | None:
     ).first()
 
 
-def retraining_status(session: Session, settings: Settings) -> RetrainingStatus:
-    reconcile_error = None
-    try:
-        reconcile(session, settings)
-    except Exception as exc:
-        reconcile_error = f"could not reconcile with Prefect: {type(exc).__name__}: {exc}"
-        log.warning(reconcile_error)
+def retraining_status(session: Session) -> RetrainingStatus:
+    """What the database says about retraining, read only.
+
+    Nothing here asks Prefect or writes: anyone may read the status, and reconciling (failing
+    a dead run, moving the champion back) is for the trigger and the check-retrain flow. So a
+    run whose flow run died still shows as queued or running until one of those runs.
+    """
     holder = current_holder(session)
     current = holder or launched_pending(session)
     state = "running" if holder else "queued" if current else "idle"
     progress = (
         _progress(session, current.id) if current is not None and current.id is not None else None
     )
-    return RetrainingStatus(state, current, progress, _last_finished(session), reconcile_error)
+    note = STALE_NOTE if current is not None else None
+    return RetrainingStatus(state, current, progress, _last_finished(session), note)
 
 
 def retraining_history(

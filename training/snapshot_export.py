@@ -21,7 +21,7 @@ from typing import IO, Any, Literal
 
 from sqlmodel import Session, col, select
 
-from training.snapshots import SnapshotError, read_manifest
+from training.snapshots import ManifestRejected, SnapshotError, fetch_files, read_manifest
 from visionloop.formats import SPLITS, data_yaml
 from visionloop.models import DatasetSnapshot
 from visionloop.settings import Settings
@@ -109,6 +109,8 @@ def export_snapshot(
     stem = f"visionloop-{snapshot.kind}-{snapshot.manifest_hash[:12]}"
     try:
         manifest = read_manifest(settings, snapshot, store)
+    except ManifestRejected:  # the files are there but not as exported: not a missing snapshot
+        raise
     except SnapshotError as exc:  # the row exists but its files do not
         raise UnknownSnapshot(str(exc)) from exc
     if fmt == "yolo":
@@ -132,8 +134,7 @@ def _yolo_zip(
     body = _spool()
 
     def fetch(item: dict[str, Any]) -> tuple[dict[str, Any], bytes, bytes]:
-        get = lambda key: store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + key)  # noqa: E731
-        return item, get(item["image"]), get(item["label"])
+        return item, *fetch_files(settings, store, snapshot, item)
 
     with zipfile.ZipFile(body, "w") as archive:
         archive.writestr(

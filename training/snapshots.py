@@ -7,6 +7,9 @@ A snapshot lives under ``s3://<datasets>/snapshots/<manifest hash>/``::
 
 ``manifest.json`` is written last, so a snapshot whose manifest exists is complete. The same
 labels give the same manifest hash, and exporting them again reuses the snapshot as it is.
+Reading one back trusts nothing in the bucket: the manifest must hash to the row's
+``manifest_hash``, every path in it must stay inside its split's folder, and every file must
+match the hash the manifest lists (``ManifestRejected`` otherwise).
 
 Each training snapshot has a held-out companion (kind ``holdout``): its test split, with a
 manifest and hash of its own. Champion and challenger are always judged on one holdout row,
@@ -40,9 +43,11 @@ from visionloop.events import EventKind, emit
 from visionloop.formats import (
     Entry,
     LabeledImage,
+    ManifestError,
     SplitPolicy,
     assign_splits,
     build_manifest,
+    check_manifest,
     data_yaml,
     manifest_hash,
     to_coco,
@@ -71,6 +76,11 @@ _LOCAL_SPLITS = {
 
 class SnapshotError(RuntimeError):
     """A snapshot cannot be made or read; the message says what is missing."""
+
+
+class ManifestRejected(SnapshotError, ValueError):
+    """A snapshot's manifest or one of its files is not what was exported, or a manifest path
+    would leave the snapshot's folder; nothing of it is used."""
 
 
 @dataclass(frozen=True)
@@ -453,17 +463,73 @@ def get_snapshot(session: Session, snapshot_id: int) -> DatasetSnapshot:
     return row
 
 
+def _name(snapshot: DatasetSnapshot) -> str:
+    return f"snapshot {snapshot.manifest_hash[:12]} (id {snapshot.id})"
+
+
 def read_manifest(
     settings: Settings, snapshot: DatasetSnapshot, store: ObjectStore | None = None
 ) -> dict[str, Any]:
+    """The snapshot's manifest, refused (``ManifestRejected``) unless it is the exported one."""
     store = store or ObjectStore(settings)
     key = snapshot.manifest_key or snapshot.object_prefix + MANIFEST_FILE
     try:
-        return json.loads(store.get_bytes(settings.bucket_datasets, key))
+        data = store.get_bytes(settings.bucket_datasets, key)
     except StorageError as exc:
         raise SnapshotError(
             f"snapshot {snapshot.manifest_hash[:12]} has no manifest in the store: {exc}"
         ) from exc
+    return verified_manifest(snapshot, key, data)
+
+
+def verified_manifest(snapshot: DatasetSnapshot, key: str, data: bytes) -> dict[str, Any]:
+    """``data`` as a manifest, if every path in it is safe and it hashes to the snapshot's hash.
+
+    The row's ``manifest_hash`` was computed from the manifest at export, so a manifest
+    changed in the bucket since then no longer hashes to it. Paths are checked first: that
+    error names the entry, which says more than a hash mismatch does.
+    """
+    try:
+        manifest = json.loads(data)
+    except ValueError as exc:  # not UTF-8, or not JSON
+        raise ManifestRejected(f"{_name(snapshot)}: {key} is not valid JSON ({exc})") from exc
+    try:
+        check_manifest(manifest)
+    except ManifestError as exc:
+        raise ManifestRejected(f"{_name(snapshot)}: {key} entry {exc}") from exc
+    digest = manifest_hash(manifest)
+    if digest != snapshot.manifest_hash:
+        raise ManifestRejected(
+            f"{_name(snapshot)}: {key} was changed after export (its content hashes to "
+            f"{digest[:12]}, the snapshot was recorded as {snapshot.manifest_hash[:12]})"
+        )
+    return manifest
+
+
+def fetch_files(
+    settings: Settings, store: ObjectStore, snapshot: DatasetSnapshot, item: Mapping[str, Any]
+) -> tuple[bytes, bytes]:
+    """An entry's image and label bytes, refused unless each matches its hash in the manifest."""
+    image = store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + item["image"])
+    label = store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + item["label"])
+    for field, data, expected in (
+        ("image", image, item["image_hash"]),
+        ("label", label, item["label_hash"]),
+    ):
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ManifestRejected(
+                f"{_name(snapshot)}: {field} file {item[field]} was changed after export (its "
+                f"bytes do not match the sha256 {expected[:12]} the manifest lists)"
+            )
+    return image, label
+
+
+def _inside(root: Path, relative: str, snapshot: DatasetSnapshot) -> Path:
+    """``root / relative``, refused if it resolves outside ``root`` (a link on the way, say)."""
+    path = root / relative
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ManifestRejected(f"{_name(snapshot)}: {relative} resolves outside {root}")
+    return path
 
 
 def download_snapshot(
@@ -474,7 +540,8 @@ def download_snapshot(
 ) -> Path:
     """A local copy of the snapshot's files for its kind; returns the local ``data.yaml``.
 
-    Every file is checked against the manifest's hashes. Copies are cached by manifest hash
+    The manifest is verified (``read_manifest``) before any folder is made, and every file
+    against the manifest's hashes before it is written. Copies are cached by manifest hash
     under ``<data_dir>/datasets``; ``data.yaml`` is written last, so a folder that has one is
     complete.
     """
@@ -492,18 +559,9 @@ def download_snapshot(
         (partial / folder.replace("images/", "labels/", 1)).mkdir(parents=True, exist_ok=True)
 
     def fetch(item: dict[str, Any]) -> None:
-        image = store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + item["image"])
-        label = store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + item["label"])
-        if (
-            sha256_hex(image) != item["image_hash"]
-            or hashlib.sha256(label).hexdigest() != item["label_hash"]
-        ):
-            raise SnapshotError(
-                f"snapshot {snapshot.manifest_hash[:12]}: {item['image']} does not match its "
-                "manifest"
-            )
-        (partial / item["image"]).write_bytes(image)
-        (partial / item["label"]).write_bytes(label)
+        image, label = fetch_files(settings, store, snapshot, item)
+        _inside(partial, item["image"], snapshot).write_bytes(image)
+        _inside(partial, item["label"], snapshot).write_bytes(label)
 
     items = [i for i in manifest["images"] if str(Path(i["image"]).parent) in wanted_dirs]
     try:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import PureWindowsPath
 from typing import Any
 
 import yaml
@@ -159,6 +161,78 @@ def canonical_json(data: Any) -> str:
 def manifest_hash(manifest: Mapping[str, Any]) -> str:
     """The dataset's content hash: sha256 of the manifest's canonical JSON."""
     return sha256_text(canonical_json(manifest))
+
+
+class ManifestError(ValueError):
+    """A manifest entry that is missing, malformed, or a path that would leave its snapshot."""
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def path_problem(path: object) -> str | None:
+    """Why ``path`` is not a plain relative path inside a snapshot folder; None when it is.
+
+    A manifest is read back from the object store, where anyone with write access to the
+    bucket can change it, so its paths are treated as hostile before one becomes a local file.
+    """
+    if not isinstance(path, str) or not path:
+        return "is not a non-empty string"
+    if "\x00" in path:
+        return "contains a NUL character"
+    if "\\" in path:
+        return "contains a backslash"
+    if path.startswith("/"):
+        return "is an absolute path"
+    if PureWindowsPath(path).drive or ":" in path.split("/", 1)[0]:
+        return "names a drive"
+    parts = path.split("/")
+    if ".." in parts:
+        return "has a '..' component"
+    if any(part in ("", ".") for part in parts):
+        return "has an empty or '.' component"
+    return None
+
+
+def _check_path(where: str, field: str, path: object, folder: str) -> None:
+    problem = path_problem(path)
+    if problem is None and not str(path).startswith(folder):
+        problem = f"is not under {folder}"
+    if problem is not None:
+        raise ManifestError(f"{where} {field} {path!r}: {problem}")
+
+
+def _check_item(index: int, item: object) -> None:
+    if not isinstance(item, dict):
+        raise ManifestError(f"images[{index}]: is not an object")
+    where = f"images[{index}]"
+    for field in ("image_hash", "label_hash"):
+        if not isinstance(item.get(field), str) or not _SHA256.fullmatch(item[field]):
+            raise ManifestError(f"{where} {field} {item.get(field)!r}: is not a sha256 hex digest")
+    where = f"images[{index}] ({item['image_hash'][:12]})"
+    split = item.get("split")
+    if split not in SPLITS:
+        raise ManifestError(f"{where} split {split!r}: is not one of {', '.join(SPLITS)}")
+    _check_path(where, "image", item.get("image"), f"images/{split}/")
+    _check_path(where, "label", item.get("label"), f"labels/{split}/")
+
+
+def check_manifest(manifest: object) -> None:
+    """Raise ``ManifestError`` naming the first entry that is malformed or an unsafe path.
+
+    Every file a manifest names must sit in its split's ``images/`` or ``labels/`` folder,
+    as ``build_manifest`` writes them, so a downloaded copy cannot reach outside its folder.
+    """
+    if not isinstance(manifest, dict):
+        raise ManifestError("the manifest is not a JSON object")
+    names = manifest.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ManifestError(f"class_names {names!r}: is not a list of strings")
+    items = manifest.get("images")
+    if not isinstance(items, list):
+        raise ManifestError(f"images {type(items).__name__}: is not a list")
+    for index, item in enumerate(items):
+        _check_item(index, item)
 
 
 def data_yaml(class_names: Sequence[str], splits: Mapping[str, str]) -> str:

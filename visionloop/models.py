@@ -64,6 +64,12 @@ class Image(SQLModel, table=True):
     content_hash: str = Field(sa_type=String(64), unique=True, index=True)
     object_key: str = Field(sa_type=String(1024), description="Key in the images bucket.")
     source_key: str | None = Field(default=None, sa_type=String(1024))
+    source_version: str | None = Field(
+        default=None,
+        sa_type=String(128),
+        description="The source's version when it was read (S3 ETag; size and mtime of a file): "
+        "a name whose content changed is read again.",
+    )
     size_bytes: int = 0
     width: int | None = None
     height: int | None = None
@@ -74,6 +80,25 @@ class Image(SQLModel, table=True):
     created_at: datetime = Field(
         default_factory=utcnow, sa_type=DateTime(timezone=True), index=True
     )
+
+
+class IngestAttempt(SQLModel, table=True):
+    """A file's ingest batches that started without giving it an outcome yet.
+
+    Committed before its batch works on it and deleted once the file has an outcome, so a row
+    that stays says its batch crashed (the process died) or timed out."""
+
+    __tablename__ = "ingest_attempts"
+    __table_args__ = (
+        UniqueConstraint("source_key", "source_version", name="uq_ingest_attempts_source"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    source_key: str = Field(sa_type=String(1024))
+    source_version: str = Field(default="", sa_type=String(128))
+    attempts: int = 0
+    last_error: str | None = Field(default=None, sa_type=Text)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
 
 
 class Prediction(SQLModel, table=True):

@@ -2,17 +2,33 @@
 
 A model version's source is the run's ``weights`` artifact folder (``best.pt``), so any
 ultralytics process can load it without MLflow-specific flavours.
+
+Weights are pickles, so only the bytes the platform registered are loaded: registration
+records the file's sha256 as a version tag, and ``download_weights`` refuses a file that does
+not match it (``WeightsChecksumError``). Downloaded weights are cached per version and
+checksum, written whole into place or not at all.
+
+Every call to MLflow is bounded by ``service_timeout_s`` and ``service_retries``; an
+unreachable server is a ``RegistryUnavailable`` that names it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException, RestException
+from requests.exceptions import RequestException
 
 from visionloop.settings import Settings
 
@@ -21,10 +37,22 @@ CHALLENGER = "challenger"
 PREVIOUS = "previous"
 WEIGHTS_DIR = "weights"
 WEIGHTS_FILE = "best.pt"
+SHA256_TAG = "visionloop.weights_sha256"
+"""Model-version tag: the sha256 of the ``best.pt`` the platform registered."""
+_BACKOFF_FACTOR = 1
+"""Seconds before the second retry of a failed MLflow call (doubling after)."""
 
 
 class RegistryError(RuntimeError):
     pass
+
+
+class RegistryUnavailable(RegistryError):
+    """MLflow did not answer within the configured timeout and retries."""
+
+
+class WeightsChecksumError(RegistryError):
+    """A version's weights are not the bytes the platform registered."""
 
 
 @dataclass(frozen=True)
@@ -33,14 +61,49 @@ class ModelRef:
     version: str
     run_id: str | None
     source: str
+    sha256: str | None = None
+    """The registered weights' checksum (``SHA256_TAG``); None for a version without it."""
 
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
 
 
+def apply_http_limits(settings: Settings) -> None:
+    """Bound MLflow's HTTP calls by the settings' timeout and retries.
+
+    MLflow's client reads its limits from the environment on every request and offers no
+    per-client knob, so they are set for the process (which has one set of settings).
+    """
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(settings.service_timeout_s)))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(settings.service_retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(_BACKOFF_FACTOR)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0.5"
+
+
 def client(settings: Settings) -> MlflowClient:
+    apply_http_limits(settings)
     return MlflowClient(tracking_uri=settings.mlflow_uri, registry_uri=settings.mlflow_uri)
+
+
+@contextmanager
+def reaching_mlflow(settings: Settings) -> Iterator[None]:
+    """Turn a connection failure into ``RegistryUnavailable`` naming the server."""
+    try:
+        yield
+    except (RequestException, OSError) as exc:
+        raise RegistryUnavailable(_unreachable(settings, exc)) from exc
+    except MlflowException as exc:
+        if isinstance(exc, RestException) or "API request" not in str(exc):
+            raise
+        raise RegistryUnavailable(_unreachable(settings, exc)) from exc
+
+
+def _unreachable(settings: Settings, exc: BaseException) -> str:
+    return (
+        f"MLflow at {settings.mlflow_uri} is unreachable (timeout {settings.service_timeout_s:g}"
+        f" s, {settings.service_retries} retries): {type(exc).__name__}: {exc}"
+    )
 
 
 def code_version() -> str:
@@ -72,28 +135,95 @@ def ensure_experiment(settings: Settings) -> str:
 
 
 def _ref(version: ModelVersion) -> ModelRef:
-    return ModelRef(version.name, str(version.version), version.run_id, version.source)
+    return ModelRef(
+        version.name,
+        str(version.version),
+        version.run_id,
+        version.source,
+        (version.tags or {}).get(SHA256_TAG),
+    )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _run_weights_sha256(settings: Settings, source: str) -> str:
+    """The checksum of the ``best.pt`` under ``source``, read back from the artifact store."""
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as scratch:
+        with reaching_mlflow(settings):
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{source}/{WEIGHTS_FILE}",
+                dst_path=scratch,
+                tracking_uri=settings.mlflow_uri,
+            )
+        weights = Path(scratch) / WEIGHTS_FILE
+        if not weights.exists():
+            raise RegistryError(f"{source} has no {WEIGHTS_FILE} to register")
+        return file_sha256(weights)
 
 
 def register_weights(settings: Settings, run_id: str, alias: str | None = None) -> ModelRef:
-    """Register the run's ``weights/`` artifact folder as a new version of the platform's model."""
+    """Register the run's ``weights/`` artifact folder as a new version of the platform's model.
+
+    The weights' sha256 is recorded on the version before any alias points at it, so no
+    process is ever told to load a version it cannot verify.
+    """
     mlflow = client(settings)
-    try:
-        mlflow.get_registered_model(settings.model_name)
-    except MlflowException:
-        mlflow.create_registered_model(
-            settings.model_name, description="visionloop's YOLO detector (weights/best.pt)"
+    with reaching_mlflow(settings):
+        try:
+            mlflow.get_registered_model(settings.model_name)
+        except RestException:
+            mlflow.create_registered_model(
+                settings.model_name, description="visionloop's YOLO detector (weights/best.pt)"
+            )
+        source = f"{mlflow.get_run(run_id).info.artifact_uri}/{WEIGHTS_DIR}"
+    checksum = _run_weights_sha256(settings, source)
+    with reaching_mlflow(settings):
+        version = mlflow.create_model_version(
+            settings.model_name, source=source, run_id=run_id, tags={SHA256_TAG: checksum}
         )
-    source = f"{mlflow.get_run(run_id).info.artifact_uri}/{WEIGHTS_DIR}"
-    version = mlflow.create_model_version(settings.model_name, source=source, run_id=run_id)
-    if alias:
-        mlflow.set_registered_model_alias(settings.model_name, alias, version.version)
-    return _ref(version)
+        if alias:
+            mlflow.set_registered_model_alias(settings.model_name, alias, version.version)
+    return ModelRef(version.name, str(version.version), version.run_id, version.source, checksum)
+
+
+def trust_weights(settings: Settings, version: str, expected_sha256: str) -> ModelRef:
+    """Record the checksum of a version registered without one (before checksums were kept),
+    once a person has vetted its weights and names their sha256.
+
+    The stored file must hash to ``expected_sha256``: the registry and the artifact store
+    alone are what an intruder could have written, so they cannot vouch for themselves.
+    """
+    expected = expected_sha256.strip().lower()
+    ref = get_version(settings, version)
+    if ref.sha256 and ref.sha256 != expected:
+        raise WeightsChecksumError(
+            f"model version {version} is already recorded with sha256 {ref.sha256}"
+        )
+    actual = _run_weights_sha256(settings, ref.source)
+    if actual != expected:
+        raise WeightsChecksumError(
+            f"the stored weights of model version {version} have sha256 {actual}, not the "
+            f"{expected} you vetted: not trusted"
+        )
+    with reaching_mlflow(settings):
+        client(settings).set_model_version_tag(
+            settings.model_name, str(version), SHA256_TAG, actual
+        )
+    return get_version(settings, version)
 
 
 def get_alias(settings: Settings, alias: str) -> ModelRef | None:
     try:
-        return _ref(client(settings).get_model_version_by_alias(settings.model_name, alias))
+        with reaching_mlflow(settings):
+            return _ref(client(settings).get_model_version_by_alias(settings.model_name, alias))
     except RestException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
@@ -102,7 +232,8 @@ def get_alias(settings: Settings, alias: str) -> ModelRef | None:
 
 def get_version(settings: Settings, version: str) -> ModelRef:
     try:
-        return _ref(client(settings).get_model_version(settings.model_name, str(version)))
+        with reaching_mlflow(settings):
+            return _ref(client(settings).get_model_version(settings.model_name, str(version)))
     except RestException as exc:
         raise RegistryError(
             f"model {settings.model_name} has no version {version}: {exc.message}"
@@ -113,20 +244,53 @@ def set_alias(settings: Settings, alias: str, version: str) -> None:
     client(settings).set_registered_model_alias(settings.model_name, alias, version)
 
 
+def weights_cache_dir(dst: Path, ref: ModelRef) -> Path:
+    """The cache folder of a version's weights: a re-created registry reusing version numbers
+    has other checksums, so it never meets the old files."""
+    return dst / f"{ref.version}-{(ref.sha256 or 'unverified')[:16]}"
+
+
+def _verified(weights: Path, ref: ModelRef) -> bool:
+    return weights.is_file() and file_sha256(weights) == ref.sha256
+
+
 def download_weights(settings: Settings, ref: ModelRef, dst: Path) -> Path:
-    """Fetch ``best.pt`` of a model version into ``dst`` (a cache folder keyed by version)."""
+    """Fetch ``best.pt`` of a model version into the cache under ``dst``, verified.
+
+    ``WeightsChecksumError`` unless the file's sha256 is the one recorded at registration. A
+    cached file is checked again before use; a partial or foreign one is downloaded anew into
+    a scratch folder beside the cache and moved into place only once verified.
+    """
     import mlflow.artifacts
 
-    target = dst / ref.version
+    if not ref.sha256:
+        raise WeightsChecksumError(
+            f"model version {ref.version} has no {SHA256_TAG} tag: its weights were not "
+            "registered by visionloop and are not loaded"
+        )
+    target = weights_cache_dir(dst, ref)
     weights = target / WEIGHTS_FILE
-    if weights.exists():
+    if _verified(weights, ref):
         return weights
     target.mkdir(parents=True, exist_ok=True)
-    mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{ref.source}/{WEIGHTS_FILE}",
-        dst_path=str(target),
-        tracking_uri=settings.mlflow_uri,
-    )
-    if not weights.exists():
-        raise RegistryError(f"model version {ref.version} has no {WEIGHTS_DIR}/{WEIGHTS_FILE}")
+    scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=target))
+    try:
+        with reaching_mlflow(settings):
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{ref.source}/{WEIGHTS_FILE}",
+                dst_path=str(scratch),
+                tracking_uri=settings.mlflow_uri,
+            )
+        fetched = scratch / WEIGHTS_FILE
+        if not fetched.exists():
+            raise RegistryError(f"model version {ref.version} has no {WEIGHTS_DIR}/{WEIGHTS_FILE}")
+        actual = file_sha256(fetched)
+        if actual != ref.sha256:
+            raise WeightsChecksumError(
+                f"the weights of model version {ref.version} have sha256 {actual}, not the "
+                f"{ref.sha256} recorded at registration: refused"
+            )
+        os.replace(fetched, weights)  # atomic: a reader sees the old file or the whole new one
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return weights

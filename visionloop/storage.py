@@ -49,13 +49,22 @@ def content_key(data: bytes, suffix: str = "", prefix: str = "") -> str:
 
 
 class ObjectStore:
-    def __init__(self, settings: Settings, *, retries: int = 3, backoff: float = 0.5) -> None:
+    """The platform's S3 client: every call waits at most ``VISIONLOOP_SERVICE_TIMEOUT_S`` to
+    connect and to read, and is retried ``VISIONLOOP_SERVICE_RETRIES`` times (``retries``
+    overrides it), so an object store that is down or hung is reported, never waited on."""
+
+    def __init__(
+        self, settings: Settings, *, retries: int | None = None, backoff: float = 0.5
+    ) -> None:
         self.settings = settings
-        self.retries = retries
+        self.retries = settings.service_retries if retries is None else retries
         self.backoff = backoff
+        timeout = settings.service_timeout_s
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=3.0, read=60.0),
-            retries=urllib3.Retry(total=0),  # retries are ours, so errors stay explicit
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+            # urllib3 retries what never reached an answer (refused, reset, timed out); the
+            # answers S3 gives (SlowDown, ServiceUnavailable) are retried by ``_call``.
+            retries=urllib3.Retry(total=self.retries, backoff_factor=backoff, status=0, redirect=0),
             maxsize=16,
         )
         self.client = Minio(
@@ -68,6 +77,13 @@ class ObjectStore:
         )
 
     # --- plumbing -----------------------------------------------------------------------
+    def _unavailable(self, what: str, exc: Exception) -> StorageError:
+        return StorageError(
+            f"{what}: the object store at {self.settings.s3_host} is unavailable (unreachable "
+            f"after {self.retries + 1} attempts of at most {self.settings.service_timeout_s:g} s "
+            f"each: {exc}); check VISIONLOOP_S3_ENDPOINT or run `visionloop up`"
+        )
+
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         last: Exception | None = None
         for attempt in range(self.retries + 1):
@@ -84,13 +100,15 @@ class ObjectStore:
                     raise StorageError(f"{what}: {exc.code}: {exc.message}") from exc
                 last = exc
             except (urllib3.exceptions.HTTPError, OSError) as exc:
-                last = exc
+                # The pool has spent its retries on this already: asking again would multiply
+                # the wait, not shorten the outage.
+                raise self._unavailable(what, exc) from exc
             if attempt < self.retries:
                 time.sleep(self.backoff * 2**attempt)
         raise StorageError(
-            f"{what}: object store at {self.settings.s3_url} unreachable after "
-            f"{self.retries + 1} attempts ({last}); check VISIONLOOP_S3_ENDPOINT or run "
-            "`visionloop up`"
+            f"{what}: the object store at {self.settings.s3_host} kept answering "
+            f"{getattr(last, 'code', last)} after {self.retries + 1} attempts; it is overloaded "
+            "or restarting"
         ) from last
 
     # --- buckets ---------------------------------------------------------------------------

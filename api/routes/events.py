@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from functools import partial
@@ -20,6 +21,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
+from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from api.deps import EngineDep
 from api.errors import content, responses
@@ -33,6 +36,54 @@ POLL_S = 0.5
 HEARTBEAT_S = 15.0
 """A comment line this often keeps proxies from closing an idle stream."""
 MAX_BATCH = 500
+RETRY_AFTER_S = 30
+
+
+class StreamSlots:
+    """How many live streams this process still accepts: each one holds a poll loop and a
+    connection for as long as a browser tab stays open, so their number is bounded."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.open >= self.limit:
+                return False
+            self.open += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.open = max(0, self.open - 1)
+
+
+class _SlotStream(StreamingResponse):
+    """A stream that frees its slot however it ends, even when it never started to send."""
+
+    def __init__(self, slots: StreamSlots, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._slots = slots
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._slots.give_back()
+
+
+def _take_slot(request: Request) -> StreamSlots:
+    slots: StreamSlots = request.app.state.event_streams
+    if not slots.take():
+        raise HTTPException(
+            503,
+            f"too many live event streams are open ({slots.limit}, max_event_streams); "
+            "close one or try again later",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    return slots
 
 
 def events_after(
@@ -68,7 +119,7 @@ def events(
     response_class=Response,  # the 200 is an event stream, the errors beside it JSON
     responses={
         **content("text/event-stream", "Server-sent events, one per activity event."),
-        **responses(422),
+        **responses(422, 503),
     },
 )
 async def stream(
@@ -85,6 +136,7 @@ async def stream(
     ``Last-Event-ID`` when a client reconnects."""
 
     fetch = partial(events_after, engine)
+    slots = _take_slot(request)
 
     async def messages() -> AsyncIterator[str]:
         yield "retry: 3000\n\n"
@@ -112,7 +164,8 @@ async def stream(
                 beat = time.monotonic()
                 yield ": keep-alive\n\n"
 
-    return StreamingResponse(
+    return _SlotStream(
+        slots,
         messages(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

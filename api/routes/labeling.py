@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, BackgroundTasks, Body, Depends
+from fastapi import APIRouter, BackgroundTasks, Body
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from api.deps import EngineDep, SessionDep, SettingsDep
-from api.security import require_api_token
+from api.deps import EngineDep, SessionDep, SettingsDep, WebhookToken
 from labeling.sync import announce, sync_labels, task_ids_for_annotations
 from visionloop.db import session_scope
 from visionloop.settings import Settings
@@ -46,7 +45,7 @@ def _sync(engine: Engine, settings: Settings, task_ids: list[int]) -> None:
     announce(report, via="webhook")
 
 
-@router.post("/webhook", status_code=202, dependencies=[Depends(require_api_token)])
+@router.post("/webhook", status_code=202, dependencies=[WebhookToken])
 def label_studio_webhook(
     background: BackgroundTasks,
     settings: SettingsDep,

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import HTMLResponse, Response
 from sqlmodel import Session, col, select
 
-from api.deps import SessionDep, SettingsDep, StoreDep
-from api.errors import NotFound, content, responses
+from api.deps import ReadToken, SessionDep, SettingsDep, StoreDep
+from api.errors import AUTH, NotFound, content, responses
 from api.schemas import MAX_ID, DriftHistoryOut, DriftOut, DriftPointOut, IsoDatetime
 from visionloop.models import DriftResult
 from visionloop.settings import Settings
@@ -93,7 +93,12 @@ _HTML = content("text/html", "Evidently's HTML report.")
 ResultId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
-@router.get("/drift/report", response_class=Response, responses={**_HTML, **responses(404, 503)})
+@router.get(
+    "/drift/report",
+    response_class=Response,
+    dependencies=[ReadToken],
+    responses={**_HTML, **AUTH, **responses(404, 503)},
+)
 def latest_report(session: SessionDep, settings: SettingsDep, store: StoreDep) -> HTMLResponse:
     """Evidently's HTML report of the latest measurement."""
     return _report(settings, store, _latest(session))
@@ -107,7 +112,8 @@ def drift_result(session: SessionDep, result_id: ResultId) -> DriftOut:
 @router.get(
     "/drift/{result_id}/report",
     response_class=Response,
-    responses={**_HTML, **responses(404, 422, 503)},
+    dependencies=[ReadToken],
+    responses={**_HTML, **AUTH, **responses(404, 422, 503)},
 )
 def report(
     session: SessionDep, settings: SettingsDep, store: StoreDep, result_id: ResultId

@@ -11,7 +11,7 @@ from api.errors import AUTH, BODY, Conflict, responses
 from api.schemas import VERSION_PATTERN, AliasChangeOut, ModelsOut, PromoteIn, RollbackIn
 from training.model_catalog import catalog, require_version
 from training.promotion import promote, rollback
-from visionloop.registry import RegistryError
+from visionloop.registry import RegistryError, RegistryUnavailable
 
 router = APIRouter(prefix="/api/models", tags=["models"])
 
@@ -28,13 +28,15 @@ def models(settings: SettingsDep, limit: Annotated[int, Query(ge=1, le=200)] = 2
     "/{version}/promote",
     response_model=AliasChangeOut,
     dependencies=[Token],
-    responses={**AUTH, **BODY, **responses(404)},
+    responses={**AUTH, **BODY, **responses(404, 409)},
 )
 def promote_version(
     settings: SettingsDep, version: Version, body: Annotated[PromoteIn | None, Body()] = None
 ) -> AliasChangeOut:
     """Make ``version`` the champion; the one it replaces becomes `previous`. Serving follows
-    within the predictor's recheck interval, without a restart."""
+    within the predictor's recheck interval, without a restart.
+
+    409 when the version's weights carry no checksum (see `visionloop trust-weights`)."""
     require_version(settings, version)
     change = promote(
         settings, version, reason=(body.reason if body else "") or "promoted through the API"
@@ -61,6 +63,8 @@ def rollback_champion(
         change = rollback(
             settings, body.to_version, reason=body.reason or "rolled back through the API"
         )
-    except RegistryError as exc:  # no `previous` alias: a state, not an outage
+    except RegistryUnavailable:
+        raise  # an outage stays a 503
+    except RegistryError as exc:  # no `previous` alias, or untrusted weights: a state
         raise Conflict(str(exc)) from exc
     return AliasChangeOut.model_validate(change)

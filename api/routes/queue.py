@@ -5,18 +5,32 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Query
-from fastapi.responses import Response, StreamingResponse
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import FileResponse, Response
 from sqlmodel import col, func, select
 
-from api.deps import SessionDep, SettingsDep, StoreDep
-from api.errors import responses
+from api.deps import ReadToken, SessionDep, SettingsDep, StoreDep
+from api.errors import AUTH, responses
 from api.schemas import MAX_ID, IsoDatetime, Offset, Page, QueueItemOut, QueueStatsOut, SnapshotOut
 from labeling.review_queue import QueueFilter, queue_page, queue_stats
-from training.snapshot_export import ExportFormat, export_snapshot, snapshot_for_export
+from training.snapshot_export import (
+    Export,
+    ExportFormat,
+    export_snapshot,
+    snapshot_for_export,
+)
 from visionloop.models import DatasetSnapshot, QueueStatus
+from visionloop.settings import Settings
+from visionloop.storage import ObjectStore
 
 router = APIRouter(prefix="/api/labeling", tags=["labeling"])
 
@@ -91,18 +105,107 @@ def snapshots(
     )
 
 
+EXPORT_CACHE_KEEP = 6
+"""Built exports kept on disk; the oldest goes first."""
+
+
+@dataclass(frozen=True)
+class CachedExport:
+    path: Path
+    filename: str
+    media_type: str
+    hit: bool  # served from the cache, not built for this request
+
+
+class ExportCache:
+    """Built exports on disk, keyed by the snapshot's manifest hash, kind and format.
+
+    A snapshot is content-addressed: the same manifest hash is the same labelled data, so its
+    export never changes and is built once, not once per request (a zip of every image).
+    """
+
+    def __init__(self, root: Path, keep: int = EXPORT_CACHE_KEEP) -> None:
+        self.root = root
+        self.keep = keep
+        self._lock = threading.Lock()
+
+    def get(self, key: str, build: Callable[[], Export]) -> CachedExport:
+        # One build at a time: concurrent first requests wait for it instead of each building.
+        with self._lock:
+            found = self._find(key)
+            if found is not None:
+                return CachedExport(*found, hit=True)
+            export = build()
+            return CachedExport(*self._store(key, export), hit=False)
+
+    def _find(self, key: str) -> tuple[Path, str, str] | None:
+        folder = self.root / key
+        files = [f for f in folder.glob("*") if f.is_file()] if folder.is_dir() else []
+        if len(files) != 1:
+            return None
+        os.utime(folder)  # recently used: evicted last
+        media_type = "application/zip" if files[0].suffix == ".zip" else "application/json"
+        return files[0], files[0].name, media_type
+
+    def _store(self, key: str, export: Export) -> tuple[Path, str, str]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".building-"))
+        try:
+            with export.body, open(staging / export.filename, "wb") as out:
+                shutil.copyfileobj(export.body, out)
+            # A rename, so a half-written export is never found by the next request.
+            os.replace(staging, self.root / key)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._evict()
+        return self.root / key / export.filename, export.filename, export.media_type
+
+    def _evict(self) -> None:
+        folders = [f for f in self.root.iterdir() if f.is_dir() and not f.name.startswith(".")]
+        folders.sort(key=lambda f: f.stat().st_mtime, reverse=True)
+        for stale in folders[self.keep :]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+_caches: dict[Path, ExportCache] = {}
+_caches_lock = threading.Lock()
+
+
+def export_cache(settings: Settings) -> ExportCache:
+    root = Path(settings.data_dir) / "cache" / "exports"
+    with _caches_lock:
+        return _caches.setdefault(root, ExportCache(root))
+
+
+def _etag(snapshot: DatasetSnapshot, fmt: str) -> str:
+    return f'"{snapshot.manifest_hash}-{snapshot.kind}-{fmt}"'
+
+
+def _cached_export(
+    settings: Settings, store: ObjectStore, snapshot: DatasetSnapshot, fmt: ExportFormat
+) -> CachedExport:
+    key = f"{snapshot.manifest_hash}-{snapshot.kind}-{fmt}"
+    return export_cache(settings).get(key, lambda: export_snapshot(settings, snapshot, fmt, store))
+
+
 @router.get(
     "/export",
     response_class=Response,  # the 200 is a zip or a JSON document, the errors beside it JSON
+    dependencies=[ReadToken],
     responses={
         200: {
-            "description": "The snapshot: a zip for yolo, JSON for coco and labelstudio.",
+            "description": "The snapshot: a zip for yolo, JSON for coco and labelstudio. "
+            "`ETag` names the snapshot's content; `X-Export-Cache` says whether this export "
+            "was built for the request (miss) or reused (hit).",
             "content": {
                 "application/zip": {"schema": {"type": "string", "format": "binary"}},
                 "application/json": {},
             },
         },
-        **responses(404, 422, 503),
+        304: {"description": "The snapshot is the one named by `If-None-Match`."},
+        **AUTH,
+        **responses(404, 409, 422, 503),
     },
 )
 def export(
@@ -113,16 +216,22 @@ def export(
     snapshot_id: Annotated[
         int | None, Query(ge=1, le=MAX_ID, description="Default: the newest one.")
     ] = None,
-) -> StreamingResponse:
+    if_none_match: Annotated[str | None, Header(max_length=200)] = None,
+) -> Response:
     """A dataset snapshot as a YOLO zip, COCO JSON or Label Studio JSON."""
     snapshot = snapshot_for_export(session, snapshot_id)
-    result = export_snapshot(settings, snapshot, format, store)
-    return StreamingResponse(
-        result.chunks(),
-        media_type=result.media_type,
+    etag = _etag(snapshot, format)
+    identity = {"ETag": etag, "X-Snapshot-Id": str(snapshot.id)}
+    if if_none_match is not None and etag in (t.strip() for t in if_none_match.split(",")):
+        return Response(status_code=304, headers=identity)
+    cached = _cached_export(settings, store, snapshot, format)
+    return FileResponse(
+        cached.path,
+        media_type=cached.media_type,
+        filename=cached.filename,
         headers={
-            "Content-Disposition": f'attachment; filename="{result.filename}"',
-            "X-Snapshot-Id": str(snapshot.id),
+            **identity,
             "X-Snapshot-Hash": snapshot.manifest_hash,
+            "X-Export-Cache": "hit" if cached.hit else "miss",
         },
     )

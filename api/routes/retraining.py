@@ -34,8 +34,9 @@ router = APIRouter(prefix="/api/retraining", tags=["retraining"])
 @router.get("/status", response_model=RetrainingStatusOut, responses=responses(503))
 def status(settings: SettingsDep, session: SessionDep) -> RetrainingStatusOut:
     """The run in progress (with its stage and latest epoch), the last finished one, and why a
-    retrain would or would not start now."""
-    overview = retraining_status(session, settings)
+    retrain would or would not start now. Read only: the run states are the database's, which
+    the trigger and the check-retrain flow reconcile with Prefect."""
+    overview = retraining_status(session)
     decision = retraining_conditions(session, settings)
     champion = get_alias(settings, CHAMPION)
     return RetrainingStatusOut.model_validate(
@@ -46,7 +47,7 @@ def status(settings: SettingsDep, session: SessionDep) -> RetrainingStatusOut:
             "last_finished": overview.last_finished,
             "champion_version": champion.version if champion else None,
             "conditions": decision,
-            "reconcile_error": overview.reconcile_error,
+            "state_note": overview.state_note,
         }
     )
 

@@ -215,6 +215,23 @@ function onTrainingEvent(event) {
 
 // --- drift -------------------------------------------------------------------------------------
 
+// Reports are data-bearing: a plain link cannot send the token, so the page fetches the
+// report with it and opens what came back.
+async function openReport(event) {
+  event.preventDefault();
+  const url = event.currentTarget.dataset.url;
+  if (!url) return;
+  const headers = token() ? { Authorization: "Bearer " + token() } : {};
+  const response = await fetch(url, { headers });
+  if (!response.ok) {
+    const body = await response.json().catch(() => null);
+    alert(body && body.detail ? body.detail : response.status + " " + response.statusText);
+    return;
+  }
+  const html = await response.blob();
+  window.open(URL.createObjectURL(new Blob([html], { type: "text/html" })), "_blank", "noopener");
+}
+
 async function loadDrift() {
   const history = await api("/api/metrics/drift/history?limit=200");
   renderDriftChart(history);
@@ -225,7 +242,7 @@ async function loadDrift() {
     (latest.p_value !== null ? " · p " + latest.p_value.toExponential(1) : "") + " · " + latest.stat_test;
   const report = $("drift-report");
   report.hidden = !latest.report_url;
-  if (latest.report_url) report.href = latest.report_url;
+  report.dataset.url = latest.report_url || "";
   $("drift-features").replaceChildren(...latest.features.slice(0, 5).map((f) =>
     el("li", {}, f.name + ": severity " + fmt(f.severity, 2) + (f.drifted ? " (drifted)" : ""))));
 }
@@ -389,6 +406,7 @@ function guarded(fn) {
 }
 
 function start() {
+  $("drift-report").addEventListener("click", openReport);
   const saved = localStorage.getItem("visionloop.token");
   if (saved) $("token").value = saved;
   $("token").addEventListener("change", () => localStorage.setItem("visionloop.token", token()));
