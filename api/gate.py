@@ -25,6 +25,7 @@ from api.errors import error_response
 from visionloop.settings import Settings, get_settings
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_KINDS = {401: "unauthorized", 503: "service_unavailable"}
 WEBHOOK_PATH = "/api/labeling/webhook"
 
 # Every GET operation of the app is in exactly one of these two lists (a test holds the app to
@@ -136,12 +137,11 @@ class Gate:
     def _token(
         scope: Scope, expected: list[bytes], refused: str
     ) -> tuple[int, str, str, dict[str, str] | None] | None:
-        if not expected:
-            return 503, "service_unavailable", security.API_TOKEN_MISSING, None
-        token = security.bearer(_header(scope, b"authorization"))
-        if security.accepted(token, expected):
+        denied = security.refusal(scope["headers"], expected, refused)
+        if denied is None:
             return None
-        return 401, "unauthorized", refused, security.CHALLENGE
+        code, detail, headers = denied
+        return code, _KINDS[code], detail, headers
 
     async def _pass(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         seen = 0

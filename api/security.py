@@ -70,15 +70,28 @@ def accepted(token: bytes | None, expected: Iterable[bytes]) -> bool:
     return any([hmac.compare_digest(token, want) for want in expected])
 
 
-def _raw_authorization(request: Request) -> list[bytes]:
-    return [v for k, v in request.scope["headers"] if k == b"authorization"]
+Refusal = tuple[int, str, dict[str, str] | None]
+"""Status, the sentence a person reads, and the response headers."""
 
 
-def _check(request: Request, expected: list[bytes], refusal: str) -> None:
+def refusal(
+    headers: Iterable[tuple[bytes, bytes]], expected: list[bytes], refused: str
+) -> Refusal | None:
+    """Why raw ASGI ``headers`` do not open what ``expected`` guards, or None when they do.
+
+    The one check behind the gate and the route dependencies."""
     if not expected:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, API_TOKEN_MISSING)
-    if not accepted(bearer(_raw_authorization(request)), expected):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, refusal, headers=CHALLENGE)
+        return status.HTTP_503_SERVICE_UNAVAILABLE, API_TOKEN_MISSING, None
+    if accepted(bearer([v for k, v in headers if k == b"authorization"]), expected):
+        return None
+    return status.HTTP_401_UNAUTHORIZED, refused, CHALLENGE
+
+
+def _check(request: Request, expected: list[bytes], refused: str) -> None:
+    denied = refusal(request.scope["headers"], expected, refused)
+    if denied is not None:
+        code, detail, headers = denied
+        raise HTTPException(code, detail, headers=headers)
 
 
 # auto_error=False: the check below answers every refusal in the API's JSON; these only put

@@ -1,24 +1,18 @@
-"""The API as tests run it beside the session stack: served for real on a free port, and a
-retrain launcher that records a request without starting a training on the stack's worker."""
+"""The API as tests run it beside the session stack: served for real on a free port."""
 
 from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 import uvicorn
-from sqlmodel import Session
 
 from api.main import create_app
 from cli.stack import free_port
-from training.retrain_guard import update_run
-from training.retrain_launcher import LaunchedRetrain
-from visionloop.models import RetrainStatus
-from visionloop.settings import Settings, get_settings
+from visionloop.settings import get_settings
 
 
 @contextmanager
@@ -47,20 +41,3 @@ def served_api(env: dict[str, str], start_timeout_s: float = 30.0) -> Iterator[i
         thread.join(timeout=10)
         patch.undo()
         get_settings.cache_clear()
-
-
-def launch_nothing(
-    session: Session,
-    _settings: Settings,
-    *,
-    trigger: str,
-    reason: str,
-    retraining_run_id: int | None = None,
-) -> LaunchedRetrain:
-    """Stands in for the Prefect launch: the request is recorded, then cancelled, so a test
-    that reaches the trigger never trains on the stack's worker."""
-    assert retraining_run_id is not None
-    update_run(
-        session, retraining_run_id, status=RetrainStatus.cancelled, error="not started: a test"
-    )
-    return LaunchedRetrain(retraining_run_id, str(uuid.uuid4()))

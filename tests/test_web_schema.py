@@ -10,21 +10,25 @@ tests/test_web_live.py covers it.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from live_api import launch_nothing
 from schemathesis.checks import positive_data_acceptance
+from sqlmodel import Session
 
 from api import deps
 from api.main import create_app
 from cli.stack import Stack
+from training.retrain_guard import update_run
+from training.retrain_launcher import LaunchedRetrain
+from visionloop.models import RetrainStatus
 from visionloop.registry import CHAMPION, PREVIOUS, get_alias, set_alias
 from visionloop.registry import client as mlflow_client
-from visionloop.settings import get_settings
+from visionloop.settings import Settings, get_settings
 
 pytestmark = [pytest.mark.stack]
 
@@ -32,10 +36,28 @@ MAX_EXAMPLES = 15
 """Per operation: enough for every parameter's edges, small enough for a 2-core machine."""
 
 
+def _launch_nothing(
+    session: Session,
+    _settings: Settings,
+    *,
+    trigger: str,
+    reason: str,
+    retraining_run_id: int | None = None,
+) -> LaunchedRetrain:
+    assert retraining_run_id is not None
+    update_run(
+        session,
+        retraining_run_id,
+        status=RetrainStatus.cancelled,
+        error="not started: schemathesis run",
+    )
+    return LaunchedRetrain(retraining_run_id, str(uuid.uuid4()))
+
+
 # Built at import: schemathesis makes one test per operation from the spec at collection time.
 # Nothing here touches a server until a request runs, after the stack is up.
 app = create_app()
-app.dependency_overrides[deps.retrain_launcher] = lambda: launch_nothing
+app.dependency_overrides[deps.retrain_launcher] = lambda: _launch_nothing
 schema = schemathesis.openapi.from_asgi("/openapi.json", app).exclude(path="/api/events/stream")
 
 

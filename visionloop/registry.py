@@ -75,10 +75,15 @@ def apply_http_limits(settings: Settings) -> None:
     MLflow's client reads its limits from the environment on every request and offers no
     per-client knob, so they are set for the process (which has one set of settings).
     """
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(settings.service_timeout_s)))
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(settings.service_retries)
-    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(_BACKOFF_FACTOR)
-    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0.5"
+    limits = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(settings.service_timeout_s))),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(settings.service_retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(_BACKOFF_FACTOR),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    }
+    # Called for every client: the process environment is written only when a limit changed.
+    if any(os.environ.get(name) != value for name, value in limits.items()):
+        os.environ.update(limits)
 
 
 def client(settings: Settings) -> MlflowClient:

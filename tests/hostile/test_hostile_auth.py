@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
-from live_api import launch_nothing
 
-from api import deps
 from api.gate import DATA_GETS, PUBLIC_GETS, WEBHOOK_PATH, is_data_get
 from api.main import create_app
 from cli.stack import Stack
+from training.retrain_guard import LOCK, create_run, fail_run, update_run
+from visionloop.db import session_scope
+from visionloop.models import RetrainStatus
 from visionloop.registry import CHAMPION, PREVIOUS, get_alias, set_alias
 from visionloop.registry import client as mlflow_client
 from visionloop.settings import get_settings
@@ -32,15 +34,48 @@ NEVER_ENDS = {"/api/events/stream"}  # a public stream: covered in test_hostile_
 
 
 @pytest.fixture(scope="module")
-def client(stack: Stack) -> Iterator[TestClient]:
+def held_guard(stack: Stack) -> Iterator[None]:
+    """A retrain that really holds the guard, behind a real Prefect flow run that no worker
+    will start (it belongs to no deployment): the trigger is in the matrix too, and a token
+    let through by mistake (a parse that strips "Bearer  <token>" does) must answer 409, not
+    start a training on the stack's worker."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Scheduled
+
+    @flow(name="hostile-auth-held-retrain")
+    def held() -> None: ...
+
+    settings = get_settings()
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.create_flow_run(
+            held, state=Scheduled(scheduled_time=datetime.now(UTC) + timedelta(days=1))
+        )
+    with session_scope() as session:
+        holder = create_run(session, "manual", "holds the guard for the auth matrix")
+        update_run(
+            session,
+            holder.id,
+            status=RetrainStatus.running,
+            active_lock=LOCK,
+            prefect_flow_run_id=str(flow_run.id),
+        )
+    try:
+        yield
+    finally:
+        with session_scope() as session:
+            fail_run(session, settings, holder.id, "the auth matrix is over")
+        with get_client(sync_client=True) as prefect:
+            prefect.delete_flow_run(flow_run.id)
+
+
+@pytest.fixture(scope="module")
+def client(held_guard: None) -> Iterator[TestClient]:
     patch = pytest.MonkeyPatch()
     patch.setenv("VISIONLOOP_WEBHOOK_SECRET", WEBHOOK_SECRET)
     patch.setenv("VISIONLOOP_API_READ_TOKEN", READ_TOKEN)
     get_settings.cache_clear()
     app = create_app()
-    # The trigger is in the matrix too: a token let through by mistake (a parse that strips
-    # "Bearer  <token>" does) must fail the test, not start a retrain on the stack's worker.
-    app.dependency_overrides[deps.retrain_launcher] = lambda: launch_nothing
     try:
         with TestClient(app, raise_server_exceptions=False) as test_client:
             yield test_client

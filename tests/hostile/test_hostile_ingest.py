@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from samples import deep_png, good_jpegs
 from sqlmodel import col, select
+from stack_faults import service_down
 
 from cli.stack import Stack, prefect_call
 from ingestion.pipeline import (
@@ -224,15 +225,11 @@ def test_an_object_store_outage_fails_the_run_by_name_and_a_rerun_completes(
     store, prefix = ObjectStore(settings), f"outage-{uuid.uuid4().hex[:8]}/"
     for name, data in good_jpegs(3, seed=34).items():
         store.put_bytes(settings.bucket_incoming, prefix + name, data)
-    pid = stack.running_pid("s3")
-    assert pid is not None
     try:
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises(Exception, match="object store") as failed:
+        with service_down(stack, "s3"), pytest.raises(Exception, match="object store") as failed:
             _ingest(prefix)
         assert settings.s3_host in str(failed.value)
     finally:
-        stack.up(only=["s3"])
         get_settings.cache_clear()
     assert _rows(settings, prefix) == []  # nothing half-recorded
 

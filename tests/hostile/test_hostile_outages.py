@@ -16,14 +16,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import yaml
 from samples import good_jpegs
+from stack_faults import service_down, signal_service
 
 from cli.stack import Stack, free_port
 from visionloop.settings import Settings, get_settings
@@ -236,35 +236,6 @@ def test_ingest_run_retries_its_server_tasks_from_settings(
 # --- the stack's servers killed mid-flow --------------------------------------------------
 
 
-def _kill(stack: Stack, name: str, sig: int = signal.SIGKILL) -> list[int]:
-    """Signal ``name``'s process and the ones it started (MLflow's uvicorn worker would
-    otherwise keep serving, and keep the port); their PIDs."""
-    pid = stack.running_pid(name)
-    assert pid is not None, f"{name} is not running"
-    tree = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
-    for member in tree:
-        os.kill(member, sig)
-    return tree
-
-
-def _wait_dead(pids: list[int], seconds: float = 10.0) -> None:
-    procs = []
-    for pid in pids:
-        with suppress(psutil.NoSuchProcess):
-            procs.append(psutil.Process(pid))
-    psutil.wait_procs(procs, timeout=seconds)
-
-
-@contextmanager
-def _down(stack: Stack, name: str) -> Iterator[None]:
-    """``name`` killed for the block, and started again whatever happens in it."""
-    _wait_dead(_kill(stack, name))
-    try:
-        yield
-    finally:
-        stack.up(only=[name])
-
-
 @pytest.mark.stack
 def test_object_store_frozen_then_killed(stack: Stack, settings: Settings) -> None:
     from visionloop.storage import ObjectStore, StorageError
@@ -274,7 +245,7 @@ def test_object_store_frozen_then_killed(stack: Stack, settings: Settings) -> No
     bucket = settings.bucket_reports
     before = {o.key for o in store.list_objects(bucket, prefix="outage/")}
 
-    frozen = _kill(stack, "s3", signal.SIGSTOP)  # a hung server: it accepts, never answers
+    frozen = signal_service(stack, "s3", signal.SIGSTOP)  # a hung server: it accepts, never answers
     try:
         error, elapsed = _within(
             20, lambda: ObjectStore(quick).put_bytes(bucket, "outage/frozen", b"x")
@@ -286,7 +257,7 @@ def test_object_store_frozen_then_killed(stack: Stack, settings: Settings) -> No
     assert f"the object store at {settings.s3_host} is unavailable" in str(error)
     assert elapsed < 2 * 1.0 * 2 + 1  # 2 attempts, connect + read each, plus the backoff
 
-    with _down(stack, "s3"):
+    with service_down(stack, "s3"):
         error, elapsed = _within(20, lambda: ObjectStore(quick).put_bytes(bucket, "outage/a", b"a"))
         assert isinstance(error, StorageError)
         assert "is unavailable" in str(error)
@@ -309,7 +280,7 @@ def test_label_studio_killed_mid_label_sync(stack: Stack, settings: Settings) ->
 
     review_project(settings)
     count = projects()
-    with _down(stack, "label-studio"):
+    with service_down(stack, "label-studio"):
         error, elapsed = _within(60, lambda: review_project(settings))
         assert isinstance(error, LabelStudioError), error
         assert f"cannot reach Label Studio at {settings.label_studio}" in str(error)
@@ -340,7 +311,7 @@ def test_prefect_killed_then_check_retrain_runs_again(stack: Stack, settings: Se
         "check_and_retrain_flow(dry_run=True)\n"
     )
     before = runs()
-    with _down(stack, "prefect"):
+    with service_down(stack, "prefect"):
         start = time.monotonic()
         done = subprocess.run(
             [sys.executable, "-c", script],
@@ -362,7 +333,7 @@ def test_prefect_killed_then_check_retrain_runs_again(stack: Stack, settings: Se
 def test_mlflow_killed_mid_drift(stack: Stack, settings: Settings) -> None:
     from flows.drift import drift_flow
 
-    with _down(stack, "mlflow"):
+    with service_down(stack, "mlflow"):
         error, _ = _within(150, drift_flow)
         assert error is not None
         assert "mlflow" in str(error).lower() or settings.mlflow_uri in str(error)

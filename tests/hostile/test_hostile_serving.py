@@ -9,8 +9,6 @@ database are the session stack's servers.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 import uuid
 from collections import Counter
@@ -19,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import col, select
+from stack_faults import service_down
 
 from api import deps
 from api.main import create_app
@@ -156,13 +154,6 @@ def test_concurrent_predictions_and_ingest_make_one_task_per_image(
 # --- an MLflow outage ---------------------------------------------------------------------------
 
 
-def _kill(pid: int) -> None:
-    """Kill the process group the stack started for a service, and wait until it is gone."""
-    group = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    os.killpg(pid, signal.SIGKILL)
-    psutil.wait_procs(group, timeout=10)
-
-
 def test_serving_keeps_the_champion_through_an_mlflow_outage(
     stack: Stack, settings: Settings, champion: str, client: TestClient, use_predictor: Any
 ) -> None:
@@ -170,10 +161,7 @@ def test_serving_keeps_the_champion_through_an_mlflow_outage(
     predictor = ChampionPredictor(settings, recheck_s=0.0)
     use_predictor(predictor)
     assert predict(client, jpeg(1)).json()["model_version"] == champion
-    pid = stack.running_pid(MLFLOW)
-    assert pid is not None
-    _kill(pid)
-    try:
+    with service_down(stack, MLFLOW):
         started = time.monotonic()
         answer = predict(client, jpeg(2))
         took = time.monotonic() - started
@@ -190,8 +178,6 @@ def test_serving_keeps_the_champion_through_an_mlflow_outage(
         assert answer.status_code == 503, answer.text
         assert "MLflow" in answer.json()["detail"]
         assert took < OUTAGE_BOUND_S, f"the 503 took {took:.0f} s"
-    finally:
-        stack.up(only=[MLFLOW])
     assert predict(client, jpeg(4)).json()["model_version"] == champion
 
 
