@@ -50,6 +50,7 @@ PUBLIC_GETS = (
     "/api/retraining/runs/{run_id}",
     "/api/labeling/queue",
     "/api/labeling/stats",
+    "/api/labeling/ledger",
     "/api/labeling/snapshots",
     "/api/metrics/drift",
     "/api/metrics/drift/history",

@@ -12,6 +12,7 @@ from api.routes import (
     dashboard,
     events,
     labeling,
+    ledger,
     metrics,
     models,
     queue,
@@ -51,7 +52,7 @@ def create_app() -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    for module in (system, retraining, queue, metrics, models, serving, events, dashboard):
+    for module in (system, retraining, queue, ledger, metrics, models, serving, events, dashboard):
         app.include_router(module.router)
     # The webhook's own router declares no error responses; these are what it can answer here.
     app.include_router(labeling.router, responses={**errors.AUTH, **errors.BODY})

@@ -136,6 +136,14 @@ class QueueItemOut(Out):
     confidence_score: float | None
     status: str
     flagged_reason: str
+    arm: str = Field(
+        description="selected | control | audit: control items are a uniform random draw the "
+        "label-savings ledger compares selection against."
+    )
+    cycle: str | None = Field(description="The selection cycle (the ingest flow run) it is from.")
+    score_parts: dict[str, float] | None = Field(
+        description="Why it was chosen: each scoring part's value (uncertainty, novelty, ...)."
+    )
     label_studio_task_id: int | None
     human_label: str | None
     reviewer_notes: str | None
@@ -389,3 +397,48 @@ class EventOut(Out):
     level: str
     message: str
     payload: dict[str, Any]
+
+
+# --- label-savings ledger ------------------------------------------------------------------
+
+
+class LedgerIntervalOut(Out):
+    low: float
+    high: float
+
+
+class LedgerArmOut(Out):
+    queued: int
+    reviewed: int = Field(description="Reviewed images whose shown prediction is known.")
+    errors_per_image: float | None = Field(
+        description="Champion errors per reviewed image: shown boxes corrected + boxes missed."
+    )
+    corrected_per_image: float | None = Field(
+        description="Shown boxes the reviewer deleted, moved or relabelled, per image."
+    )
+    missed_per_image: float | None = Field(description="Boxes the reviewer added, per image.")
+    error_rate: float | None = Field(description="Share of reviewed images with any error.")
+
+
+class LedgerRowOut(Out):
+    cycle: str | None = Field(description="The selection cycle (ingest run); null: all together.")
+    started_at: UtcDatetime | None
+    selected: LedgerArmOut
+    control: LedgerArmOut = Field(description="The uniform random draw of the same cycle.")
+    enough: bool = Field(description="Enough reviewed images in both arms to compare.")
+    difference: float | None = Field(description="Errors per image, selected - control.")
+    difference_interval: LedgerIntervalOut | None
+    ratio: float | None = Field(description="Errors per image, selected / control.")
+    ratio_interval: LedgerIntervalOut | None = Field(
+        description="Null where some resamples have no control error (no upper end)."
+    )
+    rate_difference: float | None = Field(description="Error rate, selected - control.")
+    summary: str = Field(description="The comparison in plain words.")
+
+
+class LedgerOut(Out):
+    cycles: list[LedgerRowOut] = Field(description="Per cycle, oldest first.")
+    cumulative: LedgerRowOut = Field(description="The same cycles' reviewed images together.")
+    level: float = Field(description="The intervals' confidence level (bootstrap percentiles).")
+    resamples: int
+    min_reviewed_controls: int

@@ -1,6 +1,8 @@
-"""Ingest throughput: the whole ingest flow against plain ultralytics ``predict``.
+"""Ingest throughput: the whole ingest flow against plain ultralytics ``predict``, and what
+keeping each image's embedding costs.
 
     .venv/bin/python -m bench.ingest [--images 500] [--imgsz 640] [--reuse]
+    .venv/bin/python -m bench.ingest --embeddings [--images 200] [--rounds 2] [--reuse]
 
 Both sides see the same synthetic JPEGs (640 px) and the same champion weights at the same
 ``imgsz``. Plain predict reads the files from a local folder; the flow reads them from the
@@ -13,6 +15,15 @@ Plain predict runs before and after the flow and the ratio uses the mean of the 
 change in background load during the run shows instead of skewing the result. The CPU time
 per image of each side is printed too: unlike the rates, it hardly depends on what else the
 machine is doing, and the run warns when the load average says other processes competed.
+
+``--embeddings`` measures the embedding instead: the same flow, the same champion and the
+same pixels with the Detect-head hook on and off (``ChampionPredictor.embed``), in the
+order off, on, on, off per round so a drift in background load falls on both sides alike.
+Each flow run gets its own copy of the images (a JPEG comment makes the bytes new, the
+pixels stay), since a flow skips content it has seen. Selection is left out (budget 0), and
+the champion's reference embeddings are computed before any timing: both are per cycle or
+per champion, not per image. The predictor alone is timed the same way on the decoded
+images. Target: embeddings add at most 10% to the ingest time.
 
 Without ``--reuse`` it starts its own stack on free ports in a temporary data dir (about
 two minutes) and trains a throw-away champion (one epoch); with ``--reuse`` it uses the
@@ -170,6 +181,93 @@ def run(settings: Settings, images: int, imgsz: int) -> None:
         )
 
 
+def with_comment(jpeg: bytes, comment: str) -> bytes:
+    """The same JPEG (same pixels) with a comment segment after its start marker."""
+    body = comment.encode()
+    return jpeg[:2] + b"\xff\xfe" + (len(body) + 2).to_bytes(2, "big") + body + jpeg[2:]
+
+
+def embedding_cost(settings: Settings, images: int, imgsz: int, rounds: int) -> None:
+    """The ingest flow and the predictor with and without the embedding hook."""
+    from flows.bootstrap import bootstrap_flow
+    from flows.ingest import ingest_flow
+    from ingestion.pipeline import PREDICT_CHUNK
+    from labeling.selection import SelectionPolicy
+    from serving.predictor import get_predictor
+    from training.trainer import configure_ultralytics
+    from visionloop.images import decode_image
+    from visionloop.registry import CHAMPION, get_alias
+    from visionloop.storage import ObjectStore
+    from visionloop.synthetic import encode_jpeg, iter_samples
+
+    configure_ultralytics(settings.data_dir / ".ultralytics")
+    if get_alias(settings, CHAMPION) is None:
+        print("training a throw-away champion (1 epoch)")
+        bootstrap_flow(epochs=1, images=16)
+    champion = get_alias(settings, CHAMPION)
+    assert champion is not None
+    predictor = get_predictor(settings)
+    store = ObjectStore(settings)
+    run_id = uuid.uuid4().hex[:8]
+    seed = int(run_id, 16) % 100_000
+    samples = [s.image for s in iter_samples(images, seed=seed, size=640)]
+    jpegs = [encode_jpeg(image) for image in samples]
+    no_selection = SelectionPolicy(budget=0)
+
+    def flow_run(label: str) -> Measured:
+        prefix = f"bench-embed-{run_id}-{label}/"
+        for index, data in enumerate(jpegs):
+            copy = with_comment(data, f"{run_id}-{label}")
+            store.put_bytes(settings.bucket_incoming, f"{prefix}img_{index:05d}.jpg", copy)
+        with measure() as spent:
+            summary = ingest_flow(prefix=prefix, imgsz=imgsz, selection=no_selection)
+        assert summary["ingested"] == images, summary
+        return Measured(images, *spent)
+
+    print(f"warming up (model load, reference embeddings of version {champion.version})")
+    predictor.embed = True
+    flow_run("warm")
+
+    order = [False, True, True, False] * rounds
+    flows: dict[bool, list[Measured]] = {False: [], True: []}
+    for index, embed in enumerate(order):
+        predictor.embed = embed
+        flows[embed].append(measured := flow_run(f"{index}-{int(embed)}"))
+        print(f"ingest flow, embeddings {'on ' if embed else 'off'}: {measured}")
+
+    decoded = [decode_image(data, max_side=imgsz).rgb for data in jpegs]
+    predicts: dict[bool, list[Measured]] = {False: [], True: []}
+    for embed in order:
+        predictor.embed = embed
+        with measure() as spent:
+            for start in range(0, len(decoded), PREDICT_CHUNK):
+                predictor.predict_batch(decoded[start : start + PREDICT_CHUNK], imgsz=imgsz)
+        predicts[embed].append(Measured(images, *spent))
+    predictor.embed = True
+
+    def mean_seconds(runs: list[Measured]) -> float:
+        return sum(r.seconds for r in runs) / len(runs)
+
+    def mean_cpu(runs: list[Measured]) -> float:
+        return sum(r.cpu_ms for r in runs) / len(runs)
+
+    cpus = os.cpu_count() or 1
+    print()
+    print(
+        f"images {images} x {len(order)} runs, imgsz {imgsz}, champion {champion.version}, "
+        f"{cpus} CPUs"
+    )
+    for name, runs in (("ingest flow", flows), ("predictor  ", predicts)):
+        off, on = mean_seconds(runs[False]), mean_seconds(runs[True])
+        print(
+            f"{name} without embeddings {1000 * off / images:6.1f} ms/image "
+            f"({mean_cpu(runs[False]):.0f} CPU ms), with {1000 * on / images:6.1f} ms/image "
+            f"({mean_cpu(runs[True]):.0f} CPU ms): ratio {on / off:.3f}"
+        )
+    ratio = mean_seconds(flows[True]) / mean_seconds(flows[False])
+    print(f"embedding cost  {100 * (ratio - 1):+.1f}% ingest time  (target <= +10%)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=500)
@@ -177,12 +275,25 @@ def main() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="use the running stack of the settings"
     )
+    parser.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="measure what keeping embeddings costs (flow and predictor, hook on and off)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="off-on-on-off rounds")
     args = parser.parse_args()
+
+    def bench(settings: Settings) -> None:
+        if args.embeddings:
+            embedding_cost(settings, args.images, args.imgsz, args.rounds)
+        else:
+            run(settings, args.images, args.imgsz)
+
     if args.reuse:
-        run(use_stack(Stack(load_settings())), args.images, args.imgsz)
+        bench(use_stack(Stack(load_settings())))
         return
     with private_stack() as settings:
-        run(settings, args.images, args.imgsz)
+        bench(settings)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ Every platform step is a run of its Prefect deployment, executed by the stack's 
 as the schedules would run it; the demo only starts them one after the other instead of waiting
 for their timers, so the story takes minutes, not hours. Only two parts are simulated: the camera
 (``cli.production_stream``) and the person answering the review queue
-(``cli.simulated_reviewer``). The story ends when a retrain has finished (or the rounds
-run out) with a report read back from the platform's records (``cli.loop_report``).
+(``cli.simulated_reviewer``). Once a round's reviews are in, the label-savings ledger says how
+many more of the champion's errors the selected images showed than the round's random
+controls. The story ends when a retrain has finished (or the rounds run out) with a report
+read back from the platform's records (``cli.loop_report``).
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ class RoundRecord:
     drift_score: float | None = None
     decision: str = ""
     retraining_run_id: int | None = None
+    cycle: str | None = None
+    """The round's selection cycle (its ingest run), as the queue records it."""
+    ledger: str = ""
+    """The round's label-savings ledger in words."""
 
 
 def run_deployment_and_wait(name: str, parameters: dict[str, Any], timeout: float) -> str:
@@ -206,6 +212,7 @@ def run_story(
     _introduce(story, champion.version)
     rounds = play_rounds(story)
     report = build_report(story, started, champion.version, rounds)
+    story.ui.say(f"label-savings ledger, all rounds: {report['ledger']['cumulative']['summary']}")
     return save_report(report, report_dir or settings.data_dir / "demo" / "reports")
 
 
@@ -272,6 +279,28 @@ def _ingest_and_review(story: Story, upload: RoundUpload, record: RoundRecord) -
         review_open_tasks(story.settings, story.truth, progress=lambda n, _total: advance(n))
     run_step(ui, f"round {index}: label-sync", "label-sync/label-sync", {}, story.flow_timeout)
     record.labelled = loop_report.image_counts(upload.prefix)["labelled"]
+    _tell_ledger(story, record, upload.prefix)
+
+
+def _tell_ledger(story: Story, record: RoundRecord, prefix: str) -> None:
+    """The round's selected images against its random controls, once the reviews are in."""
+    record.cycle = loop_report.selection_cycle(prefix)
+    if record.cycle is None:
+        record.ledger = "nothing was queued, so there is nothing to compare"
+        story.ui.say(f"round {record.round} label-savings ledger: {record.ledger}")
+        return
+    [row] = loop_report.ledger([record.cycle], story.settings.class_names)["cycles"]
+    record.ledger = row["summary"]
+    story.ui.say(
+        f"round {record.round} label-savings ledger: {row['summary']} "
+        f"(selected: {_per_image(row['selected'])}; random control: {_per_image(row['control'])})"
+    )
+
+
+def _per_image(arm: dict[str, Any]) -> str:
+    value = arm["errors_per_image"]
+    errors = "-" if value is None else f"{value:.2f}"
+    return f"{errors} errors/image over {arm['reviewed']} reviewed"
 
 
 def _measure_drift(story: Story, record: RoundRecord, round_started: datetime) -> None:
@@ -338,6 +367,9 @@ def build_report(
         "champion_after": final.version if final else None,
         "images": loop_report.image_counts(f"demo/{story.run_tag}/"),
         "rounds": [asdict(r) for r in rounds],
+        "ledger": loop_report.ledger(
+            [r.cycle for r in rounds if r.cycle is not None], settings.class_names
+        ),
         "drift": loop_report.drift_timeline(started),
         "retrains": retrains,
         "comparison": comparison,

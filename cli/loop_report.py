@@ -1,19 +1,23 @@
 """What one turn of the loop did, read back from the platform's own records.
 
 The demo ends with this report, and the end-to-end test asserts on it: images ingested,
-quarantined (with reasons), queued and labelled; drift levels over time; every retrain
-decision with its reasons; and the champion's mAP before and after on one held-out set.
+quarantined (with reasons), queued and labelled; the label-savings ledger of every round's
+selection cycle; drift levels over time; every retrain decision with its reasons; and the
+champion's mAP before and after on one held-out set.
 Everything comes from the database and MLflow, not from what the demo believes it did.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlmodel import col, select
+from sqlmodel import col, func, select
 
+from labeling.ledger import ledger as savings_ledger
 from visionloop.db import session_scope
 from visionloop.models import (
     DriftResult,
@@ -61,6 +65,31 @@ def image_counts(source_prefix: str) -> dict[str, Any]:
         "labelled": len(labels),
         "reviewers": dict(Counter(label.reviewer or "unknown" for label in labels)),
     }
+
+
+def selection_cycle(source_prefix: str) -> str | None:
+    """The selection cycle that queued images whose source key contains ``source_prefix``
+    (one ingest run queues a round's images; the most frequent cycle if ever several)."""
+    count = func.count()
+    with session_scope() as session:
+        row = session.exec(
+            select(LabelingQueueItem.cycle, count)
+            .join(Image, col(Image.id) == col(LabelingQueueItem.image_id))
+            .where(
+                col(Image.source_key).contains(source_prefix),
+                col(LabelingQueueItem.cycle).is_not(None),
+            )
+            .group_by(LabelingQueueItem.cycle)
+            .order_by(count.desc())
+        ).first()
+    return row[0] if row else None
+
+
+def ledger(cycles: Sequence[str], class_names: Sequence[str]) -> dict[str, Any]:
+    """The label-savings ledger of ``cycles`` (in their order) and of all of them together."""
+    with session_scope() as session:
+        result = savings_ledger(session, class_names, cycles)
+    return asdict(result)
 
 
 def rows_since(model: type[T], since: datetime) -> list[T]:
@@ -137,6 +166,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         *_images_section(report["images"]),
         *_rounds_section(report["rounds"]),
+        *_ledger_section(report.get("ledger"), report["rounds"]),
         *_drift_section(report["drift"]),
         *_retrains_section(report["retrains"]),
         *_comparison_section(report.get("comparison")),
@@ -180,6 +210,48 @@ def _rounds_section(rounds: list[dict[str, Any]]) -> list[str]:
         for r in rounds
     ]
     return ["## Rounds", "", *_table(header, rows), ""]
+
+
+def _per_image(arm: dict[str, Any]) -> str:
+    value = arm["errors_per_image"]
+    return f"{'-' if value is None else f'{value:.2f}'} ({arm['reviewed']} of {arm['queued']})"
+
+
+def _ledger_section(ledger: dict[str, Any] | None, rounds: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Label-savings ledger", ""]
+    if not ledger:
+        return [*lines, "No selection cycle was recorded.", ""]
+    level = f"{ledger['level'] * 100:.0f}%"
+    round_of = {r.get("cycle"): r["round"] for r in rounds}
+    rows = []
+    for row in [*ledger["cycles"], ledger["cumulative"]]:
+        spread = row["difference_interval"]
+        rows.append(
+            [
+                "all" if row["cycle"] is None else round_of.get(row["cycle"], row["cycle"]),
+                _per_image(row["selected"]),
+                _per_image(row["control"]),
+                "-"
+                if spread is None
+                else f"{row['difference']:+.2f} ({spread['low']:+.2f} to {spread['high']:+.2f})",
+                row["summary"],
+            ]
+        )
+    header = [
+        "round",
+        "selected errors / image (reviewed of queued)",
+        "control errors / image (reviewed of queued)",
+        f"difference ({level} interval)",
+        "in words",
+    ]
+    return [
+        *lines,
+        "Champion errors (shown boxes corrected + boxes missed) per reviewed image: the images "
+        "selection picked against a uniform random draw of the same cycle.",
+        "",
+        *_table(header, rows),
+        "",
+    ]
 
 
 def _drift_section(drift: list[dict[str, Any]]) -> list[str]:

@@ -4,6 +4,10 @@ uncertain ones queued for review in Label Studio.
     find_new_files ─► ingest_files (a task per batch, on the task runner) ─► gather
         ─► queue_uncertain ─► summarise
 
+``queue_uncertain`` selects with what the cycle knows besides its images (class weights, the
+champion's reference embeddings, the flip pass; ``ingestion.selection_context``) under the
+cycle's name, the flow run id, which every queued row keeps.
+
 Re-running it is safe and cheap: files whose source key (at its current version) or content
 is known are skipped, and nothing is written twice (see ``ingestion.pipeline``).
 
@@ -34,6 +38,8 @@ does not depend on which batch finished first.
 from __future__ import annotations
 
 import time
+import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +52,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from ingestion.pipeline import (
@@ -59,10 +66,11 @@ from ingestion.pipeline import (
     record_failure,
     unseen,
 )
-from labeling.selection import Candidate, SelectionPolicy, select
+from ingestion.selection_context import selection_context
+from labeling.selection import Candidate, SelectionContext, SelectionPolicy, select
 from labeling.tasks import QueueReport, queue_for_review
 from monitoring.drift_state import latest_drift_level
-from serving.predictor import PREDICT_CONF
+from serving.predictor import PREDICT_CONF, get_predictor
 from visionloop.db import session_scope
 from visionloop.events import EventKind, emit
 from visionloop.settings import Settings, get_settings
@@ -157,19 +165,61 @@ def server_task(t: Task, settings: Settings, **options: Any) -> Task:
     )
 
 
-@task(cache_policy=NO_CACHE)
-def queue_uncertain(candidates: list[Candidate], policy: SelectionPolicy) -> QueueReport:
-    settings = get_settings()
-    chosen = select(candidates, policy)
+def selection_cycle() -> str:
+    """This cycle's name: the ingest flow run, or a fresh id outside one."""
+    return str(flow_run.id) if flow_run.id else uuid.uuid4().hex
+
+
+def cycle_context(
+    settings: Settings,
+    candidates: list[Candidate],
+    model_version: str | None,
+    imgsz: int | None,
+    conf: float,
+) -> SelectionContext:
+    """What selection knows besides the candidates: class weights, the champion's reference
+    embeddings and the flip pass (``ingestion.selection_context``)."""
+    cycle = selection_cycle()
+    if not candidates or model_version is None:
+        return SelectionContext(cycle=cycle)
     with session_scope() as session:
-        report = queue_for_review(session, settings, chosen)
+        return selection_context(
+            session,
+            settings,
+            ObjectStore(settings),
+            get_predictor(settings),
+            model_version,
+            cycle,
+            session_scope,
+            imgsz=imgsz,
+            conf=conf,
+        )
+
+
+@task(cache_policy=NO_CACHE)
+def queue_uncertain(
+    candidates: list[Candidate],
+    policy: SelectionPolicy,
+    model_version: str | None = None,
+    imgsz: int | None = None,
+    conf: float = PREDICT_CONF,
+) -> QueueReport:
+    settings = get_settings()
+    context = cycle_context(settings, candidates, model_version, imgsz, conf)
+    chosen = select(candidates, policy, context)
+    with session_scope() as session:
+        report = queue_for_review(session, settings, chosen, cycle=context.cycle)
     reasons = {c.image_id: c.reason for c in chosen}
+    arms = Counter(c.arm for c in chosen)
     get_run_logger().info(
-        "%d of %d predicted images selected (%s, budget %d); %d queued in Label Studio",
+        "%d of %d predicted images selected (%s, budget %d, cycle %s: %s); "
+        "%d queued in Label Studio",
         len(chosen),
         len(candidates),
         policy.strategy,
         policy.budget,
+        context.cycle,
+        ", ".join(f"{n} {arm}" for arm, n in sorted(arms.items())) or "none",
         len(report.added),
     )
     if report.added:
@@ -180,6 +230,7 @@ def queue_uncertain(candidates: list[Candidate], policy: SelectionPolicy) -> Que
                 "images": report.added,
                 "reasons": {str(i): reasons.get(i) for i in report.added},
                 "task_ids": {str(i): t for i, t in report.task_ids.items()},
+                "cycle": context.cycle,
             },
         )
     return report
@@ -365,7 +416,9 @@ def ingest_flow(
         get_run_logger().warning("ingested without predictions: %s", gathered.unpredicted)
     # Always: it also gives a task to queue rows a failed run left without one (and the
     # images of the batches that did finish are queued even when another failed).
-    queued = server_task(queue_uncertain, settings)(gathered.candidates, policy)
+    queued = server_task(queue_uncertain, settings)(
+        gathered.candidates, policy, gathered.model_version, imgsz, conf
+    )
     if failures:
         raise failures[0]
     return tally.summarise(gathered, queued)

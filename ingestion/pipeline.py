@@ -62,6 +62,7 @@ from sqlmodel import Session, col, select
 
 from labeling.selection import Candidate, uncertainty
 from monitoring.features import extract_features
+from serving.embedding import to_blob
 from serving.predictor import (
     PREDICT_CONF,
     ChampionPredictor,
@@ -445,7 +446,25 @@ def prediction_row(image_id: int, result: PredictionResult, source: str = "inges
         max_confidence=max(confs, default=None),
         min_confidence=min(confs, default=None),
         uncertainty=uncertainty(confs),
+        below=[[cls, conf] for cls, conf in result.below],
+        embedding=None if result.embedding is None else to_blob(result.embedding),
         source=source,
+    )
+
+
+def candidate(image_id: int, content_hash: str, result: PredictionResult) -> Candidate:
+    """What selection knows of a predicted image: its boxes shown and almost shown, and its
+    embedding."""
+    return Candidate(
+        image_id,
+        content_hash,
+        result.confidences,
+        classes=[int(b["cls"]) for b in result.boxes],
+        below=list(result.below),
+        embedding=result.embedding,
+        boxes=[
+            (int(b["cls"]), b["conf"], b["x1"], b["y1"], b["x2"], b["y2"]) for b in result.boxes
+        ],
     )
 
 
@@ -502,7 +521,7 @@ def _add_rows(
             continue
         assert row.id is not None
         session.add(prediction_row(row.id, result))
-        candidates.append(Candidate(row.id, content_hash, result.confidences))
+        candidates.append(candidate(row.id, content_hash, result))
     return rows, candidates
 
 

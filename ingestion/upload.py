@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from ingestion.pipeline import image_row, measure_image, prediction_row
-from labeling.selection import Candidate, Selected, SelectionPolicy
+from ingestion.pipeline import candidate, image_row, measure_image, prediction_row
+from labeling.selection import Selected, SelectionPolicy
 from labeling.selection import select as select_for_review
 from serving.predictor import ChampionPredictor, PredictionResult
 from visionloop.events import EventKind, emit
@@ -136,7 +136,7 @@ def _review_of(
 ) -> Selected | None:
     # One image at a time: the labelling budget is per ingest cycle, so it does not apply.
     policy = SelectionPolicy.from_settings(settings, budget=1)
-    chosen = select_for_review([Candidate(image_id, digest, result.confidences)], policy)
+    chosen = select_for_review([candidate(image_id, digest, result)], policy)
     return chosen[0] if chosen else None
 
 

@@ -1,8 +1,9 @@
 """Label Studio labeling config for the detector's review project.
 
-The config is one image with one rectangle tool. Predictions pushed to Label Studio and
-annotations read back refer to the two tags by name, so the names are module constants:
-``FROM_NAME`` (the ``RectangleLabels`` control) and ``TO_NAME`` (the ``Image`` object).
+The config is one image with one rectangle tool, under a header saying why the image was
+chosen (the task's ``why``). Predictions pushed to Label Studio and annotations read back
+refer to the two tags by name, so the names are module constants: ``FROM_NAME`` (the
+``RectangleLabels`` control) and ``TO_NAME`` (the ``Image`` object).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from visionloop.boxes import FROM_NAME, TO_NAME
 
 IMAGE_VALUE = "$image"
 """Task data key holding the image URL (``task["data"]["image"]``)."""
+WHY_VALUE = "$why"
+"""Task data key of why the image was chosen (``labeling.tasks.WHY_KEY``), shown as a header;
+a task without it (queued before) shows an empty header."""
 
 # Well separated colours for the first classes; more classes get golden-ratio hues.
 _PALETTE = (
@@ -74,6 +78,7 @@ def build_label_config(class_names: list[str]) -> str:
     """
     _check_class_names(class_names)
     view = ET.Element("View")
+    ET.SubElement(view, "Header", {"value": WHY_VALUE, "size": "5"})
     ET.SubElement(view, "Image", {"name": TO_NAME, "value": IMAGE_VALUE})
     control = ET.SubElement(view, "RectangleLabels", {"name": FROM_NAME, "toName": TO_NAME})
     for name, colour in zip(class_names, class_colours(len(class_names))):
@@ -108,7 +113,8 @@ def parse_label_config_classes(xml: str) -> list[str]:
 
 
 def label_config_matches(xml: str, class_names: list[str]) -> bool:
-    """Whether ``xml`` has our tag names wired together and exactly ``class_names`` as labels."""
+    """Whether ``xml`` has our tag names wired together, the header of why, and exactly
+    ``class_names`` as labels (a config from before the header is updated to show it)."""
     try:
         root = _parse(xml)
     except ValueError:
@@ -118,5 +124,7 @@ def label_config_matches(xml: str, class_names: list[str]) -> bool:
         return False
     images = [el for el in root.iter("Image") if el.get("name") == TO_NAME]
     if len(images) != 1 or images[0].get("value") != IMAGE_VALUE:
+        return False
+    if not any(el.get("value") == WHY_VALUE for el in root.iter("Header")):
         return False
     return [label.get("value", "") for label in control.iter("Label")] == list(class_names)

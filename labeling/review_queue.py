@@ -9,7 +9,7 @@ first); an unmatched predicted box is a false positive, an unmatched reviewed bo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -94,6 +94,19 @@ def _class_name(box: Mapping[str, Any], class_names: Sequence[str]) -> str:
     return class_names[cls] if 0 <= cls < len(class_names) else f"cls {cls}"
 
 
+def _matched_by_class(
+    predicted: Sequence[Mapping[str, Any]],
+    reviewed: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str],
+) -> Iterator[tuple[str, int, int, int]]:
+    """Per class on one image: (name, predicted boxes, reviewed boxes, matched pairs)."""
+    names = {_class_name(b, class_names) for b in (*predicted, *reviewed)}
+    for name in sorted(names):
+        p = corners(b for b in predicted if _class_name(b, class_names) == name)
+        r = corners(b for b in reviewed if _class_name(b, class_names) == name)
+        yield name, len(p), len(r), match_count(p, r)
+
+
 def class_errors(
     pairs: Iterable[tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]],
     class_names: Sequence[str],
@@ -101,15 +114,52 @@ def class_errors(
     """Per-class box errors over (predicted boxes, reviewed boxes) of each reviewed image."""
     table = {name: ClassErrors(name) for name in class_names}
     for predicted, reviewed in pairs:
-        names = {_class_name(b, class_names) for b in (*predicted, *reviewed)}
-        for name in names:
-            p = corners(b for b in predicted if _class_name(b, class_names) == name)
-            r = corners(b for b in reviewed if _class_name(b, class_names) == name)
+        for name, n_predicted, n_reviewed, matched in _matched_by_class(
+            predicted, reviewed, class_names
+        ):
             row = table.setdefault(name, ClassErrors(name))
-            row.predicted += len(p)
-            row.reviewed += len(r)
-            row.matched += match_count(p, r)
+            row.predicted += n_predicted
+            row.reviewed += n_reviewed
+            row.matched += matched
     return list(table.values())
+
+
+@dataclass(frozen=True)
+class ImageErrors:
+    """What a reviewer's answer says about the champion's boxes on one image.
+
+    ``corrected``: shown boxes the reviewer did not keep as they were (deleted, moved off, or
+    given another class); ``missed``: reviewed boxes where the champion showed no box of any
+    class (added by the reviewer). A box whose class was changed is corrected, not also missed,
+    so every fix the reviewer made counts once.
+    """
+
+    predicted: int
+    reviewed: int
+    matched: int  # same-class pairs, as in ``class_errors``
+    missed: int
+
+    @property
+    def corrected(self) -> int:
+        return self.predicted - self.matched
+
+    @property
+    def errors(self) -> int:
+        return self.corrected + self.missed
+
+
+def image_errors(
+    predicted: Sequence[Mapping[str, Any]],
+    reviewed: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str],
+) -> ImageErrors:
+    """The champion's errors on one reviewed image, by the same matching as ``class_errors``."""
+    n_predicted = n_reviewed = matched = 0
+    for _, p, r, m in _matched_by_class(predicted, reviewed, class_names):
+        n_predicted, n_reviewed, matched = n_predicted + p, n_reviewed + r, matched + m
+    # Where the champion put a box of another class, the reviewer relabelled, not added.
+    placed = match_count(corners(predicted), corners(reviewed)) if predicted and reviewed else 0
+    return ImageErrors(n_predicted, n_reviewed, matched, n_reviewed - max(matched, placed))
 
 
 def queue_stats(session: Session, class_names: Sequence[str]) -> QueueStats:

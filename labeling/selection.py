@@ -6,37 +6,58 @@ box confidences: a ``Flag`` (a score, higher = more worth reviewing, and the dec
 confidence) or ``None`` when the strategy does not want it. Strategies are plain functions
 registered by name in ``STRATEGIES``; ``SelectionPolicy.strategy`` picks one.
 
-Besides the uncertain images, a small random share of the confident ones is audited: an
-image the model is sure about is where a silent failure hides. Whether an image is audited
-depends only on its content hash and the policy's seed, so the choice is reproducible and
-independent of what else was in the batch.
+A second kind of strategy (``BatchStrategy``, registered with ``batch_strategy``) sees the
+whole batch and the ``SelectionContext`` at once: "hybrid" scores every image from the
+parts in ``labeling.scoring`` (uncertainty over all candidate boxes, class weights, novelty
+against the champion's training images, flip disagreement on a shortlist) and picks a
+diverse batch by the images' embeddings (``labeling.diversity``). It judges confident and
+empty images too: a drifted champion that finds nothing under new conditions is exactly
+what it is meant to catch.
 
-``select`` returns at most ``budget`` items per cycle: the audit sample takes at most its
-own share (``ceil(budget * audit_rate)``), the uncertain images, most uncertain first, the
-rest. Each item says why it was chosen (``reason``, stored as the queue's ``flagged_reason``).
+Three arms share the budget, in this order:
+
+- **control**: ``ceil(budget * control_rate)`` images drawn uniformly at random from *all*
+  candidates, reproducibly from the policy's seed and the cycle (``context.cycle``). The
+  label-savings ledger compares what reviewers find in them with the selected arm. Only a
+  selection cycle has a control arm: without ``context.cycle`` (a single uploaded image,
+  a benchmark) none is drawn.
+- **audit**: a small random share of the confident images among the rest, at most
+  ``ceil(budget * audit_rate)``: an image the model is sure about is where a silent failure
+  hides. Whether an image is audited depends only on its content hash and the policy's
+  seed, so the choice is reproducible and independent of what else was in the batch.
+- **selected**: the strategy's picks from what is left, most worth reviewing first.
+
+Each item says why it was chosen (``reason``, stored as the queue's ``flagged_reason``, its
+``arm`` and the score ``parts`` that decided, stored as ``score_parts``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import chain
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
+from labeling import diversity, scoring
 from visionloop.settings import (
     AUDIT_RATE,
+    CONTROL_RATE,
     LABELING_BUDGET,
     UNCERTAINTY_HIGH,
     UNCERTAINTY_LOW,
     Settings,
 )
 
-StrategyName = Literal["confidence_band", "least_confidence", "margin", "entropy"]
+StrategyName = Literal["confidence_band", "least_confidence", "margin", "entropy", "hybrid"]
 
 AUDIT_REASON = "random_audit"
+CONTROL_REASON = "control"
+# bench.active_learning decides whether "hybrid" replaces it: one line to switch.
 DEFAULT_STRATEGY: StrategyName = "confidence_band"
 
 
@@ -48,7 +69,34 @@ class SelectionPolicy(BaseModel):
     high: float = Field(default=UNCERTAINTY_HIGH, ge=0.0, le=1.0)
     budget: int = Field(default=LABELING_BUDGET, ge=0)
     audit_rate: float = Field(default=AUDIT_RATE, ge=0.0, le=1.0)
+    control_rate: float = Field(default=CONTROL_RATE, ge=0.0, le=1.0)
+    """Share of the budget drawn uniformly at random as the ledger's control arm."""
     seed: int = 0
+
+    # The hybrid strategy's tunables (ignored by the per-image strategies).
+    shortlist_factor: float = Field(default=4.0, ge=1.0)
+    """The diverse batch is picked from the ``shortlist_factor * k`` best-scored images."""
+    duplicate_ratio: float = Field(default=0.25, ge=0.0)
+    """Images closer to a better-scored one than this share of the typical distance between
+    neighbouring training images (``scoring.neighbour_distances``) are the same question."""
+    duplicate_distance: float | None = Field(default=None, ge=0.0, le=2.0)
+    """An absolute cosine distance instead of ``duplicate_ratio`` (None: relative, since the
+    features' scale differs between models). Without either (no reference) only identical
+    embeddings collapse; the diverse pick still spreads the batch."""
+    min_score: float = Field(default=0.25, ge=0.0)
+    """Below this score an image is not asked about even when the budget has room: 0.25 is the
+    uncertainty of a box at 0.04 or 0.96, clear-cut either way (a single uploaded image is
+    judged against this bar alone)."""
+    uncertainty_weight: float = Field(default=1.0, ge=0.0)
+    novelty_weight: float = Field(default=1.0, ge=0.0)
+    flip_weight: float = Field(default=1.0, ge=0.0)
+    diversity: float = Field(default=1.0, ge=0.0)
+    """Exponent of the distance in ``score * distance ** diversity``; 0 is plain score order."""
+    spread_from_reference: bool = False
+    """The diverse pick also keeps away from the training images (core-set style: each
+    image's distance to its nearest training image starts its k-center distance)."""
+    reference_cap: int = Field(default=1024, ge=2)
+    """Novelty is measured against at most this many training images (an even subsample)."""
 
     @model_validator(mode="after")
     def _band(self) -> SelectionPolicy:
@@ -67,6 +115,7 @@ class SelectionPolicy(BaseModel):
             "low": settings.uncertainty_low,
             "high": settings.uncertainty_high,
             "budget": settings.labeling_budget,
+            "control_rate": settings.control_rate,
             "seed": settings.seed,
         }
         if drift_level in ("yellow", "red"):
@@ -80,6 +129,15 @@ class Candidate:
     image_id: int
     content_hash: str
     confidences: Sequence[float]
+    """The shown boxes' confidences (at or above the display threshold)."""
+    classes: Sequence[int] = ()
+    """The shown boxes' class ids, in the order of ``confidences``."""
+    below: Sequence[tuple[int, float]] = ()
+    """Candidate boxes under the display threshold, ``(cls, conf)``, most confident first."""
+    embedding: np.ndarray | None = None
+    """Pooled backbone features (float32, L2-normalised) from the same forward pass."""
+    boxes: Sequence[Sequence[float]] = ()
+    """The shown boxes as ``(cls, conf, x1, y1, x2, y2)``, normalised: for flip consistency."""
 
 
 @dataclass(frozen=True)
@@ -99,15 +157,56 @@ class Selected:
     score: float
     confidence: float | None
     """The deciding box's confidence; for audited images the highest one, None without boxes."""
+    arm: str = "selected"
+    """selected | control | audit."""
+    parts: Mapping[str, float] = field(default_factory=dict)
+    """The score's parts: why it was chosen."""
+
+
+@dataclass(frozen=True)
+class SelectionContext:
+    """What selection knows besides the candidates."""
+
+    class_weights: Mapping[int, float] = field(default_factory=dict)
+    """Class id -> weight >= 1: weak or rare classes (by the champion's per-class AP) weigh more."""
+    reference: np.ndarray | None = None
+    """Embeddings of the champion's training images, ``(m, d)`` float32, L2-normalised."""
+    flip: Callable[[Sequence[Candidate]], Mapping[int, float]] | None = None
+    """Runs the mirrored forward pass on a shortlist: image id -> flip disagreement in [0, 1]."""
+    cycle: str | None = None
+    """The selection cycle (the ingest flow run)."""
 
 
 Strategy = Callable[[Sequence[float], SelectionPolicy], Flag | None]
-STRATEGIES: dict[str, Strategy] = {}
+"""A per-image strategy: one image's shown confidences -> its flag (or not wanted)."""
+
+
+BatchPick = Callable[[Sequence[Candidate], SelectionPolicy, SelectionContext, int], list[Selected]]
+"""A batch strategy's body: ``(candidates, policy, context, k)`` -> at most ``k`` items, best
+first. The candidates exclude the control and audit picks."""
+
+
+@dataclass(frozen=True)
+class BatchStrategy:
+    """A registered strategy that sees the whole batch and the context at once."""
+
+    pick: BatchPick
+
+
+STRATEGIES: dict[str, Strategy | BatchStrategy] = {}
 
 
 def strategy(name: str) -> Callable[[Strategy], Strategy]:
     def register(fn: Strategy) -> Strategy:
         STRATEGIES[name] = fn
+        return fn
+
+    return register
+
+
+def batch_strategy(name: str) -> Callable[[BatchPick], BatchPick]:
+    def register(fn: BatchPick) -> BatchPick:
+        STRATEGIES[name] = BatchStrategy(fn)
         return fn
 
     return register
@@ -158,9 +257,176 @@ def entropy(confs: Sequence[float], policy: SelectionPolicy) -> Flag | None:
     return Flag(sum(binary_entropy(c) for c in confs), nearest)
 
 
+# --- hybrid: score parts, shortlist, flip, de-duplicate, diverse batch ------------------------
+
+
+def _flat_boxes(candidates: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every candidate box of the batch, shown ones then those below the threshold, as flat
+    arrays (conf, cls, owner = index of the image): one numpy pass scores 100k images."""
+    flat = chain.from_iterable
+    shown = np.fromiter((len(c.confidences) for c in candidates), np.int64, len(candidates))
+    below = np.fromiter((len(c.below) for c in candidates), np.int64, len(candidates))
+    index = np.arange(len(candidates))
+    conf = np.concatenate(
+        [
+            np.fromiter(flat(c.confidences for c in candidates), np.float64),
+            np.fromiter((p for c in candidates for _, p in c.below), np.float64),
+        ]
+    )
+    # Callers that know no classes (rows stored before classes were) pass none: -1 weighs 1.
+    classes = (
+        c.classes if len(c.classes) == len(c.confidences) else [-1] * len(c.confidences)
+        for c in candidates
+    )
+    cls = np.concatenate(
+        [
+            np.fromiter(flat(classes), np.int64),
+            np.fromiter((k for c in candidates for k, _ in c.below), np.int64),
+        ]
+    )
+    return conf, cls, np.concatenate([np.repeat(index, shown), np.repeat(index, below)])
+
+
+def _embeddings(candidates: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The batch's embeddings as rows, and which rows are real; a zero row for an image
+    without one, or with one of another length than the first (another model's): it is then
+    unlike every other image, never a duplicate, never novel. None when no image has one."""
+    dim = next((len(c.embedding) for c in candidates if c.embedding is not None), None)
+    if dim is None:
+        return None
+    real = np.fromiter(
+        (c.embedding is not None and len(c.embedding) == dim for c in candidates),
+        bool,
+        len(candidates),
+    )
+    zero = np.zeros(dim, np.float32)
+    rows = [c.embedding if ok else zero for c, ok in zip(candidates, real.tolist())]
+    # One concatenate of flat rows: a third of np.stack's time over 100k small arrays.
+    matrix = np.concatenate(rows).astype(np.float32, copy=False).reshape(len(candidates), dim)
+    return matrix, real
+
+
+def _capped(reference: np.ndarray, cap: int) -> np.ndarray:
+    """At most ``cap`` reference rows, evenly spaced: novelty costs ``n x cap`` products.
+
+    The subsample is both what candidates are compared with and what calibrates the
+    distance (``scoring.novelty_scale``), so an ordinary image stays ordinary."""
+    ref = np.asarray(reference, np.float32)
+    if len(ref) <= cap:
+        return ref
+    return ref[np.linspace(0, len(ref) - 1, cap).round().astype(np.int64)]
+
+
+@batch_strategy("hybrid")
+def hybrid(
+    candidates: Sequence[Candidate], policy: SelectionPolicy, context: SelectionContext, k: int
+) -> list[Selected]:
+    """Uncertainty picks a shortlist, the flip pass refines it, a diverse batch is taken.
+
+    1. Every image's score: ``uncertainty_weight * u + novelty_weight * v``, ``u`` the
+       class-weighted uncertainty of its most doubtful candidate box (shown or not), ``v``
+       its novelty against ``context.reference``. Images under ``min_score`` (every box
+       clear-cut, or none, and nothing new) are not wanted.
+    2. The ``shortlist_factor * k`` best, near-duplicates collapsed onto the best-scored
+       frame of each (by embedding).
+    3. ``context.flip`` on the shortlist (if given) adds ``flip_weight * disagreement``.
+    4. ``k`` picked by score-weighted k-center greedy over the embeddings, seeded by the
+       best score. Without embeddings: the ``k`` best scores.
+    """
+    if k <= 0 or not candidates:
+        return []
+    n = len(candidates)
+    conf, cls, owner = _flat_boxes(candidates)
+    unc = scoring.batch_uncertainty(conf, cls, owner, n, context.class_weights)
+    found = _embeddings(candidates)
+    emb, real = found if found is not None else (None, np.zeros(n, bool))
+    reference = context.reference
+    novel = np.zeros(n)
+    nearest_training = np.ones(n)  # unknown: as far as unrelated images
+    typical = 0.0  # the distance between neighbouring training images
+    # A reference of another length (another model's features) cannot be compared with.
+    if (
+        emb is not None
+        and reference is not None
+        and len(reference)
+        and reference.shape[1:] == emb.shape[1:]
+    ):
+        has = slice(None) if real.all() else np.flatnonzero(real)  # no 180 MB copy
+        ref = _capped(reference, policy.reference_cap)
+        distance = scoring.novelty(emb[has], ref)
+        assert distance is not None
+        neighbours = scoring.neighbour_distances(ref)
+        typical = float(np.median(neighbours)) if len(neighbours) else 0.0
+        scale = scoring.novelty_scale(ref, neighbours=neighbours)
+        novel[has] = scoring.novelty_part(distance, scale)
+        nearest_training[has] = distance
+    score = policy.uncertainty_weight * unc.score + policy.novelty_weight * novel
+
+    wanted = np.flatnonzero((score > 0.0) & (score >= policy.min_score))
+    if not len(wanted):
+        return []
+    # Best first; exact ties by content hash (ids follow commit order, content does not).
+    hashes = np.array([candidates[i].content_hash for i in wanted])
+    wanted = wanted[np.lexsort((hashes, -score[wanted]))]
+    size = max(k, math.ceil(policy.shortlist_factor * k))
+    if emb is None:
+        shortlist = wanted[:size]
+    else:
+        duplicate = policy.duplicate_distance
+        if duplicate is None:
+            duplicate = policy.duplicate_ratio * typical
+        keep = diversity.collapse_near_duplicates(emb[wanted], duplicate, limit=size)
+        shortlist = wanted[keep]
+
+    flip = np.zeros(len(shortlist))
+    if context.flip is not None:
+        found = context.flip([candidates[i] for i in shortlist])
+        flip = np.array([float(found.get(candidates[i].image_id, 0.0)) for i in shortlist])
+    final = score[shortlist] + policy.flip_weight * flip
+
+    if emb is None:
+        order = np.lexsort((np.arange(len(shortlist)), -final))[:k]
+        spread = np.full(len(order), np.nan)
+    else:
+        order, spread = diversity.k_center_greedy(
+            emb[shortlist],
+            final,
+            k,
+            diversity=policy.diversity,
+            initial=nearest_training[shortlist] if policy.spread_from_reference else None,
+        )
+    chosen: list[Selected] = []
+    for j, d in zip(order.tolist(), spread.tolist()):
+        i = int(shortlist[j])
+        parts = {
+            "uncertainty": float(unc.score[i]),
+            "class_weight": float(unc.class_weight[i]),
+            "novelty": float(novel[i]),
+            "score": float(final[j]),
+        }
+        if context.flip is not None:
+            parts["flip"] = float(flip[j])
+        if not math.isnan(d):
+            parts["distance"] = float(d)
+        decided = float(unc.confidence[i])
+        chosen.append(
+            Selected(
+                candidates[i].image_id,
+                "hybrid",
+                float(final[j]),
+                None if math.isnan(decided) else decided,
+                parts=parts,
+            )
+        )
+    return chosen
+
+
+# --- the arms ---------------------------------------------------------------------------------
+
+
 def is_confident(confs: Sequence[float], policy: SelectionPolicy) -> bool:
     """Every box at or above ``high``; true for an image without boxes."""
-    return all(c >= policy.high for c in confs)
+    return not len(confs) or min(confs) >= policy.high
 
 
 def audit_draw(content_hash: str, seed: int) -> float:
@@ -169,9 +435,54 @@ def audit_draw(content_hash: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def select(candidates: Sequence[Candidate], policy: SelectionPolicy) -> list[Selected]:
-    """The images to queue this cycle, audited ones first, then the most uncertain."""
-    score = STRATEGIES[policy.strategy]
+def control_size(policy: SelectionPolicy) -> int:
+    """The control arm's share of the budget: ``ceil(budget * control_rate)``."""
+    return min(policy.budget, math.ceil(policy.budget * policy.control_rate))
+
+
+def draw_control(
+    candidates: Sequence[Candidate], policy: SelectionPolicy, cycle: str | None
+) -> list[Selected]:
+    """The control arm: uniformly at random from all candidates, without replacement,
+    reproducible from the policy's seed and the cycle; none outside a cycle.
+
+    Each image, in content-hash order (the order ids come in differs between runs), gets a
+    uniform draw from a generator seeded by ``(seed, cycle)``; the ``size`` smallest draws
+    are a uniform sample. One generator instead of a hash per image: 100k images in ~0.1 s.
+    """
+    size = min(control_size(policy), len(candidates))
+    if cycle is None or size == 0:
+        return []
+    ordered = sorted(candidates, key=lambda c: (c.content_hash, c.image_id))
+    digest = hashlib.sha256(f"control:{policy.seed}:{cycle}".encode()).digest()
+    draws = np.random.default_rng(int.from_bytes(digest[:8], "big")).random(len(ordered))
+    smallest = np.argpartition(draws, size - 1)[:size]
+    return [
+        Selected(
+            ordered[i].image_id,
+            CONTROL_REASON,
+            1.0 - float(draws[i]),
+            max(ordered[i].confidences, default=None),
+            arm="control",
+            parts={"draw": float(draws[i])},
+        )
+        for i in smallest[np.argsort(draws[smallest], kind="stable")].tolist()
+    ]
+
+
+def select(
+    candidates: Sequence[Candidate],
+    policy: SelectionPolicy,
+    context: SelectionContext | None = None,
+) -> list[Selected]:
+    """The images to queue this cycle: the control arm, audited ones, then the strategy's."""
+    context = context or SelectionContext()
+    control = draw_control(candidates, policy, context.cycle)
+    if control:
+        drawn = {s.image_id for s in control}
+        candidates = [c for c in candidates if c.image_id not in drawn]
+    budget = policy.budget - len(control)
+    chosen = STRATEGIES[policy.strategy]
     uncertain: list[Selected] = []
     audit: list[Selected] = []
     for candidate in candidates:
@@ -180,18 +491,39 @@ def select(candidates: Sequence[Candidate], policy: SelectionPolicy) -> list[Sel
             if draw < policy.audit_rate:
                 top = max(candidate.confidences, default=None)
                 # Scored by the draw so the cut below keeps a random subset.
-                audit.append(Selected(candidate.image_id, AUDIT_REASON, 1.0 - draw, top))
+                audit.append(
+                    Selected(
+                        candidate.image_id,
+                        AUDIT_REASON,
+                        1.0 - draw,
+                        top,
+                        arm="audit",
+                        parts={"draw": draw},
+                    )
+                )
             continue
-        flag = score(candidate.confidences, policy)
+        if isinstance(chosen, BatchStrategy):
+            continue
+        flag = chosen(candidate.confidences, policy)
         if flag is not None:
             uncertain.append(
-                Selected(candidate.image_id, policy.strategy, flag.score, flag.confidence)
+                Selected(
+                    candidate.image_id,
+                    policy.strategy,
+                    flag.score,
+                    flag.confidence,
+                    parts={policy.strategy: flag.score},
+                )
             )
-    audit_share = min(policy.budget, math.ceil(policy.budget * policy.audit_rate))
+    audit_share = min(budget, math.ceil(policy.budget * policy.audit_rate))
     # Exact ties go by content hash, not by id: ids follow commit order, which differs
     # between runs (batches fanned out over Dask commit in any order), content does not.
     content = {c.image_id: c.content_hash for c in candidates}
     audit.sort(key=lambda s: (-s.score, content[s.image_id]))
-    uncertain.sort(key=lambda s: (-s.score, content[s.image_id]))
     audit = audit[:audit_share]
-    return audit + uncertain[: policy.budget - len(audit)]
+    if isinstance(chosen, BatchStrategy):
+        audited = {s.image_id for s in audit}
+        rest = [c for c in candidates if c.image_id not in audited]
+        return control + audit + chosen.pick(rest, policy, context, budget - len(audit))
+    uncertain.sort(key=lambda s: (-s.score, content[s.image_id]))
+    return control + audit + uncertain[: budget - len(audit)]

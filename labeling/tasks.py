@@ -9,7 +9,10 @@ have landed before the crash, so tasks carry the image id and the claimant links
 instead of importing a second one.
 
 Each task carries the champion's boxes as a prediction (with scores and the model version),
-so a reviewer corrects rather than draws.
+so a reviewer corrects rather than draws, and a readable ``why`` (the strategy and its score
+parts, shown above the image). Images drawn at random, the ledger's control arm and the
+audit alike, say only ``sample``: a reviewer who knew an image was a control could review it
+differently, and the comparison would measure that instead of the selection.
 
 The functions work in the caller's session but commit it themselves at the two boundaries
 above: the rows before Label Studio is contacted, and each chunk's task links right after
@@ -20,7 +23,7 @@ what was done.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -51,6 +54,11 @@ IMAGE_ID_KEY = "visionloop_image_id"
 ORPHAN_AFTER_S = 300.0
 """A queue row still without a task this long after it was added has lost its importer (a
 crash, or Label Studio was down): the next run claims it and finds or creates its task."""
+WHY_KEY = "why"
+"""Task data key of why the image was chosen, as the review screen shows it."""
+SAMPLE = "sample"
+"""What a reviewer is told of an image drawn at random (control and audit arms alike)."""
+RANDOM_ARMS = frozenset({"control", "audit"})
 
 
 @dataclass
@@ -84,15 +92,27 @@ def prediction_regions(
     return regions
 
 
+def why(arm: str, reason: str, parts: Mapping[str, float] | None) -> str:
+    """Why an image is in the queue, for its reviewer: ``"hybrid: uncertainty 0.62, novelty
+    0.31"``; ``"sample"`` for a random draw."""
+    if arm in RANDOM_ARMS:
+        return SAMPLE
+    shown = ", ".join(f"{name.replace('_', ' ')} {v:.2f}" for name, v in (parts or {}).items())
+    return f"{reason}: {shown}" if shown else reason
+
+
 def build_task(
     settings: Settings, image: Image, item: LabelingQueueItem, prediction: Prediction | None
 ) -> dict[str, Any]:
+    random_draw = item.arm in RANDOM_ARMS
     task: dict[str, Any] = {
         "data": {
             "image": image_uri(settings, image.object_key),
             IMAGE_ID_KEY: image.id,
             "content_hash": image.content_hash,
-            "flagged_reason": item.flagged_reason,
+            # Label Studio lists every data field: a random draw names no arm there either.
+            "flagged_reason": SAMPLE if random_draw else item.flagged_reason,
+            WHY_KEY: why(item.arm, item.flagged_reason, item.score_parts),
             "confidence_score": item.confidence_score,
             "source": image.source_key,
         }
@@ -137,7 +157,11 @@ def _insert_rows(session: Session, rows: Sequence[LabelingQueueItem]) -> set[int
 
 
 def _add_rows(
-    session: Session, settings: Settings, selected: Sequence[Selected], report: QueueReport
+    session: Session,
+    settings: Settings,
+    selected: Sequence[Selected],
+    report: QueueReport,
+    cycle: str | None,
 ) -> None:
     ids = [s.image_id for s in selected]
     queued = set(
@@ -155,6 +179,9 @@ def _add_rows(
             image_path=image_uri(settings, images[image_id].object_key),
             confidence_score=choice.confidence,
             flagged_reason=choice.reason,
+            arm=choice.arm,
+            cycle=cycle,
+            score_parts={str(name): float(value) for name, value in choice.parts.items()},
         )
         for image_id, choice in fresh.items()
     ]
@@ -313,14 +340,18 @@ def queue_for_review(
     settings: Settings,
     selected: Sequence[Selected],
     project: ReviewProject | None = None,
+    *,
+    cycle: str | None = None,
 ) -> QueueReport:
-    """Queue ``selected`` images (those not queued before) as pre-annotated review tasks.
+    """Queue ``selected`` images (those not queued before) as pre-annotated review tasks, each
+    row keeping its arm, score parts and the selection ``cycle`` (None: chosen one at a time,
+    outside a cycle).
 
     Commits ``session`` once the rows are added, then while linking (``link_tasks``).
     """
     report = QueueReport()
     if selected:
-        _add_rows(session, settings, selected, report)
+        _add_rows(session, settings, selected, report, cycle)
         session.commit()  # the rows stand before Label Studio is contacted
     link_tasks(session, settings, report, project)
     return report

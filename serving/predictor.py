@@ -9,6 +9,11 @@ predictor per process through ``get_predictor``.
 
 Boxes are plain dicts, coordinates normalised to 0..1 of the upright image:
 ``{"cls": 0, "name": "scratch", "conf": 0.83, "x1": .., "y1": .., "x2": .., "y2": ..}``.
+
+Every prediction runs at the low ``candidate_conf``: the boxes at or above the caller's
+``conf`` are shown, the ones under it are kept as ``below`` (class and confidence only),
+what the model almost saw, for scoring its uncertainty. The same forward pass yields the
+image's embedding (``serving.embedding``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from serving.embedding import mirror, predict_with_features, unmirror_boxes
 from training.trainer import configure_ultralytics
 from visionloop.registry import (
     CHAMPION,
@@ -38,7 +44,9 @@ RECHECK_S = 10.0
 """How stale the predictor's idea of the champion may get (seconds); also how often a registry
 outage is retried while the last champion keeps serving."""
 PREDICT_CONF = 0.25
-"""Boxes under this confidence are dropped (ultralytics' own default)."""
+"""Boxes under this confidence are not shown (ultralytics' own default)."""
+MAX_BELOW = 32
+"""Sub-threshold candidates kept per image: the most confident ones say all scoring needs."""
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +58,14 @@ class NoChampionError(RegistryError):
 @dataclass(frozen=True)
 class PredictionResult:
     boxes: list[dict[str, Any]]
+    """The shown boxes (at or above the caller's ``conf``), most confident first."""
     model_version: str
+    below: list[tuple[int, float]] = field(default_factory=list)
+    """Candidates under ``conf`` (down to ``candidate_conf``) as ``(cls, conf)``, most
+    confident first, at most ``MAX_BELOW``."""
+    embedding: np.ndarray | None = field(default=None, compare=False)
+    """The image's pooled Detect-head input, float32, L2-normalised (None when not asked for,
+    and for a mirrored prediction)."""
     confidences: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -74,10 +89,13 @@ class ChampionPredictor:
         *,
         alias: str = CHAMPION,
         recheck_s: float = RECHECK_S,
+        embed: bool = True,
     ) -> None:
         self.settings = settings
         self.alias = alias
         self.recheck_s = recheck_s
+        self.embed = embed
+        """Keep each image's embedding; off only to measure what it costs (bench.ingest)."""
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._model: Any = None
@@ -160,45 +178,89 @@ class ChampionPredictor:
         return int(model.overrides.get("imgsz") or 640)
 
     def predict_batch(
-        self, images: Sequence[np.ndarray], *, imgsz: int | None = None, conf: float = PREDICT_CONF
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        imgsz: int | None = None,
+        conf: float = PREDICT_CONF,
+        flip: bool = False,
     ) -> list[PredictionResult]:
         """Predict upright ``H x W x 3`` uint8 RGB images in one batch.
 
         ``imgsz`` defaults to the size the champion was trained at; boxes under ``conf`` are
-        dropped.
+        not shown but kept (down to ``candidate_conf``) as ``below``. ``flip`` predicts the
+        images mirrored left to right and maps the boxes back into the upright frame (the
+        flip-consistency pass of selection); it keeps no embedding.
         """
         if not images:
             return []
         # ultralytics reads numpy images as OpenCV's BGR.
         bgr = [cv2.cvtColor(image, cv2.COLOR_RGB2BGR) for image in images]
+        if flip:
+            bgr = mirror(bgr)
         model, ref = self._current()
-        kwargs: dict[str, Any] = {"conf": conf, "verbose": False}
+        floor = min(conf, self.settings.candidate_conf)
+        kwargs: dict[str, Any] = {"conf": floor, "verbose": False}
         if imgsz:
             kwargs["imgsz"] = imgsz
+        embeddings: np.ndarray | None = None
         with self._lock:  # one batch at a time per model; a swap waits for it
-            results = model.predict(bgr, **kwargs)
+            if self.embed and not flip:
+                results, embeddings = predict_with_features(model, bgr, **kwargs)
+            else:
+                results = model.predict(bgr, **kwargs)
         names = results[0].names if results else {}
-        out = []
-        for result in results:
-            boxes = []
-            if result.boxes is not None and len(result.boxes):
-                xyxyn = result.boxes.xyxyn.cpu().numpy().astype(float)
-                confs = result.boxes.conf.cpu().numpy().astype(float)
-                classes = result.boxes.cls.cpu().numpy().astype(int)
-                for (x1, y1, x2, y2), conf, cls in zip(xyxyn, confs, classes):
-                    boxes.append(
-                        {
-                            "cls": int(cls),
-                            "name": str(names.get(int(cls), cls)),
-                            "conf": round(float(conf), 6),
-                            "x1": round(float(x1), 6),
-                            "y1": round(float(y1), 6),
-                            "x2": round(float(x2), 6),
-                            "y2": round(float(y2), 6),
-                        }
-                    )
-            out.append(PredictionResult(boxes=boxes, model_version=ref.version))
-        return out
+        return [
+            _result(
+                result,
+                names,
+                ref.version,
+                conf,
+                flip=flip,
+                embedding=None if embeddings is None else embeddings[i],
+            )
+            for i, result in enumerate(results)
+        ]
+
+
+def _result(
+    result: Any,
+    names: dict[int, str],
+    version: str,
+    conf: float,
+    *,
+    flip: bool,
+    embedding: np.ndarray | None,
+) -> PredictionResult:
+    """One ultralytics result as shown boxes and sub-threshold candidates."""
+    boxes: list[dict[str, Any]] = []
+    below: list[tuple[int, float]] = []
+    if result.boxes is not None and len(result.boxes):
+        xyxyn = result.boxes.xyxyn.cpu().numpy().astype(float)
+        if flip:
+            xyxyn = unmirror_boxes(xyxyn)
+        confs = result.boxes.conf.cpu().numpy().astype(float)
+        classes = result.boxes.cls.cpu().numpy().astype(int)
+        for index in np.argsort(-confs, kind="stable"):
+            # Compared as stored: a shown box never reads under ``conf``, a near miss never at it.
+            score, cls = round(float(confs[index]), 6), int(classes[index])
+            if score < conf:
+                if len(below) < MAX_BELOW:
+                    below.append((cls, score))
+                continue
+            x1, y1, x2, y2 = xyxyn[index]
+            boxes.append(
+                {
+                    "cls": cls,
+                    "name": str(names.get(cls, cls)),
+                    "conf": score,
+                    "x1": round(float(x1), 6),
+                    "y1": round(float(y1), 6),
+                    "x2": round(float(x2), 6),
+                    "y2": round(float(y2), 6),
+                }
+            )
+    return PredictionResult(boxes=boxes, model_version=version, below=below, embedding=embedding)
 
 
 _predictors: dict[tuple[str, str, str], ChampionPredictor] = {}

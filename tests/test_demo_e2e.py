@@ -112,6 +112,21 @@ def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
     assert images["labelled"] == images["queued"]
     assert set(images["reviewers"]) == {SIMULATED_REVIEWER_EMAIL}
 
+    # The label-savings ledger of every round's selection cycle: told as the round ended and
+    # kept in the report, its random controls queued apart and answered like the rest.
+    ledger = report["ledger"]
+    told = " ".join(output.split())  # the console wraps long lines
+    assert [row["cycle"] for row in ledger["cycles"]] == [r["cycle"] for r in rounds]
+    for r, row in zip(rounds, ledger["cycles"], strict=True):
+        assert f"round {r['round']} label-savings ledger: {row['summary']}" in told
+        assert r["ledger"] == row["summary"]
+        assert row["control"]["queued"] > 0
+        assert row["control"]["reviewed"] == row["control"]["queued"]
+    assert ledger["cumulative"]["control"]["reviewed"] == sum(
+        row["control"]["reviewed"] for row in ledger["cycles"]
+    )
+    assert "## Label-savings ledger" in reports[0].with_suffix(".md").read_text()
+
     # Drift: quiet before the lighting change, red after it, and brightness is named.
     before_shift = [r for r in rounds if not r["drifted"]]
     assert before_shift and all(r["drift_level"] in ("green", "yellow") for r in before_shift)

@@ -2,7 +2,8 @@
 
 The session's champion is barely trained, so it is only sure of nothing: the flow keeps
 boxes down to confidence 0.001 and selects by least confidence, and the expected queue is
-recomputed from the predictions the flow stored.
+recomputed from the predictions the flow stored (beside the control arm, a uniform draw the
+flow keeps apart).
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from samples import awkward_files, good_jpegs, malformed_files
 from sqlmodel import col, select
 
+from api.main import create_app
 from cli.stack import Stack, prefect_call
 from ingestion.pipeline import QUARANTINE_PREFIX
 from labeling.provision import client
 from labeling.selection import SelectionPolicy
-from labeling.tasks import IMAGE_ID_KEY
+from labeling.tasks import IMAGE_ID_KEY, SAMPLE, WHY_KEY
 from labeling.wiring import review_project
 from monitoring.features import FEATURE_NAMES
+from serving.embedding import from_blob
 from serving.predictor import ChampionPredictor
 from visionloop.db import session_scope
 from visionloop.events import recent
@@ -39,7 +44,10 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 PREFIX = "ingest-test/"
 BATCH = 8
 BUDGET = 6
-POLICY = SelectionPolicy(strategy="least_confidence", budget=BUDGET, audit_rate=0.0)
+POLICY = SelectionPolicy(
+    strategy="least_confidence", budget=BUDGET, audit_rate=0.0, control_rate=0.25
+)
+CONTROLS = math.ceil(BUDGET * POLICY.control_rate)
 CONF = 0.001
 
 
@@ -190,9 +198,19 @@ def test_each_image_is_predicted_once_by_the_champion(
         assert all(0 <= b["x1"] < b["x2"] <= 1 and 0 <= b["y1"] < b["y2"] <= 1 for b in p.boxes)
 
 
-def expected_queue(settings: Settings) -> list[int]:
-    """Least confidence, recomputed from the stored predictions: the weakest boxes first,
-    exact ties by content hash."""
+def run_queue(settings: Settings) -> dict[int, LabelingQueueItem]:
+    """The queue rows of this module's images, by image id."""
+    ids = [i.id for i in run_images(settings)]
+    with session_scope() as session:
+        rows = session.exec(
+            select(LabelingQueueItem).where(col(LabelingQueueItem.image_id).in_(ids))
+        )
+        return {q.image_id: q for q in rows}
+
+
+def expected_queue(settings: Settings, control: set[int]) -> list[int]:
+    """Least confidence over the images the control arm left, recomputed from the stored
+    predictions: the weakest boxes first, exact ties by content hash."""
     content = {
         i.id: i.content_hash for i in run_images(settings) if i.status != ImageStatus.quarantined
     }
@@ -203,41 +221,52 @@ def expected_queue(settings: Settings) -> list[int]:
         uncertain = [
             (p.min_confidence, content[p.image_id], p.image_id)
             for p in predictions
-            if p.min_confidence is not None and p.min_confidence < POLICY.high
+            if p.min_confidence is not None
+            and p.min_confidence < POLICY.high
+            and p.image_id not in control
         ]
-    return [image_id for *_, image_id in sorted(uncertain)[:BUDGET]]
+    return [image_id for *_, image_id in sorted(uncertain)[: BUDGET - len(control)]]
 
 
 def test_uncertain_images_become_label_studio_tasks_with_predictions(
     settings: Settings, first_run: dict[str, Any], champion: str
 ) -> None:
-    expected = expected_queue(settings)
-    assert len(expected) == BUDGET
-    assert sorted(first_run["summary"]["queued_images"]) == sorted(expected)
+    items = run_queue(settings)
+    control = {i for i, q in items.items() if q.arm == "control"}
+    assert len(control) == CONTROLS
+    expected = expected_queue(settings, control)
+    assert len(expected) == BUDGET - CONTROLS
+    assert sorted(first_run["summary"]["queued_images"]) == sorted([*expected, *control])
+    assert set(items) == {*expected, *control}
     with session_scope() as session:
-        items = {
-            q.image_id: q
-            for q in session.exec(
-                select(LabelingQueueItem).where(col(LabelingQueueItem.image_id).in_(expected))
-            )
-        }
         predictions = {
             p.image_id: p
-            for p in session.exec(select(Prediction).where(col(Prediction.image_id).in_(expected)))
+            for p in session.exec(select(Prediction).where(col(Prediction.image_id).in_(items)))
         }
-        images = {i.id: i for i in session.exec(select(Image).where(col(Image.id).in_(expected)))}
-    assert set(items) == set(expected)
+        images = {i.id: i for i in session.exec(select(Image).where(col(Image.id).in_(items)))}
 
     token = settings.label_studio_token.get_secret_value()
     ls = client(settings.label_studio, token)
-    for image_id in expected:
+    for image_id in items:
         item, prediction, image = items[image_id], predictions[image_id], images[image_id]
-        assert item.flagged_reason == "least_confidence"
-        assert item.confidence_score == prediction.min_confidence
+        assert item.cycle == first_run["flow_run_id"]
+        assert item.score_parts  # every row keeps why it was chosen
+        if image_id in control:
+            assert (item.arm, item.flagged_reason) == ("control", "control")
+        else:
+            assert (item.arm, item.flagged_reason) == ("selected", "least_confidence")
+            assert item.confidence_score == prediction.min_confidence
         assert item.prediction_id == prediction.id and item.status == "pending"
         assert image.status == ImageStatus.queued
         task = ls.tasks.get(id=item.label_studio_task_id)
         assert task.data[IMAGE_ID_KEY] == image_id
+        if image_id in control:
+            # The reviewer is not told which images are controls: they read as a sample.
+            assert task.data[WHY_KEY] == task.data["flagged_reason"] == SAMPLE
+            assert "control" not in str(task.data)
+        else:
+            parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in item.score_parts.items())
+            assert task.data[WHY_KEY] == f"least_confidence: {parts}"
         [pre] = task.predictions
         assert pre.model_version == champion
         assert [r["score"] for r in pre.result] == [b["conf"] for b in prediction.boxes]
@@ -256,6 +285,43 @@ def test_uncertain_images_become_label_studio_tasks_with_predictions(
         assert shown.content == ObjectStore(settings).get_bytes(
             settings.bucket_images, image.object_key
         )
+    # The review screen shows the task's why above the image.
+    project = review_project(settings)
+    assert '"$why"' in ls.projects.get(id=project.id).label_config
+
+
+def test_every_predicted_image_keeps_its_embedding_and_near_misses(
+    settings: Settings, first_run: dict[str, Any]
+) -> None:
+    ids = [i.id for i in run_images(settings) if i.status != ImageStatus.quarantined]
+    with session_scope() as session:
+        predictions = list(
+            session.exec(select(Prediction).where(col(Prediction.image_id).in_(ids)))
+        )
+    assert len(predictions) == len(ids)
+    vectors = np.stack([from_blob(p.embedding) for p in predictions])
+    assert vectors.shape[1] > 0
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-2)
+    assert len({v.tobytes() for v in vectors}) == len(vectors)  # distinct images, vectors
+    # Shown down to 0.001, under the 0.01 candidate floor: nothing is left to keep below.
+    assert all(p.below == [] for p in predictions)
+
+
+def test_the_queue_api_shows_arm_cycle_and_score_parts(
+    settings: Settings, first_run: dict[str, Any]
+) -> None:
+    items = run_queue(settings)
+    auth = {"Authorization": f"Bearer {settings.api_token.get_secret_value()}"}
+    with TestClient(create_app()) as api:
+        page = api.get("/api/labeling/queue", params={"limit": 500}, headers=auth)
+    assert page.status_code == 200, page.text
+    shown = {i["image_id"]: i for i in page.json()["items"] if i["image_id"] in items}
+    assert set(shown) == set(items)
+    for image_id, item in items.items():
+        assert shown[image_id]["arm"] == item.arm
+        assert shown[image_id]["cycle"] == item.cycle == first_run["flow_run_id"]
+        assert shown[image_id]["score_parts"] == pytest.approx(item.score_parts)
+    assert {i["arm"] for i in shown.values()} == {"selected", "control"}
 
 
 def test_work_is_batched_and_progress_reported(

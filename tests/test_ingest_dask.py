@@ -62,7 +62,7 @@ from visionloop.storage import ObjectStore, sha256_hex
 
 BATCH = 6
 CONF = 0.001
-POLICY = SelectionPolicy(strategy="least_confidence", budget=6, audit_rate=0.0)
+POLICY = SelectionPolicy(strategy="least_confidence", budget=6, audit_rate=0.0, control_rate=0.0)
 TOLERANCE = 1e-4
 
 

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from labeling.selection import (
     AUDIT_REASON,
+    CONTROL_REASON,
     STRATEGIES,
+    BatchStrategy,
     Candidate,
+    SelectionContext,
     SelectionPolicy,
     audit_draw,
     select,
     uncertainty,
 )
-from visionloop.settings import Settings
+from visionloop.settings import CONTROL_RATE, Settings
 
 
 def _c(image_id: int, *confs: float) -> Candidate:
@@ -130,3 +136,267 @@ def test_uncertainty_is_closeness_to_a_coin_flip() -> None:
 
 def test_strategies_are_pluggable() -> None:
     assert set(STRATEGIES) >= {"confidence_band", "least_confidence", "margin", "entropy"}
+
+
+# --- the control arm --------------------------------------------------------------------------
+
+
+def _mixed(n: int) -> list[Candidate]:
+    """Confident, empty and uncertain images alike: the control draws from all of them."""
+    kinds = ([0.99], [], [0.5], [0.3, 0.95])
+    return [_c(i, *kinds[i % len(kinds)]) for i in range(n)]
+
+
+def test_policy_takes_the_control_rate_from_the_settings() -> None:
+    settings = Settings(control_rate=0.25)
+    assert SelectionPolicy.from_settings(settings).control_rate == 0.25
+    assert SelectionPolicy().control_rate == CONTROL_RATE
+    with pytest.raises(ValidationError):
+        SelectionPolicy(control_rate=1.5)
+
+
+def test_control_arm_draws_its_exact_share_from_all_candidates_reproducibly() -> None:
+    candidates = _mixed(400)
+    policy = SelectionPolicy(strategy="margin", budget=40, control_rate=0.1, audit_rate=0.1)
+    chosen = select(candidates, policy, SelectionContext(cycle="run-1"))
+    control = [s for s in chosen if s.arm == "control"]
+    assert len(control) == 4 and len(chosen) == 40  # ceil(40 * 0.1), the rest as before
+    assert all(s.reason == CONTROL_REASON and 0.0 <= s.parts["draw"] < 1.0 for s in control)
+    assert [s.arm for s in chosen[:4]] == ["control"] * 4
+    # Never queued twice: the other arms choose from what the control left.
+    assert len({s.image_id for s in chosen}) == 40
+    assert {s.arm for s in chosen[4:]} == {"audit", "selected"}
+    # Same cycle, any order: the same draw; another cycle or seed: another draw.
+    again = select(list(reversed(candidates)), policy, SelectionContext(cycle="run-1"))
+    assert again == chosen
+    other = select(candidates, policy, SelectionContext(cycle="run-2"))
+    assert {s.image_id for s in other if s.arm == "control"} != {s.image_id for s in control}
+    reseeded = select(candidates, policy.model_copy(update={"seed": 9}), SelectionContext("x"))
+    assert reseeded != chosen
+    # Drawn from all candidates: over cycles every kind of image (confident, empty,
+    # uncertain) turns up, not just the ones a strategy would flag.
+    drawn = {
+        s.image_id % 4
+        for cycle in range(30)
+        for s in select(candidates, policy, SelectionContext(cycle=str(cycle)))
+        if s.arm == "control"
+    }
+    assert drawn == {0, 1, 2, 3}
+
+
+def test_no_control_arm_outside_a_cycle_or_at_rate_zero() -> None:
+    candidates = _mixed(100)
+    policy = SelectionPolicy(strategy="margin", budget=20, control_rate=0.5, audit_rate=0)
+    assert all(s.arm == "selected" for s in select(candidates, policy))
+    assert all(s.arm == "selected" for s in select(candidates, policy, SelectionContext()))
+    off = policy.model_copy(update={"control_rate": 0.0})
+    assert all(s.arm == "selected" for s in select(candidates, off, SelectionContext(cycle="c")))
+    # The whole budget can go to the control.
+    everything = policy.model_copy(update={"control_rate": 1.0})
+    assert {s.arm for s in select(candidates, everything, SelectionContext(cycle="c"))} == {
+        "control"
+    }
+
+
+def test_control_draw_is_uniform_over_the_candidates() -> None:
+    """Each image's share of control draws over many cycles stays within a chi-square bound
+    (deterministic: the cycles are fixed, so this cannot flake)."""
+    n, cycles = 20, 2000
+    candidates = _mixed(n)
+    policy = SelectionPolicy(strategy="margin", budget=10, control_rate=0.3, audit_rate=0)
+    counts = np.zeros(n)
+    for cycle in range(cycles):
+        for s in select(candidates, policy, SelectionContext(cycle=f"cycle-{cycle}")):
+            if s.arm == "control":
+                counts[s.image_id] += 1
+    assert counts.sum() == 3 * cycles
+    expected = 3 * cycles / n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 43.8  # chi-square, 19 degrees of freedom, p = 0.001
+
+
+# --- hybrid -----------------------------------------------------------------------------------
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, np.float32)
+    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+
+
+def _hybrid(budget: int, **update: object) -> SelectionPolicy:
+    values: dict[str, object] = {
+        "strategy": "hybrid",
+        "budget": budget,
+        "audit_rate": 0.0,
+        "control_rate": 0.0,
+    }
+    return SelectionPolicy(**(values | update))
+
+
+def test_hybrid_is_a_registered_batch_strategy() -> None:
+    assert isinstance(STRATEGIES["hybrid"], BatchStrategy)
+    assert SelectionPolicy(strategy="hybrid").strategy == "hybrid"
+
+
+def test_hybrid_asks_about_images_a_drifted_model_almost_saw() -> None:
+    """No shown box, candidates just under the threshold: wanted, unlike a clear-cut image
+    (which the per-image strategies would take as confident and never ask about)."""
+    almost = Candidate(1, "hash-1", [], below=[(0, 0.2), (0, 0.05)])
+    clear = Candidate(2, "hash-2", [0.97], classes=[0], below=[(0, 0.02)])
+    nothing = Candidate(3, "hash-3", [])
+    chosen = select([clear, almost, nothing], _hybrid(3))
+    # Clear-cut, or nothing at all and nothing new: not asked, though the budget has room.
+    assert [s.image_id for s in chosen] == [1]
+    assert chosen[0].reason == "hybrid" and chosen[0].arm == "selected"
+    assert chosen[0].confidence == pytest.approx(0.2)
+    assert chosen[0].parts["uncertainty"] > 0.7
+    assert {"uncertainty", "novelty", "class_weight", "score"} <= set(chosen[0].parts)
+    assert select([clear, almost, nothing], SelectionPolicy(strategy="margin", audit_rate=0)) == []
+    # With the bar at 0, anything with a candidate box may fill the budget.
+    assert [s.image_id for s in select([clear, almost, nothing], _hybrid(3, min_score=0.0))] == [
+        1,
+        2,
+    ]
+
+
+def test_hybrid_asks_about_empty_images_unlike_the_training_set() -> None:
+    rng = np.random.default_rng(0)
+    scenes = _unit(rng.standard_normal((4, 32)))
+    reference = _unit(np.repeat(scenes, 25, axis=0) + 0.05 * rng.standard_normal((100, 32)))
+    familiar = [
+        Candidate(i, f"f{i}", [], embedding=_unit(scenes[i % 4] + 0.05 * rng.standard_normal(32)))
+        for i in range(20)
+    ]
+    unseen = [
+        Candidate(100 + i, f"u{i}", [], embedding=_unit(rng.standard_normal(32))) for i in range(3)
+    ]
+    context = SelectionContext(reference=reference)
+    chosen = select(familiar + unseen, _hybrid(5), context)
+    # The model found nothing anywhere; only the unseen images are new enough to ask about.
+    assert sorted(s.image_id for s in chosen) == [100, 101, 102]
+    assert all(s.parts["novelty"] > 0.5 and s.confidence is None for s in chosen)
+    # Without a reference nothing is novel, and nothing is uncertain either.
+    assert select(familiar + unseen, _hybrid(5)) == []
+
+
+def test_hybrid_weighs_weak_classes_up() -> None:
+    strong = Candidate(1, "hash-1", [0.6], classes=[0])
+    weak = Candidate(2, "hash-2", [0.8], classes=[1])
+    policy = _hybrid(1)
+    assert select([strong, weak], policy)[0].image_id == 1  # the more doubtful box
+    picked = select([strong, weak], policy, SelectionContext(class_weights={1: 2.0}))
+    assert picked[0].image_id == 2 and picked[0].parts["class_weight"] == 2.0
+
+
+def test_hybrid_picks_a_diverse_batch_over_near_identical_high_scorers() -> None:
+    rng = np.random.default_rng(1)
+    scene = _unit(rng.standard_normal(32))
+    # Ten frames of one scene, all coin flips, and five different images a little less so.
+    frames = [
+        Candidate(i, f"a{i}", [0.5], embedding=_unit(scene + 0.001 * rng.standard_normal(32)))
+        for i in range(10)
+    ]
+    distinct = [
+        Candidate(20 + i, f"b{i}", [0.7], embedding=_unit(rng.standard_normal(32)))
+        for i in range(5)
+    ]
+    chosen = select(frames + distinct, _hybrid(4))
+    ids = [s.image_id for s in chosen]
+    assert sum(i < 10 for i in ids) == 1  # the scene is one question
+    assert len(set(ids)) == 4
+    assert all(s.parts["distance"] > 0.5 for s in chosen)
+    # The per-image margin strategy fills the batch with the frames.
+    margin_ids = [
+        s.image_id
+        for s in select(
+            frames + distinct, SelectionPolicy(strategy="margin", budget=4, audit_rate=0)
+        )
+    ]
+    assert all(i < 10 for i in margin_ids)
+    # Without embeddings the hybrid degrades to score order.
+    bare = [Candidate(c.image_id, c.content_hash, c.confidences) for c in frames + distinct]
+    assert [s.image_id for s in select(bare, _hybrid(4))] == [0, 1, 2, 3]
+
+
+def test_hybrid_refines_its_shortlist_by_flip_disagreement() -> None:
+    candidates = [Candidate(i, f"h{i}", [0.6 + i / 100]) for i in range(10)]
+    asked: list[list[int]] = []
+
+    def flip(shortlist: Sequence[Candidate]) -> Mapping[int, float]:
+        asked.append([c.image_id for c in shortlist])
+        return {c.image_id: (1.0 if c.image_id == 3 else 0.0) for c in shortlist}
+
+    chosen = select(candidates, _hybrid(2, shortlist_factor=2.0), SelectionContext(flip=flip))
+    # Only the shortlist (2 x budget, the best scores) takes the mirrored pass.
+    assert asked == [[0, 1, 2, 3]]
+    assert chosen[0].image_id == 3 and chosen[0].parts["flip"] == 1.0
+    assert chosen[0].score == pytest.approx(chosen[0].parts["uncertainty"] + 1.0)
+
+
+def test_hybrid_shares_the_budget_with_control_and_audit() -> None:
+    candidates = [_c(i, 0.99) for i in range(200)] + [_c(1000 + i, 0.55) for i in range(100)]
+    policy = SelectionPolicy(strategy="hybrid", budget=20, audit_rate=0.1, control_rate=0.1)
+    chosen = select(candidates, policy, SelectionContext(cycle="c1"))
+    arms = [s.arm for s in chosen]
+    assert len(chosen) == 20 and len({s.image_id for s in chosen}) == 20
+    assert (arms.count("control"), arms.count("audit"), arms.count("selected")) == (2, 2, 16)
+    assert all(s.reason == "hybrid" and s.parts for s in chosen if s.arm == "selected")
+    # Same batch in another order, same queue.
+    assert select(list(reversed(candidates)), policy, SelectionContext(cycle="c1")) == chosen
+
+
+def test_hybrid_copes_with_missing_or_mismatched_embeddings() -> None:
+    rng = np.random.default_rng(2)
+    with_emb = [
+        Candidate(i, f"e{i}", [0.5], embedding=_unit(rng.standard_normal(8))) for i in range(3)
+    ]
+    without = [Candidate(10, "n10", [0.5]), Candidate(11, "n11", [0.5], embedding=np.ones(4))]
+    for reference in (None, np.empty((0, 8), np.float32), _unit(rng.standard_normal((5, 16)))):
+        chosen = select(with_emb + without, _hybrid(5), SelectionContext(reference=reference))
+        # Images without a comparable embedding are treated as unlike all others.
+        assert sorted(s.image_id for s in chosen) == [0, 1, 2, 10, 11]
+        assert all(s.parts["novelty"] == 0.0 for s in chosen)
+
+
+def test_hybrid_collapses_frames_of_one_scene_relative_to_the_training_images() -> None:
+    """Ten frames of one scene fill a shortlist of the best scores; collapsed to one, the
+    shortlist reaches the other images. The threshold follows the features' own scale (the
+    distance between neighbouring training images), so it holds for any model."""
+    rng = np.random.default_rng(3)
+    for scale in (1.0, 0.05):  # unrelated images 1 or 0.05 apart: two models' features
+        common = _unit(rng.standard_normal(32))
+
+        def feature(x: np.ndarray, scale: float = scale, common: np.ndarray = common) -> np.ndarray:
+            return _unit(common + scale * x)
+
+        reference = np.stack([feature(rng.standard_normal(32)) for _ in range(60)])
+        scene = rng.standard_normal(32)
+        frames = [
+            Candidate(i, f"a{i}", [0.5], embedding=feature(scene + 0.01 * rng.standard_normal(32)))
+            for i in range(10)
+        ]
+        distinct = [
+            Candidate(20 + i, f"b{i}", [0.7], embedding=feature(rng.standard_normal(32)))
+            for i in range(5)
+        ]
+        policy = _hybrid(4, shortlist_factor=1.0, novelty_weight=0.0)
+        chosen = select(frames + distinct, policy, SelectionContext(reference=reference))
+        assert sum(s.image_id < 10 for s in chosen) == 1, scale
+        # Without the collapse, the shortlist holds nothing but frames.
+        off = policy.model_copy(update={"duplicate_distance": 0.0})
+        chosen = select(frames + distinct, off, SelectionContext(reference=reference))
+        assert all(s.image_id < 10 for s in chosen), scale
+
+
+def test_hybrid_can_spread_the_batch_away_from_the_training_images() -> None:
+    rng = np.random.default_rng(4)
+    reference = _unit(rng.standard_normal((20, 16)))
+    known = Candidate(1, "k", [0.5], embedding=reference[3])  # labelled already, as good as
+    others = [
+        Candidate(10 + i, f"o{i}", [0.6], embedding=_unit(rng.standard_normal(16)))
+        for i in range(3)
+    ]
+    context = SelectionContext(reference=reference)
+    assert select([known, *others], _hybrid(1), context)[0].image_id == 1
+    spread = _hybrid(1, spread_from_reference=True)
+    assert select([known, *others], spread, context)[0].image_id != 1

@@ -13,9 +13,12 @@ import pytest
 from visionloop.synthetic import (
     DEFAULT_CLASS_NAMES,
     DriftParams,
+    FrameJitter,
+    SceneParams,
     SyntheticSample,
     apply_drift,
     encode_jpeg,
+    generate_frame,
     generate_sample,
     iter_samples,
     write_yolo_dataset,
@@ -179,6 +182,81 @@ def test_drift_params_validate_and_apply_to_any_image() -> None:
     out = apply_drift(image, DriftParams(brightness=0.1), seed=1)
     assert out.shape == image.shape and out.dtype == np.uint8
     assert out.astype(float).mean() > image.astype(float).mean() + 20
+
+
+def test_contrast_shrinks_differences_around_the_mean(plain_images: np.ndarray) -> None:
+    washed = _drifted(contrast=0.3)
+    assert washed.std(axis=(1, 2, 3)).mean() < 0.4 * plain_images.std(axis=(1, 2, 3)).mean()
+    assert abs(washed.mean() - plain_images.mean()) < 3.0
+    with pytest.raises(ValueError):
+        DriftParams(contrast=-0.1)
+    assert DriftParams(contrast=1.0).is_identity
+
+
+# --- harder scenes and near-duplicate frames --------------------------------------------------
+
+FOUR = ("scratch", "dent", "stain", "ring")
+
+
+def test_default_scene_params_draw_the_default_stream() -> None:
+    for index in range(8):
+        plain = generate_sample(index, seed=4)
+        same = generate_sample(index, seed=4, scene=SceneParams())
+        assert plain.image.tobytes() == same.image.tobytes() and plain.boxes == same.boxes
+
+
+def test_object_scale_shrinks_the_defects() -> None:
+    def mean_area(scale: float) -> float:
+        scene = SceneParams(object_scale=scale)
+        boxes = [b for s in iter_samples(40, seed=6, scene=scene) for b in s.boxes]
+        return float(np.mean([b.w * b.h for b in boxes]))
+
+    assert mean_area(0.5) < 0.4 * mean_area(1.0)
+
+
+def test_object_counts_and_class_frequencies() -> None:
+    scene = SceneParams(objects=(3, 5), class_probs=(0.4, 0.3, 0.25, 0.05), object_scale=0.5)
+    samples = list(iter_samples(200, seed=8, class_names=FOUR, scene=scene))
+    counts = [len(s.boxes) for s in samples if s.boxes]
+    assert min(counts) >= 2 and max(counts) <= 5 and np.mean(counts) > 3.3
+    classes = Counter(b.cls for s in samples for b in s.boxes)
+    total = sum(classes.values())
+    assert classes[3] / total < 0.1 and classes[0] / total > 0.3  # "ring" is rare
+    with pytest.raises(ValueError):
+        SceneParams(class_probs=(0.5, 0.2))
+    with pytest.raises(ValueError):
+        SceneParams(objects=(3, 2))
+    with pytest.raises(ValueError):
+        generate_sample(0, scene=SceneParams(class_probs=(0.5, 0.5)))  # 3 classes
+
+
+def test_frames_of_a_scene_are_near_duplicates() -> None:
+    scene = SceneParams(object_scale=0.6, objects=(2, 4))
+    frames = [generate_frame(5, f, seed=2, scene=scene) for f in range(4)]
+    other = generate_frame(6, 0, seed=2, scene=scene)
+    again = generate_frame(5, 1, seed=2, scene=scene)
+    assert again.image.tobytes() == frames[1].image.tobytes() and again.boxes == frames[1].boxes
+    assert len({f.image.tobytes() for f in frames}) == 4  # no two frames identical
+    base = frames[0].image.astype(np.float64)
+    for f in frames[1:]:
+        assert [b.cls for b in f.boxes] == [b.cls for b in frames[0].boxes]
+        for a, b in zip(frames[0].boxes, f.boxes):  # moved by a few percent at most
+            assert abs(a.cx - b.cx) < 2.5 * FrameJitter().shift and abs(a.w - b.w) < 0.05
+        # Far closer to each other than to another scene.
+        near = np.abs(f.image.astype(np.float64) - base).mean()
+        assert near < 0.5 * np.abs(other.image.astype(np.float64) - base).mean()
+
+
+def test_frames_drift_like_samples() -> None:
+    dark = DriftParams(brightness=-0.4)
+    plain = generate_frame(1, 0, seed=0)
+    drifted = generate_frame(1, 0, seed=0, drift=dark)
+    assert drifted.boxes == plain.boxes
+    assert drifted.image.astype(float).mean() < plain.image.astype(float).mean() - 60
+    still = generate_frame(1, 0, seed=0, jitter=FrameJitter(shift=0.0, gain=0.0, noise=0.0))
+    assert still.image.tobytes() == generate_sample(1, seed=0).image.tobytes()
+    with pytest.raises(ValueError):
+        generate_frame(1, -1)
 
 
 # --- the YOLO dataset -------------------------------------------------------------------------

@@ -19,9 +19,12 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlmodel import col, delete
 
 from cli.stack import Stack
+from visionloop.db import session_scope
 from visionloop.events import emit
+from visionloop.models import Image, LabelingQueueItem, Prediction, ReviewedLabel, Verdict
 from visionloop.settings import get_settings
 
 pytestmark = [pytest.mark.stack]
@@ -219,4 +222,103 @@ def test_the_dashboard_shows_an_emitted_event_live(api_url: str, browser: Any) -
         for e in browser.get_log("browser")
         if e["level"] == "SEVERE" and "401" not in e["message"]
     ]
+    assert not errors, errors
+
+
+def _seed_cycle(cycle: str, arms: dict[str, list[int]]) -> list[int]:
+    """Reviewed queue items of ``cycle``: per arm, how many of the image's two boxes the champion
+    missed on each image; the image ids."""
+    names = get_settings().class_names[:2]
+    truth = [
+        {"cls": i, "name": name, "cx": 0.25 + 0.5 * i, "cy": 0.5, "w": 0.2, "h": 0.2}
+        for i, name in enumerate(names)
+    ]
+    shown = [
+        {"cls": b["cls"], "name": b["name"], "conf": 0.9}
+        | {"x1": b["cx"] - 0.1, "y1": 0.4, "x2": b["cx"] + 0.1, "y2": 0.6}
+        for b in truth
+    ]
+    ids = []
+    with session_scope() as session:
+        for arm, misses in arms.items():
+            for missed in misses:
+                key = uuid.uuid4().hex
+                image = Image(content_hash=key, object_key=f"ledger-test/{key}.jpg")
+                session.add(image)
+                session.flush()
+                prediction = Prediction(
+                    image_id=image.id, model_version="ledger-test", boxes=shown[missed:]
+                )
+                session.add(prediction)
+                session.flush()
+                path = f"s3://images/ledger-test/{key}.jpg"
+                session.add(
+                    LabelingQueueItem(
+                        image_id=image.id,
+                        prediction_id=prediction.id,
+                        image_path=path,
+                        flagged_reason=arm,
+                        arm=arm,
+                        cycle=cycle,
+                    )
+                )
+                session.add(
+                    ReviewedLabel(
+                        image_id=image.id, image_path=path, boxes=truth, verdict=Verdict.corrected
+                    )
+                )
+                ids.append(image.id)
+        session.commit()
+    return ids
+
+
+@pytest.fixture
+def ledger_cycles(stack: Stack) -> Iterator[tuple[str, str]]:
+    """Two crafted cycles, removed again (the session's database is shared with other tests):
+    one where selection found 5x the champion's errors of the controls, one with too few
+    reviewed controls."""
+    measured, early = f"measured-{uuid.uuid4().hex}", f"early-{uuid.uuid4().hex}"
+    ids = _seed_cycle(early, {"selected": [2] * 4, "control": [2]})
+    ids += _seed_cycle(measured, {"selected": [2] * 10, "control": [0] * 6 + [1] * 4})
+    try:
+        yield measured, early
+    finally:
+        with session_scope() as session:
+            for table in (ReviewedLabel, LabelingQueueItem, Prediction):
+                session.exec(delete(table).where(col(table.image_id).in_(ids)))
+            session.exec(delete(Image).where(col(Image.id).in_(ids)))
+            session.commit()
+
+
+@pytest.mark.timeout(300)
+def test_the_dashboard_shows_the_label_savings_ledger(
+    api_url: str, browser: Any, ledger_cycles: tuple[str, str]
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    measured, early = ledger_cycles
+    wait = WebDriverWait(browser, 60, poll_frequency=0.25)
+    row = lambda cycle: f'#ledger-rows tr[data-cycle="{cycle}"]'  # noqa: E731
+
+    browser.get(f"{api_url}/dashboard")
+    wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, row(measured)))
+    words = browser.find_element(By.CSS_SELECTOR, row(measured) + " td.words").text
+    assert words.startswith(
+        "selection finds 5.0x more champion errors per image than random picks (90% interval "
+    ), words
+    cells = [td.text for td in browser.find_elements(By.CSS_SELECTOR, row(measured) + " td")]
+    assert cells[2] == "2.00 (10 of 10 reviewed)" and cells[3] == "0.40 (10 of 10 reviewed)"
+    assert cells[4].startswith("5.00x (") and cells[5].startswith("1.60 (")
+    # Newest first in the table; the chart marks the measured cycle with its interval.
+    rows = browser.find_elements(By.CSS_SELECTOR, "#ledger-rows tr")
+    assert [r.get_attribute("data-cycle") for r in rows[:2]] == [measured, early]
+    assert browser.find_elements(By.CSS_SELECTOR, f'#ledger-chart g[data-cycle="{measured}"] line')
+    assert not browser.find_elements(By.CSS_SELECTOR, f'#ledger-chart g[data-cycle="{early}"]')
+    early_words = browser.find_element(By.CSS_SELECTOR, row(early) + " td.words").text
+    assert early_words.startswith("not enough reviewed controls yet (1 of 3 needed"), early_words
+    summary = browser.find_element(By.ID, "ledger-summary").text
+    assert summary.startswith("Over ") and "cycles: " in summary, summary
+    assert browser.find_elements(By.CSS_SELECTOR, '#ledger-chart line[data-series="zero"]')
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors

@@ -10,7 +10,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Index, LargeBinary, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -116,6 +116,18 @@ class Prediction(SQLModel, table=True):
     max_confidence: float | None = None
     min_confidence: float | None = None
     uncertainty: float | None = Field(default=None, description="Higher means less sure.")
+    below: list[list[float]] | None = Field(
+        default=None,
+        sa_type=JSON,
+        description="Candidate boxes under the display threshold, ``[cls, conf]`` pairs, most "
+        "confident first: what the model almost saw.",
+    )
+    embedding: bytes | None = Field(
+        default=None,
+        sa_type=LargeBinary,
+        description="The image's pooled backbone features from the same forward pass, float16, "
+        "L2-normalised; comparable only between predictions of one model version.",
+    )
     source: str = Field(default="ingest", sa_type=String(16), description="ingest | api")
     created_at: datetime = Field(
         default_factory=utcnow, sa_type=DateTime(timezone=True), index=True
@@ -135,6 +147,19 @@ class LabelingQueueItem(SQLModel, table=True):
     confidence_score: float | None = None
     status: QueueStatus = Field(default=QueueStatus.pending, sa_type=String(16), index=True)
     flagged_reason: str = Field(sa_type=String(100), index=True)
+    arm: str = Field(
+        default="selected",
+        sa_type=String(16),
+        index=True,
+        description="selected | control | audit: control items are a uniform random draw, kept "
+        "apart so the ledger can compare selection against them.",
+    )
+    cycle: str | None = Field(
+        default=None, sa_type=String(64), index=True, description="The selection cycle (run)."
+    )
+    score_parts: dict[str, float] | None = Field(
+        default=None, sa_type=JSON, description="Why it was chosen: each scoring part's value."
+    )
     label_studio_task_id: int | None = Field(default=None, unique=True)
     human_label: str | None = Field(default=None, sa_type=String(100))
     reviewer_notes: str | None = Field(default=None, sa_type=Text)

@@ -26,6 +26,10 @@ LABELING_BUDGET = 50
 """Images queued for review per selection cycle."""
 AUDIT_RATE = 0.02
 """Share of confident images sent for review anyway (where a silent failure hides)."""
+CONTROL_RATE = 0.10
+"""Share of each cycle's budget drawn uniformly at random: the control arm of the ledger."""
+CANDIDATE_CONF = 0.01
+"""Boxes from here up to the display threshold are kept for scoring: what the model almost saw."""
 
 
 class Settings(BaseSettings):
@@ -158,6 +162,20 @@ class Settings(BaseSettings):
         description="Share of confident images sent for review while drift is yellow or red: a "
         "drifted model is often confidently blind (no box at all), so its confidence cannot "
         "choose.",
+    )
+    control_rate: float = Field(
+        default=CONTROL_RATE,
+        ge=0.0,
+        le=1.0,
+        description="Share of each cycle's labelling budget drawn uniformly at random from the "
+        "cycle's images: the control arm the label-savings ledger compares selection against.",
+    )
+    candidate_conf: float = Field(
+        default=CANDIDATE_CONF,
+        ge=0.0,
+        le=1.0,
+        description="Lowest box confidence kept for scoring uncertainty (boxes under the display "
+        "threshold are scored, never shown).",
     )
     drift_yellow: float = Field(default=0.3)
     drift_red: float = Field(default=0.7)

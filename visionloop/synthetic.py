@@ -54,16 +54,21 @@ class DriftParams:
     - ``blur``: gaussian blur sigma in pixels of the generated image (0 = sharp). Scale it
       with ``size``: sigma 2 at 640 px is about sigma 0.5 at 160 px.
     - ``noise``: standard deviation of additive gaussian sensor noise (0.05 ≈ 13 levels).
+    - ``contrast``: gain around the image's mean grey level, applied after the colour cast
+      (``0.3`` keeps 30% of every difference: a washed-out, low-contrast frame; 1 = none).
     """
 
     brightness: float = 0.0
     blur: float = 0.0
     noise: float = 0.0
     color_cast: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    contrast: float = 1.0
 
     def __post_init__(self) -> None:
         if self.blur < 0 or self.noise < 0:
             raise ValueError(f"blur and noise must be >= 0, got {self.blur} and {self.noise}")
+        if self.contrast < 0:
+            raise ValueError(f"contrast must be >= 0, got {self.contrast}")
         if len(self.color_cast) != 3 or any(c < 0 for c in self.color_cast):
             raise ValueError(f"color_cast needs three gains >= 0, got {self.color_cast}")
         object.__setattr__(self, "color_cast", tuple(float(c) for c in self.color_cast))
@@ -71,6 +76,53 @@ class DriftParams:
     @property
     def is_identity(self) -> bool:
         return self == DriftParams()
+
+
+@dataclass(frozen=True)
+class SceneParams:
+    """What a scene holds, for harder tasks than the default bootstrap one.
+
+    The defaults are the generator's own (``SceneParams()`` draws exactly what no params do).
+
+    - ``object_scale``: size of every defect relative to the default look (0.5 = half).
+    - ``objects``: ``(min, max)`` defects per non-empty image, uniform; None = the default
+      one to three.
+    - ``class_probs``: each class's probability per defect (a rare class gets a small one);
+      classes may then repeat within an image. None = distinct classes, evenly.
+    """
+
+    object_scale: float = 1.0
+    objects: tuple[int, int] | None = None
+    class_probs: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.object_scale <= 0:
+            raise ValueError(f"object_scale must be > 0, got {self.object_scale}")
+        if self.objects is not None:
+            low, high = self.objects
+            if not 1 <= low <= high:
+                raise ValueError(f"objects must be (min, max) with 1 <= min <= max: {self.objects}")
+            object.__setattr__(self, "objects", (int(low), int(high)))
+        if self.class_probs is not None:
+            probs = tuple(float(p) for p in self.class_probs)
+            if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+                raise ValueError(f"class_probs must be >= 0 and sum to 1, got {probs}")
+            object.__setattr__(self, "class_probs", probs)
+
+
+@dataclass(frozen=True)
+class FrameJitter:
+    """How the frames of one scene differ: a line camera sees the same part a few times,
+    shifted a little, under slightly varying exposure, with fresh sensor noise.
+
+    - ``shift``: largest translation as a share of the image side (boxes move with it).
+    - ``gain``: largest relative exposure change.
+    - ``noise``: standard deviation of the per-frame sensor noise (0..1 scale).
+    """
+
+    shift: float = 0.03
+    gain: float = 0.04
+    noise: float = 0.012
 
 
 @dataclass
@@ -145,10 +197,12 @@ def _rgb(hue: float, saturation: float, value: float) -> np.ndarray:
     return np.asarray(colorsys.hsv_to_rgb(hue, saturation, value), np.float32)[:, None, None]
 
 
-def _draw_scratch(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
+def _draw_scratch(
+    mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float, scale: float = 1.0
+) -> None:
     # A scuff of a few near-parallel strokes: one thin line alone gives a box so narrow that
     # few detector cells fall inside it, and a tiny model barely learns it.
-    s = float(mask.shape[0])
+    s = float(mask.shape[0]) * scale
     length = rng.uniform(0.22, 0.38) * s
     angle = rng.integers(2) * math.pi / 2 + rng.uniform(-0.4, 0.4)  # along/across the grain
     strokes = int(rng.integers(3, 6))
@@ -166,15 +220,19 @@ def _draw_scratch(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: flo
         cv2.polylines(mask, [pts], False, 255, width, cv2.LINE_AA)
 
 
-def _draw_dent(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
-    r = rng.uniform(0.09, 0.15) * mask.shape[0]
+def _draw_dent(
+    mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float, scale: float = 1.0
+) -> None:
+    r = rng.uniform(0.09, 0.15) * (mask.shape[0] * scale)
     axes = (round(r), round(r * rng.uniform(0.75, 1.0)))
     angle = rng.uniform(0, 180)
     cv2.ellipse(mask, (round(cx), round(cy)), axes, angle, 0, 360, 255, -1, cv2.LINE_AA)
 
 
-def _draw_stain(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
-    r = rng.uniform(0.08, 0.14) * mask.shape[0]
+def _draw_stain(
+    mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float, scale: float = 1.0
+) -> None:
+    r = rng.uniform(0.08, 0.14) * (mask.shape[0] * scale)
     for _ in range(rng.integers(4, 8)):
         ox, oy = rng.uniform(-0.5, 0.5, 2) * r
         axes = (round(r * rng.uniform(0.4, 0.8)), round(r * rng.uniform(0.3, 0.7)))
@@ -188,23 +246,29 @@ def _draw_stain(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float
     roi[...] = cv2.GaussianBlur(roi, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
 
 
-def _draw_ring(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
-    s = mask.shape[0]
+def _draw_ring(
+    mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float, scale: float = 1.0
+) -> None:
+    s = mask.shape[0] * scale
     r = rng.uniform(0.07, 0.12) * s
     thickness = max(2, round(0.025 * s))
     cv2.circle(mask, (round(cx), round(cy)), round(r), 255, thickness, cv2.LINE_AA)
 
 
-def _draw_chip(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
-    r = rng.uniform(0.07, 0.12) * mask.shape[0]
+def _draw_chip(
+    mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float, scale: float = 1.0
+) -> None:
+    r = rng.uniform(0.07, 0.12) * (mask.shape[0] * scale)
     n = int(rng.integers(3, 5))
     angles = rng.uniform(0, 2 * math.pi) + np.arange(n) * (2 * math.pi / n)
     pts = np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], axis=1)
     cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 255, cv2.LINE_AA)
 
 
-def _draw_cross(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
-    s = mask.shape[0]
+def _draw_cross(
+    mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float, scale: float = 1.0
+) -> None:
+    s = mask.shape[0] * scale
     half, angle = rng.uniform(0.07, 0.12) * s, rng.uniform(0, math.pi / 2)
     for a in (angle, angle + math.pi / 2):
         dx, dy = half * math.cos(a), half * math.sin(a)
@@ -212,8 +276,10 @@ def _draw_cross(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float
         cv2.line(mask, p0, p1, 255, max(2, round(0.028 * s)), cv2.LINE_AA)
 
 
-def _draw_dots(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
-    s = mask.shape[0]
+def _draw_dots(
+    mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float, scale: float = 1.0
+) -> None:
+    s = mask.shape[0] * scale
     spread = rng.uniform(0.06, 0.1) * s
     for _ in range(rng.integers(5, 9)):
         ox, oy = rng.uniform(-spread, spread, 2)
@@ -221,10 +287,12 @@ def _draw_dots(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float)
         cv2.circle(mask, (round(cx + ox), round(cy + oy)), r, 255, -1, cv2.LINE_AA)
 
 
-def _draw_crack(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float) -> None:
+def _draw_crack(
+    mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float, scale: float = 1.0
+) -> None:
     # A jagged walk.
     s = float(mask.shape[0])
-    step = 0.055 * s
+    step = 0.055 * (s * scale)
     heading = rng.uniform(0, 2 * math.pi)
     pts = [(cx, cy)]
     for _ in range(rng.integers(5, 8)):
@@ -232,10 +300,10 @@ def _draw_crack(mask: np.ndarray, rng: np.random.Generator, cx: float, cy: float
         x, y = pts[-1]
         pts.append((x + step * math.cos(heading), y + step * math.sin(heading)))
     arr = np.clip(np.round(pts), 0, s - 1).astype(np.int32)
-    cv2.polylines(mask, [arr], False, 255, max(2, round(0.02 * s)), cv2.LINE_AA)
+    cv2.polylines(mask, [arr], False, 255, max(2, round(0.02 * (s * scale))), cv2.LINE_AA)
 
 
-_DRAW_SHAPE: dict[str, Callable[[np.ndarray, np.random.Generator, float, float], None]] = {
+_DRAW_SHAPE: dict[str, Callable[[np.ndarray, np.random.Generator, float, float, float], None]] = {
     "scratch": _draw_scratch,
     "dent": _draw_dent,
     "stain": _draw_stain,
@@ -255,12 +323,15 @@ def _shape_of(class_id: int) -> str:
     return _EXTRA_SHAPES[(class_id - len(DEFAULT_CLASS_NAMES)) % len(_EXTRA_SHAPES)]
 
 
-def _draw_mask(class_id: int, rng: np.random.Generator, size: int) -> np.ndarray:
-    """The defect's coverage (uint8, 255 = fully covered) at a random place."""
+def _draw_mask(
+    class_id: int, rng: np.random.Generator, size: int, scale: float = 1.0
+) -> np.ndarray:
+    """The defect's coverage (uint8, 255 = fully covered) at a random place; ``scale``
+    shrinks (< 1) or grows the shape, and its margin from the border with it."""
     mask = np.zeros((size, size), np.uint8)
-    margin = 0.12 * float(size)
+    margin = 0.12 * float(size) * min(scale, 1.0)
     cx, cy = rng.uniform(margin, float(size) - margin, 2)
-    _DRAW_SHAPE[_shape_of(class_id)](mask, rng, cx, cy)
+    _DRAW_SHAPE[_shape_of(class_id)](mask, rng, cx, cy, scale)
     return mask
 
 
@@ -297,21 +368,36 @@ def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], pad: i
     return ax < bx + bw + pad and bx < ax + aw + pad and ay < by + bh + pad and by < ay + ah + pad
 
 
-def _defects(canvas: np.ndarray, rng: np.random.Generator, num_classes: int) -> list[YoloBox]:
+def _defects(
+    canvas: np.ndarray,
+    rng: np.random.Generator,
+    num_classes: int,
+    params: SceneParams | None = None,
+) -> list[YoloBox]:
     """Draw the image's defects onto ``canvas`` and return their normalised boxes."""
     size = canvas.shape[1]
+    params = params or SceneParams()
+    if params.class_probs is not None and len(params.class_probs) != num_classes:
+        raise ValueError(f"class_probs has {len(params.class_probs)} entries for {num_classes}")
     # Leaning towards more defects per image gives a small training set more to learn from.
-    count = 0 if rng.random() < _EMPTY_IMAGE_RATE else int(rng.choice(3, p=(0.2, 0.35, 0.45))) + 1
+    if rng.random() < _EMPTY_IMAGE_RATE:
+        count = 0
+    elif params.objects is None:
+        count = int(rng.choice(3, p=(0.2, 0.35, 0.45))) + 1
+    else:
+        count = int(rng.integers(params.objects[0], params.objects[1] + 1))
     placed: list[tuple[int, int, int, int]] = []
     boxes: list[YoloBox] = []
+    if params.class_probs is not None:
+        classes = rng.choice(num_classes, size=count, p=params.class_probs)
     # Distinct classes within an image (while there are enough) keep a small set balanced.
-    if num_classes >= count:
+    elif num_classes >= count:
         classes = rng.permutation(num_classes)
     else:
         classes = rng.integers(num_classes, size=count)
     for class_id in map(int, classes[:count]):
         for _ in range(_MAX_PLACEMENT_TRIES):
-            mask = _draw_mask(class_id, rng, size)
+            mask = _draw_mask(class_id, rng, size, params.object_scale)
             core = (mask >= _BOX_ALPHA_THRESHOLD).astype(np.uint8)
             rect = cv2.boundingRect(core)
             # Overlapping defects make ambiguous targets; keep them apart instead.
@@ -332,6 +418,9 @@ def _defects(canvas: np.ndarray, rng: np.random.Generator, num_classes: int) -> 
 def _drift(image: np.ndarray, drift: DriftParams, noise_seed: int) -> np.ndarray:
     """Apply ``drift`` to an H x W x 3 float32 0..1 RGB image (new array, unclipped)."""
     out = cv2.transform(image, np.diag(np.asarray(drift.color_cast, np.float32)))
+    if drift.contrast != 1.0:
+        mean = np.float32(out.mean())
+        out = (out - mean) * np.float32(drift.contrast) + mean
     out += np.float32(drift.brightness)
     if drift.blur > 0:
         out = cv2.GaussianBlur(out, (0, 0), drift.blur)
@@ -358,15 +447,10 @@ def apply_drift(image: np.ndarray, drift: DriftParams, *, seed: int = 0) -> np.n
 # --- public API ------------------------------------------------------------------------
 
 
-def generate_sample(
-    index: int,
-    *,
-    seed: int = 0,
-    size: int = 160,
-    class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
-    drift: DriftParams | None = None,
-) -> SyntheticSample:
-    """Image ``index`` of the stream ``seed``: a square ``size`` px RGB image and its boxes."""
+def _scene(
+    index: int, seed: int, size: int, class_names: Sequence[str], scene: SceneParams | None
+) -> tuple[np.ndarray, list[YoloBox]]:
+    """Scene ``index`` of the stream ``seed`` before drift: H x W x 3 float32 RGB, boxes."""
     if index < 0 or seed < 0:
         raise ValueError(f"index and seed must be >= 0, got {index} and {seed}")
     if size < 32:
@@ -375,15 +459,74 @@ def generate_sample(
         raise ValueError("class_names must name at least one class")
     rng = np.random.default_rng((seed, index))
     canvas = _surface(rng, size)
-    boxes = _defects(canvas, rng, len(class_names))
+    boxes = _defects(canvas, rng, len(class_names), scene)
     canvas *= _illumination(rng, size)
     # Drawing works channel-first because numpy broadcasts slowly over a last axis of 3.
-    image = cv2.merge(list(canvas))
+    return cv2.merge(list(canvas)), boxes
+
+
+def generate_sample(
+    index: int,
+    *,
+    seed: int = 0,
+    size: int = 160,
+    class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
+    drift: DriftParams | None = None,
+    scene: SceneParams | None = None,
+) -> SyntheticSample:
+    """Image ``index`` of the stream ``seed``: a square ``size`` px RGB image and its boxes."""
+    image, boxes = _scene(index, seed, size, class_names, scene)
     if drift is not None and not drift.is_identity:
         # Noise from a seed of its own, so drift never changes what the scene looks like.
         noise_seed = int(np.random.default_rng((seed, index, 1)).integers(2**31))
         image = _drift(image, drift, noise_seed)
     return SyntheticSample(image=_to_uint8(image), boxes=boxes)
+
+
+def _shift_box(box: YoloBox, dx: float, dy: float) -> YoloBox | None:
+    """``box`` moved by ``(dx, dy)`` (normalised) and clipped to the frame; None when less
+    than half of it stays inside."""
+    x1, x2 = box.cx - box.w / 2 + dx, box.cx + box.w / 2 + dx
+    y1, y2 = box.cy - box.h / 2 + dy, box.cy + box.h / 2 + dy
+    cx1, cx2, cy1, cy2 = max(x1, 0.0), min(x2, 1.0), max(y1, 0.0), min(y2, 1.0)
+    if cx2 <= cx1 or cy2 <= cy1 or (cx2 - cx1) * (cy2 - cy1) < 0.5 * box.w * box.h:
+        return None
+    return YoloBox(box.cls, (cx1 + cx2) / 2, (cy1 + cy2) / 2, cx2 - cx1, cy2 - cy1)
+
+
+def generate_frame(
+    scene_index: int,
+    frame: int,
+    *,
+    seed: int = 0,
+    size: int = 160,
+    class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
+    drift: DriftParams | None = None,
+    scene: SceneParams | None = None,
+    jitter: FrameJitter = FrameJitter(),
+) -> SyntheticSample:
+    """Frame ``frame`` of scene ``scene_index`` of the stream ``seed``: the scene of
+    ``generate_sample(scene_index, ...)`` shifted, re-exposed and re-noised a little
+    (``jitter``, from a stream of its own per frame), then drifted. Frames of one scene are
+    near-duplicates: one question for a reviewer, asked several times."""
+    if frame < 0:
+        raise ValueError(f"frame must be >= 0, got {frame}")
+    image, boxes = _scene(scene_index, seed, size, class_names, scene)
+    rng = np.random.default_rng((seed, scene_index, frame, 2))
+    dx, dy = rng.uniform(-jitter.shift, jitter.shift, 2) * size
+    move = np.float32([[1, 0, dx], [0, 1, dy]])
+    image = cv2.warpAffine(image, move, (size, size), borderMode=cv2.BORDER_REFLECT)
+    image *= np.float32(1.0 + rng.uniform(-jitter.gain, jitter.gain))
+    if jitter.noise > 0:
+        cv2.setRNGSeed(int(rng.integers(2**31)))
+        grain = np.empty_like(image)
+        cv2.randn(grain, 0.0, jitter.noise)
+        image += grain
+    moved = [_shift_box(b, dx / size, dy / size) for b in boxes]
+    if drift is not None and not drift.is_identity:
+        noise_seed = int(np.random.default_rng((seed, scene_index, frame, 1)).integers(2**31))
+        image = _drift(image, drift, noise_seed)
+    return SyntheticSample(image=_to_uint8(image), boxes=[b for b in moved if b is not None])
 
 
 def iter_samples(
@@ -394,10 +537,13 @@ def iter_samples(
     class_names: Sequence[str] = DEFAULT_CLASS_NAMES,
     drift: DriftParams | None = None,
     start: int = 0,
+    scene: SceneParams | None = None,
 ) -> Iterator[SyntheticSample]:
     """Samples ``start .. start + n - 1`` of the stream ``seed``."""
     for index in range(start, start + n):
-        yield generate_sample(index, seed=seed, size=size, class_names=class_names, drift=drift)
+        yield generate_sample(
+            index, seed=seed, size=size, class_names=class_names, drift=drift, scene=scene
+        )
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:

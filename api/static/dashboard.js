@@ -291,6 +291,69 @@ async function loadQueue() {
       el("td", {}, c.false_positives), el("td", {}, c.missed), el("td", {}, pct(c.error_rate)))));
 }
 
+// The label-savings ledger: is selection worth more than random picks, per cycle and overall?
+function fixed(value, digits = 2) { return value === null || value === undefined ? "–" : value.toFixed(digits); }
+
+function interval(range, digits = 2) {
+  return range ? fixed(range.low, digits) + " to " + fixed(range.high, digits) : "–";
+}
+
+function perImage(arm) {
+  return fixed(arm.errors_per_image) + " (" + arm.reviewed + " of " + arm.queued + " reviewed)";
+}
+
+async function loadLedger() {
+  const ledger = await api("/api/labeling/ledger?cycles=20");
+  const cycles = ledger.cycles;
+  $("ledger-summary").textContent = cycles.length
+    ? "Over " + cycles.length + (cycles.length === 1 ? " cycle: " : " cycles: ") + ledger.cumulative.summary
+    : "no selection cycles yet";
+  $("ledger-rows").replaceChildren(...cycles.slice().reverse().map((c) =>
+    el("tr", { "data-cycle": c.cycle, class: c.enough ? "" : "muted" },
+      el("td", { title: c.cycle }, c.cycle.slice(0, 8)),
+      el("td", {}, when(c.started_at)),
+      el("td", {}, perImage(c.selected)),
+      el("td", {}, perImage(c.control)),
+      el("td", {}, c.ratio === null ? "–" : fixed(c.ratio) + "x" +
+        (c.ratio_interval ? " (" + interval(c.ratio_interval, 1) + ")" : "")),
+      el("td", {}, c.difference === null ? "–" : fixed(c.difference) + " (" + interval(c.difference_interval) + ")"),
+      el("td", { class: "words" }, c.summary))));
+  renderLedgerChart(ledger);
+}
+
+function renderLedgerChart(ledger) {
+  const W = 600, H = 160, pad = 18;
+  const shown = ledger.cycles.map((c, i) => [c, i]).filter(([c]) => c.enough);
+  const total = ledger.cumulative;
+  const values = [0, ...shown.flatMap(([c]) => [c.difference_interval.low, c.difference_interval.high])];
+  if (total.enough) values.push(total.difference);
+  const lo = Math.min(...values), hi = Math.max(...values);
+  const span = hi - lo || 1;
+  const y = (v) => H - pad - (H - 2 * pad) * (v - lo) / span;
+  const n = ledger.cycles.length;
+  const x = (i) => pad + (W - 2 * pad) * (n > 1 ? i / (n - 1) : 0.5);
+  const children = [svg("line", { x1: 0, x2: W, y1: y(0), y2: y(0), stroke: "#98a0b3", "stroke-dasharray": "2 3", "data-series": "zero" })];
+  if (total.enough) {
+    children.push(svg("line", { x1: 0, x2: W, y1: y(total.difference), y2: y(total.difference), stroke: "#8a55c9", "stroke-width": 1.5, "data-series": "cumulative" }));
+  }
+  for (const [c, i] of shown) {
+    const r = c.difference_interval;
+    const mark = svg("g", { "data-cycle": c.cycle });
+    mark.append(svg("line", { x1: x(i), x2: x(i), y1: y(r.low), y2: y(r.high), stroke: "#3b6fd8", "stroke-width": 2 }));
+    mark.append(svg("circle", { cx: x(i), cy: y(c.difference), r: 4, fill: "#3b6fd8" }));
+    const title = svg("title");
+    title.textContent = c.cycle.slice(0, 8) + ": " + c.summary;
+    mark.append(title);
+    children.push(mark);
+  }
+  if (!shown.length) {
+    const empty = svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", "font-size": 13, fill: "#6b7385" });
+    empty.textContent = n ? "not enough reviewed controls yet" : "no selection cycles yet";
+    children.push(empty);
+  }
+  $("ledger-chart").replaceChildren(...children);
+}
+
 async function loadModels() {
   const models = await api("/api/models?limit=10");
   $("champion-version").textContent = models.champion || "none";
@@ -380,7 +443,9 @@ function route(event) {
   if (kind === EventKind.RETRAIN_STAGE) showStage(event.payload.stage);
   if (kind.startsWith("retrain.") || kind === EventKind.TRAINING_FINISHED) soon("status", loadStatus);
   if (kind.startsWith("drift.")) { soon("drift", loadDrift); soon("status", loadStatus); }
-  if (kind.startsWith("queue.") || kind.startsWith("labels.")) { soon("queue", loadQueue); soon("status", loadStatus); }
+  if (kind.startsWith("queue.") || kind.startsWith("labels.")) {
+    soon("queue", loadQueue); soon("ledger", loadLedger); soon("status", loadStatus);
+  }
   if (kind.startsWith("model.") || kind === EventKind.TRAINING_FINISHED) { soon("models", loadModels); soon("status", loadStatus); }
 }
 
@@ -412,7 +477,7 @@ function start() {
   $("token").addEventListener("change", () => localStorage.setItem("visionloop.token", token()));
   $("trigger").addEventListener("click", trigger);
   $("rollback").addEventListener("click", () => moveChampion("/api/models/rollback", { reason: "dashboard" }));
-  for (const load of [loadLinks, loadStatus, loadTraining, loadDrift, loadQueue, loadModels, loadHealth, loadResources]) {
+  for (const load of [loadLinks, loadStatus, loadTraining, loadDrift, loadQueue, loadLedger, loadModels, loadHealth, loadResources]) {
     guarded(load)();
   }
   setInterval(guarded(loadResources), 5000);
