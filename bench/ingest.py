@@ -17,7 +17,7 @@ per image of each side is printed too: unlike the rates, it hardly depends on wh
 machine is doing, and the run warns when the load average says other processes competed.
 
 ``--embeddings`` measures the embedding instead: the same flow, the same champion and the
-same pixels with the Detect-head hook on and off (``ChampionPredictor.embed``), in the
+same pixels with the feature hooks on and off (``ChampionPredictor.embed``), in the
 order off, on, on, off per round so a drift in background load falls on both sides alike.
 Each flow run gets its own copy of the images (a JPEG comment makes the bytes new, the
 pixels stay), since a flow skips content it has seen. Selection is left out (budget 0), and
@@ -41,9 +41,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cli.stack import Stack, free_port
 from visionloop.settings import Settings, get_settings, load_settings
+
+if TYPE_CHECKING:
+    from visionloop.registry import ModelRef
 
 
 @contextmanager
@@ -126,11 +130,11 @@ def plain_predict(weights: Path, folder: Path, imgsz: int) -> Measured:
     return Measured(count, *spent)
 
 
-def run(settings: Settings, images: int, imgsz: int) -> None:
+def ensure_champion(settings: Settings) -> ModelRef:
+    """The champion the settings point at, a throw-away one (one epoch) trained if none."""
     from flows.bootstrap import bootstrap_flow
-    from flows.ingest import ingest_flow
     from training.trainer import configure_ultralytics
-    from visionloop.registry import CHAMPION, download_weights, get_alias
+    from visionloop.registry import CHAMPION, get_alias
 
     configure_ultralytics(settings.data_dir / ".ultralytics")
     import ultralytics  # noqa: F401 - imported before any timing: start-up is not throughput
@@ -140,6 +144,14 @@ def run(settings: Settings, images: int, imgsz: int) -> None:
         bootstrap_flow(epochs=1, images=16)
     champion = get_alias(settings, CHAMPION)
     assert champion is not None
+    return champion
+
+
+def run(settings: Settings, images: int, imgsz: int) -> None:
+    from flows.ingest import ingest_flow
+    from visionloop.registry import download_weights
+
+    champion = ensure_champion(settings)
     weights = download_weights(settings, champion, settings.data_dir / "bench-weights")
 
     run_id = uuid.uuid4().hex[:8]
@@ -189,23 +201,15 @@ def with_comment(jpeg: bytes, comment: str) -> bytes:
 
 def embedding_cost(settings: Settings, images: int, imgsz: int, rounds: int) -> None:
     """The ingest flow and the predictor with and without the embedding hook."""
-    from flows.bootstrap import bootstrap_flow
     from flows.ingest import ingest_flow
     from ingestion.pipeline import PREDICT_CHUNK
     from labeling.selection import SelectionPolicy
     from serving.predictor import get_predictor
-    from training.trainer import configure_ultralytics
     from visionloop.images import decode_image
-    from visionloop.registry import CHAMPION, get_alias
     from visionloop.storage import ObjectStore
     from visionloop.synthetic import encode_jpeg, iter_samples
 
-    configure_ultralytics(settings.data_dir / ".ultralytics")
-    if get_alias(settings, CHAMPION) is None:
-        print("training a throw-away champion (1 epoch)")
-        bootstrap_flow(epochs=1, images=16)
-    champion = get_alias(settings, CHAMPION)
-    assert champion is not None
+    champion = ensure_champion(settings)
     predictor = get_predictor(settings)
     store = ObjectStore(settings)
     run_id = uuid.uuid4().hex[:8]

@@ -67,7 +67,13 @@ from ingestion.pipeline import (
     unseen,
 )
 from ingestion.selection_context import selection_context
-from labeling.selection import Candidate, SelectionContext, SelectionPolicy, select
+from labeling.selection import (
+    Candidate,
+    SelectionContext,
+    SelectionPolicy,
+    select,
+    uses_context,
+)
 from labeling.tasks import QueueReport, queue_for_review
 from monitoring.drift_state import latest_drift_level
 from serving.predictor import PREDICT_CONF, get_predictor
@@ -173,14 +179,16 @@ def selection_cycle() -> str:
 def cycle_context(
     settings: Settings,
     candidates: list[Candidate],
+    policy: SelectionPolicy,
     model_version: str | None,
     imgsz: int | None,
     conf: float,
 ) -> SelectionContext:
     """What selection knows besides the candidates: class weights, the champion's reference
-    embeddings and the flip pass (``ingestion.selection_context``)."""
+    embeddings and the flip pass (``ingestion.selection_context``), for a strategy that uses
+    them (a per-image strategy judges confidences alone: nothing to embed or predict)."""
     cycle = selection_cycle()
-    if not candidates or model_version is None:
+    if not candidates or model_version is None or not uses_context(policy.strategy):
         return SelectionContext(cycle=cycle)
     with session_scope() as session:
         return selection_context(
@@ -205,7 +213,7 @@ def queue_uncertain(
     conf: float = PREDICT_CONF,
 ) -> QueueReport:
     settings = get_settings()
-    context = cycle_context(settings, candidates, model_version, imgsz, conf)
+    context = cycle_context(settings, candidates, policy, model_version, imgsz, conf)
     chosen = select(candidates, policy, context)
     with session_scope() as session:
         report = queue_for_review(session, settings, chosen, cycle=context.cycle)

@@ -20,12 +20,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from visionloop.boxes import iou_matrix
+from visionloop.boxes import greedy_pairs, iou_matrix
 
 MAX_CLASS_WEIGHT = 3.0
 """Upper bound of a class weight: a weak class should lead the queue, not own it."""
 NOVELTY_QUANTILE = 0.95
 """Training images' own nearest-neighbour distances up to this quantile count as "not novel"."""
+OVERLAPPING = float(np.nextafter(0.0, 1.0))
+"""Flip pairs match on any overlap at all: a box that moved is partly agreed with."""
 NOVELTY_CHUNK_CELLS = 8_000_000
 """Similarity cells computed at once by ``novelty`` (32 MB of float32): bounds its memory."""
 
@@ -126,25 +128,6 @@ def image_uncertainty(
 # --- consistency under a horizontal flip ------------------------------------------------------
 
 
-def _greedy_pairs(ious: np.ndarray) -> list[tuple[int, int]]:
-    """One-to-one pairs of rows and columns, best overlaps first, overlapping pairs only.
-
-    ``visionloop.boxes.greedy_match`` gives the matched IoUs but not which boxes matched;
-    the confidences of both boxes are needed here.
-    """
-    rows, cols = np.nonzero(ious > 0.0)
-    order = np.argsort(-ious[rows, cols], kind="stable")
-    used_rows: set[int] = set()
-    used_cols: set[int] = set()
-    pairs: list[tuple[int, int]] = []
-    for i, j in zip(rows[order].tolist(), cols[order].tolist()):
-        if i not in used_rows and j not in used_cols:
-            used_rows.add(i)
-            used_cols.add(j)
-            pairs.append((i, j))
-    return pairs
-
-
 def flip_disagreement(
     boxes: Sequence[Sequence[float]], flipped_boxes: Sequence[Sequence[float]]
 ) -> float:
@@ -171,8 +154,8 @@ def flip_disagreement(
         if not len(mine) or not len(theirs):
             continue
         ious = iou_matrix(mine[:, 2:], theirs[:, 2:])
-        for i, j in _greedy_pairs(ious):
-            agreed += 2.0 * min(mine[i, 1], theirs[j, 1]) * ious[i, j]
+        for i, j, iou in greedy_pairs(ious, min_iou=OVERLAPPING):
+            agreed += 2.0 * min(mine[i, 1], theirs[j, 1]) * iou
     return float(np.clip(1.0 - agreed / total, 0.0, 1.0))
 
 
@@ -189,7 +172,7 @@ def novelty(
 
     Both are L2-normalised rows (float32), so the distance is ``1 - max dot``: one float32
     matrix product per chunk of rows, sized so a chunk's similarities stay within
-    ``NOVELTY_CHUNK_CELLS`` (100k x 448 against 5k x 448 needs ~60 MB, not 2 GB).
+    ``NOVELTY_CHUNK_CELLS`` (100k images against 5k references: 32 MB at a time, not 2 GB).
     ``exclude_self`` (``embeddings`` *is* ``reference``): each row's own match is ignored,
     giving the leave-one-out distances that calibrate ``novelty_part``.
 

@@ -64,8 +64,8 @@ class PredictionResult:
     """Candidates under ``conf`` (down to ``candidate_conf``) as ``(cls, conf)``, most
     confident first, at most ``MAX_BELOW``."""
     embedding: np.ndarray | None = field(default=None, compare=False)
-    """The image's pooled Detect-head input, float32, L2-normalised (None when not asked for,
-    and for a mirrored prediction)."""
+    """The image's embedding (``serving.embedding``), float32, L2-normalised (None when not
+    asked for, and for a mirrored prediction)."""
     confidences: list[float] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ from ingestion.selection_context import selection_context
 from labeling.reference import load_reference, reference_key, store_reference
 from labeling.scoring import flip_disagreement
 from serving.embedding import (
+    EARLY_LAYER,
     from_blob,
     mirror,
     normalise,
@@ -36,6 +37,8 @@ from visionloop.storage import ObjectStore
 from visionloop.synthetic import generate_sample
 
 IMGSZ = 160
+DIM = 2 * 32
+"""A YOLOv8n's embedding: mean and std of each of the early block's 32 channels."""
 CONF = 0.001
 """Where the session's barely trained champion shows boxes at all."""
 
@@ -81,25 +84,18 @@ def _counted(model: Any) -> tuple[list[Any], Any]:
 
 
 def manual_embedding(network: Any, im: Any) -> np.ndarray:
-    """The pooled Detect-head input computed by walking the network's layers by hand."""
+    """The embedding computed by running the network's first layers by hand: the per-channel
+    mean and standard deviation of the early block's output."""
     import torch
 
-    outputs: list[Any] = []
     x = im
     with torch.no_grad():
-        for layer in network.model[:-1]:
-            if layer.f != -1:
-                x = (
-                    outputs[layer.f]
-                    if isinstance(layer.f, int)
-                    else [x if j == -1 else outputs[j] for j in layer.f]
-                )
+        for layer in network.model[: EARLY_LAYER + 1]:
+            assert layer.f == -1  # the stem is a plain chain
             x = layer(x)
-            outputs.append(x)
-        head = network.model[-1]
-        levels = [x if j == -1 else outputs[j] for j in head.f]
-        pooled = torch.cat([level.float().mean(dim=(2, 3)) for level in levels], dim=1)
-    return normalise(pooled.numpy())
+        early = x.float()
+        looks = torch.cat([early.mean(dim=(2, 3)), early.std(dim=(2, 3))], dim=1)
+    return normalise(looks.numpy())
 
 
 def test_the_embedding_comes_from_the_prediction_forward_pass(model: Any) -> None:
@@ -114,12 +110,11 @@ def test_the_embedding_comes_from_the_prediction_forward_pass(model: Any) -> Non
     assert model.callbacks["on_predict_start"] == callbacks
     assert len(results) == 4 and len(inputs) == 1  # one forward for the whole batch
     assert inputs[0].shape[0] == 4
-    assert embeddings.shape == (4, 64 + 128 + 256) and embeddings.dtype == np.float32
+    assert embeddings.shape == (4, DIM) and embeddings.dtype == np.float32
     expected = manual_embedding(model.predictor.model.model, inputs[0])
     np.testing.assert_allclose(embeddings, expected, atol=1e-5)
     # Nothing stays attached: the next plain predict runs no hook of ours.
-    head = model.predictor.model.model.model[-1]
-    assert not head._forward_pre_hooks
+    assert not model.predictor.model.model.model[EARLY_LAYER]._forward_hooks
 
 
 def test_the_first_predict_of_a_fresh_model_is_embedded_too(tmp_path: Any) -> None:
@@ -128,7 +123,7 @@ def test_the_first_predict_of_a_fresh_model_is_embedded_too(tmp_path: Any) -> No
     fresh = YOLO("yolov8n.yaml", task="detect")  # no predictor yet: set up inside the call
     images = bgr_images(2, seed=12)
     results, embeddings = predict_with_features(fresh, images, imgsz=IMGSZ, verbose=False)
-    assert len(results) == 2 and embeddings.shape == (2, 448)
+    assert len(results) == 2 and embeddings.shape == (2, DIM)
 
 
 def test_embeddings_are_deterministic_normalised_and_per_image(model: Any) -> None:
@@ -145,11 +140,11 @@ def test_embeddings_are_deterministic_normalised_and_per_image(model: Any) -> No
 
 
 def test_a_stored_embedding_reads_back_within_half_precision() -> None:
-    vector = normalise(np.random.default_rng(0).normal(size=(1, 448)))[0]
+    vector = normalise(np.random.default_rng(0).normal(size=(1, DIM)))[0]
     blob = to_blob(vector)
-    assert len(blob) == 448 * 2
+    assert len(blob) == DIM * 2
     back = from_blob(blob)
-    assert back.dtype == np.float32 and back.shape == (448,)
+    assert back.dtype == np.float32 and back.shape == (DIM,)
     np.testing.assert_allclose(back, vector, atol=1e-3)
 
 
@@ -265,7 +260,7 @@ def test_the_champion_reference_is_embedded_once_and_reused(settings: Any, champ
     )
     reference = context.reference
     assert reference is not None
-    assert reference.shape == (len(train), 448)
+    assert reference.shape == (len(train), DIM)
     np.testing.assert_allclose(np.linalg.norm(reference, axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(load_reference(settings, store, ref), reference)
 
@@ -276,7 +271,7 @@ def test_the_champion_reference_is_embedded_once_and_reused(settings: Any, champ
     np.testing.assert_allclose(reference[0], result.embedding, atol=1e-5)
 
     # Once stored it is read, not computed again.
-    marker = np.eye(2, 448, dtype=np.float32)
+    marker = np.eye(2, DIM, dtype=np.float32)
     store_reference(settings, store, ref, marker)
     try:
         with session_scope() as session:
@@ -304,7 +299,7 @@ def test_ingested_candidates_carry_their_evidence_and_the_flip_pass_scores_them(
     candidates = report.candidates
     assert len(candidates) == 3
     for c in candidates:
-        assert c.embedding is not None and c.embedding.shape == (448,)
+        assert c.embedding is not None and c.embedding.shape == (DIM,)
         assert list(c.classes) == [int(b[0]) for b in c.boxes]
         assert list(c.confidences) == [b[1] for b in c.boxes]
         assert c.boxes and all(conf >= CONF for conf in c.confidences)

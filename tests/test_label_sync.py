@@ -43,7 +43,9 @@ def queued(stack: Stack) -> dict[int, LabelingQueueItem]:
     store = ObjectStore(settings)
     for name, data in good_jpegs(IMAGES, seed=201).items():
         store.put_bytes(settings.bucket_incoming, PREFIX + name, data)
-    policy = SelectionPolicy(low=0.0, high=1.0, budget=IMAGES, audit_rate=1.0)
+    policy = SelectionPolicy(
+        strategy="confidence_band", low=0.0, high=1.0, budget=IMAGES, audit_rate=1.0
+    )
     summary = ingest_flow(prefix=PREFIX, conf=0.001, selection=policy)
     assert summary["queued"] == IMAGES
     with session_scope() as session:

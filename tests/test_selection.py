@@ -19,6 +19,7 @@ from labeling.selection import (
     audit_draw,
     select,
     uncertainty,
+    uses_context,
 )
 from visionloop.settings import CONTROL_RATE, Settings
 
@@ -43,11 +44,12 @@ def test_drift_widens_the_audit_of_confident_images() -> None:
     settings = Settings(labeling_budget=40, drift_audit_rate=0.5)
     # A drifted model sees nothing with confidence: only the audit can bring these to review.
     blind = [_c(i) for i in range(200)]
-    calm = SelectionPolicy.from_settings(settings, drift_level="green")
-    drifted = SelectionPolicy.from_settings(settings, drift_level="red")
+    band = {"strategy": "confidence_band"}  # a per-image strategy: it cannot see them itself
+    calm = SelectionPolicy.from_settings(settings, drift_level="green", **band)
+    drifted = SelectionPolicy.from_settings(settings, drift_level="red", **band)
     assert calm.audit_rate == 0.02 and drifted.audit_rate == 0.5
-    assert SelectionPolicy.from_settings(settings, drift_level="yellow").audit_rate == 0.5
-    assert SelectionPolicy.from_settings(settings).audit_rate == 0.02  # never measured
+    assert SelectionPolicy.from_settings(settings, drift_level="yellow", **band).audit_rate == 0.5
+    assert SelectionPolicy.from_settings(settings, **band).audit_rate == 0.02  # never measured
     assert len(select(blind, calm)) == 1  # ceil(40 * 0.02)
     picked = select(blind, drifted)
     assert len(picked) == 20  # the audit's share of the budget: ceil(40 * 0.5)
@@ -55,6 +57,17 @@ def test_drift_widens_the_audit_of_confident_images() -> None:
     # Uncertain images still fill the rest of the budget.
     mixed = select(blind + [_c(1000 + i, 0.55) for i in range(30)], drifted)
     assert len(mixed) == 40 and sum(s.reason != AUDIT_REASON for s in mixed) == 20
+
+
+def test_drift_leaves_a_batch_strategy_its_budget() -> None:
+    # Hybrid scores blind and empty images itself: drift does not hand its budget to audits.
+    settings = Settings(labeling_budget=40, drift_audit_rate=0.5)
+    red = SelectionPolicy.from_settings(settings, drift_level="red", strategy="hybrid")
+    assert red.audit_rate == 0.02
+    pinned = {"strategy": "hybrid", "audit_rate": 0.3}
+    assert SelectionPolicy.from_settings(settings, drift_level="red", **pinned).audit_rate == 0.3
+    margin = SelectionPolicy.from_settings(settings, drift_level="red", strategy="margin")
+    assert margin.audit_rate == 0.5
 
 
 def test_policy_rejects_nonsense() -> None:
@@ -116,7 +129,7 @@ def test_ties_follow_content_not_ids() -> None:
 def test_audit_samples_confident_images_reproducibly_within_its_share() -> None:
     confident = [_c(i, 0.99) for i in range(200)] + [_c(1000 + i) for i in range(200)]
     uncertain = [_c(5000 + i, 0.5) for i in range(100)]
-    policy = SelectionPolicy(budget=40, audit_rate=0.1, seed=3)
+    policy = SelectionPolicy(strategy="confidence_band", budget=40, audit_rate=0.1, seed=3)
     chosen = select(confident + uncertain, policy)
     audited = [s for s in chosen if s.reason == AUDIT_REASON]
     assert len(chosen) == 40 and len(audited) == 4  # ceil(40 * 0.1)
@@ -136,6 +149,13 @@ def test_uncertainty_is_closeness_to_a_coin_flip() -> None:
 
 def test_strategies_are_pluggable() -> None:
     assert set(STRATEGIES) >= {"confidence_band", "least_confidence", "margin", "entropy"}
+
+
+def test_only_batch_strategies_need_a_cycle_context() -> None:
+    # The ingest flow embeds the champion's training images only for a strategy that reads them.
+    assert uses_context("hybrid")
+    assert not any(uses_context(name) for name in ("confidence_band", "margin", "entropy"))
+    assert not uses_context("no-such-strategy")
 
 
 # --- the control arm --------------------------------------------------------------------------
@@ -388,7 +408,7 @@ def test_hybrid_collapses_frames_of_one_scene_relative_to_the_training_images() 
         assert all(s.image_id < 10 for s in chosen), scale
 
 
-def test_hybrid_can_spread_the_batch_away_from_the_training_images() -> None:
+def test_hybrid_keeps_the_batch_away_from_the_training_images() -> None:
     rng = np.random.default_rng(4)
     reference = _unit(rng.standard_normal((20, 16)))
     known = Candidate(1, "k", [0.5], embedding=reference[3])  # labelled already, as good as
@@ -397,6 +417,11 @@ def test_hybrid_can_spread_the_batch_away_from_the_training_images() -> None:
         for i in range(3)
     ]
     context = SelectionContext(reference=reference)
-    assert select([known, *others], _hybrid(1), context)[0].image_id == 1
-    spread = _hybrid(1, spread_from_reference=True)
-    assert select([known, *others], spread, context)[0].image_id != 1
+    # The most doubtful image is a training image again: its label answers it already.
+    assert select([known, *others], _hybrid(1), context)[0].image_id != 1
+    # Not taken for a duplicate, it still loses to images far from the training set...
+    kept = _hybrid(1, duplicate_distance=0.0)
+    assert select([known, *others], kept, context)[0].image_id != 1
+    # ...unless the pick ignores the training images: then the score alone decides.
+    plain = _hybrid(1, duplicate_distance=0.0, spread_from_reference=False)
+    assert select([known, *others], plain, context)[0].image_id == 1

@@ -169,8 +169,9 @@ def iou_matrix(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]]) -> np
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def greedy_match(ious: np.ndarray, min_iou: float = MATCH_IOU) -> list[float]:
-    """The IoUs of greedy one-to-one matches of rows to columns, best overlaps first.
+def greedy_pairs(ious: np.ndarray, min_iou: float = MATCH_IOU) -> list[tuple[int, int, float]]:
+    """Greedy one-to-one matches of rows to columns, best overlaps first, as ``(row, column,
+    IoU)``.
 
     Pairs below ``min_iou`` never match (mark a pair that must not match with -1); on equal
     overlaps the later row, then the later column, goes first.
@@ -181,15 +182,20 @@ def greedy_match(ious: np.ndarray, min_iou: float = MATCH_IOU) -> list[float]:
     )
     used_rows: set[int] = set()
     used_cols: set[int] = set()
-    matched: list[float] = []
+    matched: list[tuple[int, int, float]] = []
     for iou, i, j in pairs:
         if iou < min_iou:
             break
         if i not in used_rows and j not in used_cols:
             used_rows.add(i)
             used_cols.add(j)
-            matched.append(iou)
+            matched.append((i, j, iou))
     return matched
+
+
+def greedy_match(ious: np.ndarray, min_iou: float = MATCH_IOU) -> list[float]:
+    """The IoUs of ``greedy_pairs``."""
+    return [iou for _, _, iou in greedy_pairs(ious, min_iou)]
 
 
 def match_count(
