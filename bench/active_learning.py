@@ -8,10 +8,10 @@
 No servers needed: everything runs in one process on the CPU, in a temporary work dir that
 is removed at the end (unless ``--workdir`` names one to keep). ``--quick`` is a smoke run
 of every strategy over three seeds with tiny settings (the numbers mean nothing; it checks
-the code paths). The default run with ``--strategies hybrid`` took 29 minutes wall on 2
-shared cores (about 200 s per seed's initial model, 130 s per seed for random's cycles,
-230 s for hybrid's); every further strategy adds about hybrid's share, so all five
-registered strategies take about 70 minutes.
+the code paths). The default run with ``--strategies hybrid`` took 13 minutes wall on 2
+idle cores (per seed about 90 s for the initial model, 70 s for random's cycles, 95 s for
+hybrid's); every further strategy adds about hybrid's share, so all five registered
+strategies take about 32 minutes.
 
 The task: a line camera's stream (``visionloop.synthetic.generate_frame``). Each *scene* is
 one part seen ``--frames`` times (small shift, exposure and sensor-noise jitter between
