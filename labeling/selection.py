@@ -83,7 +83,7 @@ class SelectionPolicy(BaseModel):
     novelty scale (``scoring.novelty_scale``: how far the most isolated training images lie
     from their nearest neighbour) are the same question. A high quantile rather than the
     median: a training set holds many frames of one scene, whose median neighbour distance
-    is itself a duplicate's. On the benchmark's scenes 0.1 of it collapses 95% of the frame
+    is itself a duplicate's. On the benchmark's scenes 0.1 of it collapses about 95% of the frame
     pairs of one scene."""
     duplicate_distance: float | None = Field(default=None, ge=0.0, le=2.0)
     """An absolute cosine distance instead of ``duplicate_ratio`` (None: relative, since the
