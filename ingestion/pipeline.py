@@ -452,6 +452,11 @@ def prediction_row(image_id: int, result: PredictionResult, source: str = "inges
     )
 
 
+def box_tuples(result: PredictionResult) -> list[tuple[float, ...]]:
+    """The shown boxes as selection compares them: ``(cls, conf, x1, y1, x2, y2)``, normalised."""
+    return [(int(b["cls"]), b["conf"], b["x1"], b["y1"], b["x2"], b["y2"]) for b in result.boxes]
+
+
 def candidate(image_id: int, content_hash: str, result: PredictionResult) -> Candidate:
     """What selection knows of a predicted image: its boxes shown and almost shown, and its
     embedding."""
@@ -462,9 +467,7 @@ def candidate(image_id: int, content_hash: str, result: PredictionResult) -> Can
         classes=[int(b["cls"]) for b in result.boxes],
         below=list(result.below),
         embedding=result.embedding,
-        boxes=[
-            (int(b["cls"]), b["conf"], b["x1"], b["y1"], b["x2"], b["y2"]) for b in result.boxes
-        ],
+        boxes=box_tuples(result),
     )
 
 

@@ -25,10 +25,11 @@ from typing import TypeVar
 import numpy as np
 from sqlmodel import Session, col, select
 
+from ingestion.pipeline import box_tuples
 from labeling.reference import Embed, champion_class_weights, reference_embeddings
 from labeling.scoring import flip_disagreement
 from labeling.selection import Candidate, SelectionContext
-from serving.predictor import PREDICT_CONF, ChampionPredictor, PredictionResult
+from serving.predictor import PREDICT_CONF, ChampionPredictor
 from visionloop.images import DecodeLimits, ImageRejected, decode_image
 from visionloop.models import Image
 from visionloop.registry import CHAMPION, get_alias
@@ -81,10 +82,6 @@ def object_keys(session: Session, image_ids: Sequence[int]) -> dict[int, str]:
     return {image_id: key for image_id, key in rows if image_id is not None}
 
 
-def _box_tuples(result: PredictionResult) -> list[tuple[float, ...]]:
-    return [(b["cls"], b["conf"], b["x1"], b["y1"], b["x2"], b["y2"]) for b in result.boxes]
-
-
 def flip_pass(
     settings: Settings,
     store: ObjectStore,
@@ -129,7 +126,7 @@ def flip_pass(
             for candidate, result in zip(readable, results):
                 if result.model_version == version:
                     scores[candidate.image_id] = flip_disagreement(
-                        candidate.boxes, _box_tuples(result)
+                        candidate.boxes, box_tuples(result)
                     )
         return scores
 

@@ -13,7 +13,6 @@ forward pass, which the caller passes in (``embed``): labeling does not import s
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +23,7 @@ import numpy as np
 from sqlmodel import Session, col, select
 
 from labeling.scoring import class_weights_from_ap
-from training.snapshots import ManifestRejected, read_manifest, training_snapshot_of
+from training.snapshots import fetch_file, read_manifest, training_snapshot_of
 from visionloop.models import RetrainingRun, RetrainStatus
 from visionloop.registry import ModelRef
 from visionloop.settings import Settings
@@ -103,13 +102,7 @@ def training_sample(
     chosen = sorted(train, key=lambda item: item["image_hash"])[:limit]
 
     def fetch(item: Mapping[str, Any]) -> bytes:
-        data = store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + item["image"])
-        if hashlib.sha256(data).hexdigest() != item["image_hash"]:
-            raise ManifestRejected(
-                f"snapshot {snapshot.manifest_hash[:12]}: {item['image']} was changed after "
-                "export (its bytes do not match the manifest)"
-            )
-        return data
+        return fetch_file(settings, store, snapshot, item, "image")
 
     with ThreadPoolExecutor(_IO_THREADS) as pool:
         return list(pool.map(fetch, chosen))

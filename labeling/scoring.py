@@ -208,17 +208,11 @@ def neighbour_distances(reference: np.ndarray | None) -> np.ndarray:
     return distances
 
 
-def novelty_scale(
-    reference: np.ndarray | None,
-    quantile: float = NOVELTY_QUANTILE,
-    *,
-    neighbours: np.ndarray | None = None,
-) -> float:
+def novelty_scale(reference: np.ndarray | None, quantile: float = NOVELTY_QUANTILE) -> float:
     """How far a training image lies from its nearest other one, at most: the ``quantile``
-    of ``neighbour_distances`` (pass them as ``neighbours`` if already computed). An image no
-    farther than that from the training set looks like the training set. 0 with fewer than
-    two references."""
-    distances = neighbour_distances(reference) if neighbours is None else neighbours
+    of ``neighbour_distances``. An image no farther than that from the training set looks
+    like the training set. 0 with fewer than two references."""
+    distances = neighbour_distances(reference)
     return float(np.quantile(distances, quantile)) if len(distances) else 0.0
 
 

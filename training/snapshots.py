@@ -506,22 +506,32 @@ def verified_manifest(snapshot: DatasetSnapshot, key: str, data: bytes) -> dict[
     return manifest
 
 
+def fetch_file(
+    settings: Settings,
+    store: ObjectStore,
+    snapshot: DatasetSnapshot,
+    item: Mapping[str, Any],
+    field: str,
+) -> bytes:
+    """An entry's ``image`` or ``label`` bytes, refused unless they match the manifest's hash."""
+    data = store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + item[field])
+    expected = item[f"{field}_hash"]
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ManifestRejected(
+            f"{_name(snapshot)}: {field} file {item[field]} was changed after export (its "
+            f"bytes do not match the sha256 {expected[:12]} the manifest lists)"
+        )
+    return data
+
+
 def fetch_files(
     settings: Settings, store: ObjectStore, snapshot: DatasetSnapshot, item: Mapping[str, Any]
 ) -> tuple[bytes, bytes]:
     """An entry's image and label bytes, refused unless each matches its hash in the manifest."""
-    image = store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + item["image"])
-    label = store.get_bytes(settings.bucket_datasets, snapshot.object_prefix + item["label"])
-    for field, data, expected in (
-        ("image", image, item["image_hash"]),
-        ("label", label, item["label_hash"]),
-    ):
-        if hashlib.sha256(data).hexdigest() != expected:
-            raise ManifestRejected(
-                f"{_name(snapshot)}: {field} file {item[field]} was changed after export (its "
-                f"bytes do not match the sha256 {expected[:12]} the manifest lists)"
-            )
-    return image, label
+    return (
+        fetch_file(settings, store, snapshot, item, "image"),
+        fetch_file(settings, store, snapshot, item, "label"),
+    )
 
 
 def _inside(root: Path, relative: str, snapshot: DatasetSnapshot) -> Path:
