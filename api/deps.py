@@ -1,6 +1,6 @@
 """What the routers depend on, injected so tests and the benchmark can swap any of it
-(``app.dependency_overrides``): settings, a database session, the champion predictor, the
-object store, the retrain launcher and the bearer-token checks."""
+(``app.dependency_overrides``): settings, a database session, the champion predictor and its
+batcher, the object store, the retrain launcher and the bearer-token checks."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from sqlmodel import Session
 
 from api.security import require_api_token, require_read_token, require_webhook_token
 from api.telemetry import RequestLog
+from serving.batching import BatcherPool, MicroBatcher
 from serving.predictor import ChampionPredictor, get_predictor
 from training.retrain_launcher import LaunchedRetrain, launch_retrain
 from visionloop.db import engine_for
@@ -60,6 +61,26 @@ def predictor(settings: SettingsDep) -> ChampionPredictor:
 
 
 PredictorDep = Annotated[ChampionPredictor, Depends(predictor)]
+
+
+def batcher_pool(settings: Settings) -> BatcherPool:
+    """The app's batchers (``app.state.batchers``), closed by the app's lifespan."""
+    return BatcherPool(
+        max_batch=settings.batch_max,
+        max_wait_ms=settings.batch_wait_ms,
+        max_queue=settings.batch_queue,
+    )
+
+
+def batcher(request: Request, predictor: PredictorDep) -> MicroBatcher:
+    """The batcher in front of the request's predictor: concurrent predictions share batches.
+
+    Follows ``predictor``, so overriding the predictor gives the override a batcher of its own.
+    """
+    return request.app.state.batchers.get(predictor)
+
+
+BatcherDep = Annotated[MicroBatcher, Depends(batcher)]
 
 _stores: dict[tuple[str, str, bool], ObjectStore] = {}
 _stores_lock = threading.Lock()

@@ -16,6 +16,13 @@ The trivial endpoint is measured before and after the two others and its samples
 a change in background load during the run shows up in the ratios instead of hiding in them.
 p50 and p99 are printed with their ratio to the trivial endpoint's.
 
+``/api/predict``'s throughput (images per second with ``--concurrency`` clients) is compared
+with the model alone in this process: ``predict_batch`` of the same champion over the same
+images, decoded as the API decodes them, in batches of 16 (what the API's batcher may form at
+most, ``VISIONLOOP_BATCH_MAX``). The targets: throughput at least 0.8x the plain batch
+predict, ``/api/predict`` p99 at most 10x and ``/api/retraining/conditions`` p99 at most 3x the
+trivial endpoint's p99.
+
 Without ``--reuse`` it starts its own stack on free ports in a temporary data dir (about two
 minutes) and trains a throw-away champion (one epoch); with ``--reuse`` it uses the stack the
 settings point at, and its predictions are logged there like any client's.
@@ -40,6 +47,13 @@ from visionloop.settings import Settings, load_settings
 
 TIMEOUT_S = 120.0
 """Per request: a request slower than this counts as an error, so the run always ends."""
+BASELINE_BATCH = 16
+THROUGHPUT_TARGET = 0.8
+"""/api/predict images per second over the plain batch predict's, at least."""
+PREDICT_P99_TARGET = 10.0
+"""/api/predict p99 over the trivial endpoint's p99, at most."""
+CONDITIONS_P99_TARGET = 3.0
+"""/api/retraining/conditions p99 over the trivial endpoint's p99, at most."""
 
 
 @dataclass
@@ -47,6 +61,8 @@ class Result:
     name: str
     latencies_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    """Wall time of the whole load, first request sent to last answer."""
 
     def p(self, q: float) -> float:
         value = percentile(self.latencies_ms, q)
@@ -80,7 +96,9 @@ async def load(
             else:
                 result.errors.append(f"{response.status_code}: {response.text[:200]}")
 
+    started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
+    result.elapsed_s = time.perf_counter() - started
     return result
 
 
@@ -90,7 +108,27 @@ def _images(count: int, seed: int) -> list[bytes]:
     return [encode_jpeg(sample.image) for sample in iter_samples(count, seed=seed, size=640)]
 
 
-async def measure(settings: Settings, requests: int, concurrency: int) -> list[Result]:
+def plain_batch_rate(settings: Settings, images: list[bytes]) -> float:
+    """Images per second of the champion alone in this process, in batches of 16: what the
+    API's batching is measured against (its decoding is not timed, the API's is)."""
+    from serving.predictor import ChampionPredictor
+    from visionloop.images import DecodeLimits, decode_image
+
+    predictor = ChampionPredictor(settings)
+    limits = DecodeLimits.from_settings(settings)
+    side = predictor.input_size()
+    decoded = [decode_image(data, max_side=side, limits=limits).rgb for data in images]
+    predictor.predict_batch(decoded[:BASELINE_BATCH])  # warm-up: the first batch pays setup
+    started = time.perf_counter()
+    for at in range(0, len(decoded), BASELINE_BATCH):
+        predictor.predict_batch(decoded[at : at + BASELINE_BATCH])
+    return len(decoded) / (time.perf_counter() - started)
+
+
+async def measure(
+    settings: Settings, requests: int, concurrency: int
+) -> tuple[list[Result], float]:
+    """The three endpoints' results and the plain batch predict's images per second."""
     token = settings.api_token.get_secret_value()
     headers = {"Authorization": f"Bearer {token}"}
     run = uuid.uuid4().hex[:8]
@@ -100,6 +138,8 @@ async def measure(settings: Settings, requests: int, concurrency: int) -> list[R
     # A fresh seed per run: an image the platform has seen is not stored or measured again.
     images = _images(predictions + concurrency, seed=int(run, 16) % 100_000)
     warmups = images[predictions:]
+    print(f"plain batch predict in this process: {predictions} images, batches of 16")
+    plain_rate = plain_batch_rate(settings, images[:predictions])
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
     def trivial(client: httpx.AsyncClient, _i: int) -> Awaitable[httpx.Response]:
@@ -140,10 +180,14 @@ async def measure(settings: Settings, requests: int, concurrency: int) -> list[R
     pooled = Result(
         "trivial", before.latencies_ms + after.latencies_ms, before.errors + after.errors
     )
-    return [pooled, conditions_result, predict_result]
+    return [pooled, conditions_result, predict_result], plain_rate
 
 
-def report(results: list[Result], concurrency: int) -> None:
+def _verdict(ok: bool) -> str:
+    return "meets" if ok else "not met"
+
+
+def report(results: list[Result], concurrency: int, plain_rate: float) -> None:
     trivial = results[0]
     base50, base99 = trivial.p(50), trivial.p(99)
     print()
@@ -166,6 +210,29 @@ def report(results: list[Result], concurrency: int) -> None:
     if failed:
         raise SystemExit(f"requests failed: {failed}")
 
+    conditions, predict = results[1], results[2]
+    api_rate = len(predict.latencies_ms) / predict.elapsed_s
+    throughput = api_rate / plain_rate
+    predict_p99 = predict.p(99) / base99
+    conditions_p99 = conditions.p(99) / base99
+    print()
+    print(
+        f"POST /api/predict throughput, {concurrency} clients: {api_rate:.1f} images/s vs "
+        f"{plain_rate:.1f} images/s plain predict_batch (batches of {BASELINE_BATCH}) in "
+        f"process: {throughput:.2f}x (target >= {THROUGHPUT_TARGET:g}x): "
+        f"{_verdict(throughput >= THROUGHPUT_TARGET)}"
+    )
+    print(
+        f"POST /api/predict p99 {predict.p(99):.1f} ms vs trivial p99 {base99:.1f} ms: "
+        f"{predict_p99:.1f}x (target <= {PREDICT_P99_TARGET:g}x): "
+        f"{_verdict(predict_p99 <= PREDICT_P99_TARGET)}"
+    )
+    print(
+        f"GET /api/retraining/conditions p99 {conditions.p(99):.1f} ms vs trivial p99 "
+        f"{base99:.1f} ms: {conditions_p99:.1f}x (target <= {CONDITIONS_P99_TARGET:g}x): "
+        f"{_verdict(conditions_p99 <= CONDITIONS_P99_TARGET)}"
+    )
+
 
 def run(settings: Settings, requests: int, concurrency: int) -> None:
     from flows.bootstrap import bootstrap_flow
@@ -174,7 +241,8 @@ def run(settings: Settings, requests: int, concurrency: int) -> None:
     if get_alias(settings, CHAMPION) is None:
         print("training a throw-away champion (1 epoch)")
         bootstrap_flow(epochs=1, images=8)
-    report(asyncio.run(measure(settings, requests, concurrency)), concurrency)
+    results, plain_rate = asyncio.run(measure(settings, requests, concurrency))
+    report(results, concurrency, plain_rate)
 
 
 def main() -> None:

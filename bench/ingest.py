@@ -1,8 +1,17 @@
 """Ingest throughput: the whole ingest flow against plain ultralytics ``predict``, and what
 keeping each image's embedding costs.
 
-    .venv/bin/python -m bench.ingest [--images 500] [--imgsz 640] [--reuse]
+    .venv/bin/python -m bench.ingest [--images 500] [--imgsz N] [--reuse]
     .venv/bin/python -m bench.ingest --embeddings [--images 200] [--rounds 2] [--reuse]
+
+The flow predicts on the backend ``VISIONLOOP_INFERENCE_BACKEND=auto`` picks: the champion's
+fastest export that passed its parity check (``serving.export``). It is compared with plain
+ultralytics PyTorch predict (target: the flow at 2.0x or better) and with plain ultralytics
+predict of that same export, ``YOLO(exported, task="detect").predict`` (target: 0.9x or
+better: the flow around the export costs little). The parity record (mAP50-95 per backend on
+the held-out images, their difference, the embeddings' cosine) is printed too. ``--imgsz``
+defaults to the champion's training size, the export's fixed size; another size runs the flow
+on PyTorch.
 
 Both sides see the same synthetic JPEGs (640 px) and the same champion weights at the same
 ``imgsz``. Plain predict reads the files from a local folder; the flow reads them from the
@@ -119,15 +128,68 @@ def measure() -> Iterator[list[float]]:
     spent += [time.perf_counter() - wall, time.process_time() - cpu]
 
 
-def plain_predict(weights: Path, folder: Path, imgsz: int) -> Measured:
-    """Ultralytics predicting the folder, model loading included."""
+def plain_predict(weights: Path, folder: Path, imgsz: int, batch: int = 1) -> Measured:
+    """Ultralytics predicting the folder, model loading included (``weights``: a ``.pt``, an
+    ``.onnx`` file or an OpenVINO model folder)."""
     from ultralytics import YOLO
 
     with measure() as spent:
         model = YOLO(str(weights), task="detect")
-        results = model.predict(source=str(folder), imgsz=imgsz, stream=True, verbose=False)
+        results = model.predict(
+            source=str(folder), imgsz=imgsz, batch=batch, stream=True, verbose=False
+        )
         count = sum(1 for _ in results)
     return Measured(count, *spent)
+
+
+def exported_champion(settings: Settings, champion: ModelRef) -> ModelRef:
+    """The champion with its exports (exported here if the flow that made it did not)."""
+    from serving.export import export_champion
+    from visionloop.registry import export_record, get_version
+
+    if not export_record(champion):
+        print(f"exporting champion version {champion.version} (ONNX, OpenVINO, parity check)")
+        export_champion(settings, champion)
+        champion = get_version(settings, champion.version)
+    return champion
+
+
+def print_parity(settings: Settings, champion: ModelRef) -> None:
+    from visionloop.registry import download_parity
+
+    record = download_parity(settings, champion)
+    print(
+        f"parity on {record['images']} held-out images ({record['split']} split), "
+        f"imgsz {record['imgsz']}: PyTorch mAP50-95 {record['torch_map50_95']}"
+    )
+    for backend, parity in record["backends"].items():
+        print(
+            f"  {backend:9s} mAP50-95 {parity['map50_95']}  diff {parity['map_diff']}  "
+            f"embedding cosine median {parity['embedding_cosine_median']} "
+            f"min {parity['embedding_cosine_min']}  "
+            f"{'verified' if parity['verified'] else 'REFUSED'}: {parity['reason']}"
+        )
+
+
+def exported_path(settings: Settings, champion: ModelRef, backend: str) -> Path:
+    """What ``YOLO(...)`` loads for the backend: the ONNX file or the OpenVINO folder (copied
+    to a name ultralytics recognises: it tells formats apart by the path)."""
+    import shutil
+
+    from serving.export import OPENVINO_DIR
+    from visionloop.registry import download_export
+
+    entry = download_export(settings, champion, backend, settings.data_dir / "bench-weights")
+    if backend == "onnx":
+        return entry
+    folder = settings.data_dir / "bench-weights" / f"v{champion.version}" / OPENVINO_DIR
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(entry.parent, folder)
+    return folder
+
+
+def verdict(ratio: float, target: float) -> str:
+    return f"(target >= {target:.2f}: {'meets' if ratio >= target else 'not met'})"
 
 
 def ensure_champion(settings: Settings) -> ModelRef:
@@ -147,12 +209,19 @@ def ensure_champion(settings: Settings) -> ModelRef:
     return champion
 
 
-def run(settings: Settings, images: int, imgsz: int) -> None:
+def run(settings: Settings, images: int, imgsz: int | None) -> None:
     from flows.ingest import ingest_flow
+    from ingestion.pipeline import PREDICT_CHUNK
+    from serving.predictor import get_predictor
     from visionloop.registry import download_weights
 
-    champion = ensure_champion(settings)
+    champion = exported_champion(settings, ensure_champion(settings))
     weights = download_weights(settings, champion, settings.data_dir / "bench-weights")
+    predictor = get_predictor(settings)
+    imgsz = imgsz or predictor.input_size()
+    backend = predictor.backend
+    print(f"the flow's predictor runs on {backend}: {predictor.backend_reason}")
+    exported = exported_path(settings, champion, backend) if backend != "torch" else None
 
     run_id = uuid.uuid4().hex[:8]
     prefix = f"bench-{run_id}/"
@@ -163,13 +232,21 @@ def run(settings: Settings, images: int, imgsz: int) -> None:
         write_images(settings, images, folder, prefix, seed=int(run_id, 16) % 100_000)
 
         load_before = os.getloadavg()[0]
-        before = plain_predict(weights, folder, imgsz)
+        # Plain predict in the flow's batches (ultralytics' default is one image at a time).
+        before = plain_predict(weights, folder, imgsz, PREDICT_CHUNK)
         print(f"plain ultralytics predict: {before}")
+        plain_exported: list[Measured] = []
+        if exported:
+            plain_exported.append(plain_predict(exported, folder, imgsz, PREDICT_CHUNK))
+            print(f"plain {backend} predict:    {plain_exported[-1]}")
         with measure() as spent:
             summary = ingest_flow(prefix=prefix, imgsz=imgsz)
         flow = Measured(summary["ingested"], *spent)
-        print(f"ingest flow:               {flow} ({summary['queued']} queued for review)")
-        after = plain_predict(weights, folder, imgsz)
+        print(f"ingest flow ({backend}):   {flow} ({summary['queued']} queued for review)")
+        if exported:
+            plain_exported.append(plain_predict(exported, folder, imgsz, PREDICT_CHUNK))
+            print(f"plain {backend} predict:    {plain_exported[-1]}")
+        after = plain_predict(weights, folder, imgsz, PREDICT_CHUNK)
         print(f"plain ultralytics predict: {after}")
         load_after = os.getloadavg()[0]
 
@@ -177,11 +254,26 @@ def run(settings: Settings, images: int, imgsz: int) -> None:
     cpus = os.cpu_count() or 1
     print()
     print(f"images {images}, imgsz {imgsz}, champion {champion.version}, {cpus} CPUs")
+    print_parity(settings, champion)
     print(
-        f"plain predict   {baseline:6.2f} images/s (mean of {before.rate:.2f} and {after.rate:.2f})"
+        f"plain PyTorch predict {baseline:6.2f} images/s "
+        f"(mean of {before.rate:.2f} and {after.rate:.2f})"
     )
-    print(f"ingest flow     {flow.rate:6.2f} images/s")
-    print(f"ratio           {flow.rate / baseline:6.2f}  (target >= 0.90)")
+    print(f"ingest flow ({backend}) {flow.rate:6.2f} images/s")
+    print(
+        f"flow / plain PyTorch predict      {flow.rate / baseline:6.2f}  "
+        + verdict(flow.rate / baseline, 2.0)
+    )
+    if plain_exported:
+        rate = sum(m.rate for m in plain_exported) / len(plain_exported)
+        print(
+            f"flow / plain {backend} predict  {flow.rate / rate:6.2f}  "
+            f"{verdict(flow.rate / rate, 0.9)} (plain {backend} {rate:.2f} images/s, mean of "
+            + " and ".join(f"{m.rate:.2f}" for m in plain_exported)
+            + ")"
+        )
+    else:
+        print(f"no verified export: the flow ran on PyTorch ({predictor.backend_reason})")
     print(
         f"CPU per image   {flow.cpu_ms:.0f} ms in the flow's process against "
         f"{(before.cpu_ms + after.cpu_ms) / 2:.0f} ms for plain predict"
@@ -275,7 +367,9 @@ def embedding_cost(settings: Settings, images: int, imgsz: int, rounds: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=500)
-    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument(
+        "--imgsz", type=int, default=None, help="default: the champion's (its export's) size"
+    )
     parser.add_argument(
         "--reuse", action="store_true", help="use the running stack of the settings"
     )

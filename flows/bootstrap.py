@@ -78,6 +78,18 @@ def register_champion(run_id: str) -> ModelRef:
     return register_weights(get_settings(), run_id, alias=CHAMPION)
 
 
+@task
+def export_for_serving(version: str) -> list[str]:
+    """Export the champion to ONNX/OpenVINO behind a parity check; the verified backends.
+    Never fails the flow: without exports the champion serves on PyTorch."""
+    from serving.export import export_version
+
+    outcome = export_version(get_settings(), version)
+    if outcome.error:
+        get_run_logger().warning("version %s not exported: %s", version, outcome.error)
+    return outcome.verified
+
+
 @flow(name="bootstrap", log_prints=True)
 def bootstrap_flow(
     epochs: int | None = None, images: int | None = None, force: bool = False
@@ -93,6 +105,7 @@ def bootstrap_flow(
     snapshot_hash = snapshot_seed_set(data_yaml)
     run_id, metrics = train_seed_model(data_yaml, epochs or settings.train_epochs, snapshot_hash)
     ref = register_champion(run_id)
+    export_for_serving(ref.version)
     emit(
         EventKind.MODEL_PROMOTED,
         f"bootstrap model version {ref.version} is the champion "

@@ -6,17 +6,19 @@ release_dead_guard ─► decide ─► report ─► record_request ─► star
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 
 from flows import server_retries
-from monitoring.conditions import RetrainDecision, retraining_conditions
 from training.retrain_guard import create_run, reconcile
 from training.retrain_launcher import LaunchedRetrain, launch_retrain
 from visionloop.db import session_scope
 from visionloop.events import EventKind, emit
 from visionloop.settings import get_settings
+
+if TYPE_CHECKING:
+    from monitoring.conditions import RetrainDecision
 
 
 @task(**server_retries())
@@ -29,6 +31,10 @@ def release_dead_guard() -> int | None:
 
 @task(**server_retries())
 def decide() -> RetrainDecision:
+    # Imported here: the conditions reach MLflow for the champion's age, and MLflow's import
+    # (seconds) belongs to the task that asks it, not to the start of every run.
+    from monitoring.conditions import retraining_conditions
+
     with session_scope() as session:
         return retraining_conditions(session, get_settings())
 

@@ -90,17 +90,47 @@ class Ledger:
 # --- reading -------------------------------------------------------------------------------
 
 
+_WALK = 2000
+"""Queue rows read per step of ``recent_cycles``' walk back from the newest."""
+
+
+def _first_id(session: Session, cycle: str) -> int:
+    """The cycle's first queued item (``ix_labeling_queue_cycle_id``: one index probe)."""
+    first = session.exec(
+        select(func.min(LabelingQueueItem.id)).where(LabelingQueueItem.cycle == cycle)
+    ).one()
+    return int(first)
+
+
 def recent_cycles(session: Session, limit: int = DEFAULT_CYCLES) -> list[str]:
-    """The newest ``limit`` cycles that queued anything, oldest first."""
-    first = func.min(LabelingQueueItem.id)
-    rows = session.exec(
-        select(LabelingQueueItem.cycle, first)
-        .where(col(LabelingQueueItem.cycle).is_not(None))
-        .group_by(LabelingQueueItem.cycle)
-        .order_by(first.desc())
-        .limit(limit)
-    ).all()
-    return [str(cycle) for cycle, _ in reversed(rows)]
+    """The newest ``limit`` cycles that queued anything (newest by first item), oldest first.
+
+    Walks the queue back from the newest item instead of grouping all of it, so the cost
+    follows the size of the newest cycles, not of the whole history: a cycle not met yet has
+    all its items below the walk, so once ``limit`` cycles met started at or above it, no
+    other cycle can be newer.
+    """
+    if limit <= 0:
+        return []
+    firsts: dict[str, int] = {}
+    below: int | None = None
+    while True:
+        step = select(LabelingQueueItem.id, LabelingQueueItem.cycle).where(
+            col(LabelingQueueItem.cycle).is_not(None)
+        )
+        if below is not None:
+            step = step.where(col(LabelingQueueItem.id) < below)
+        rows = session.exec(step.order_by(col(LabelingQueueItem.id).desc()).limit(_WALK)).all()
+        if not rows:
+            break
+        for _, cycle in rows:
+            if cycle is not None and cycle not in firsts:
+                firsts[cycle] = _first_id(session, cycle)
+        below = rows[-1][0]
+        if len(firsts) >= limit and sorted(firsts.values(), reverse=True)[limit - 1] >= below:
+            break
+    newest = sorted(firsts.items(), key=lambda item: item[1], reverse=True)[:limit]
+    return [str(cycle) for cycle, _ in reversed(newest)]
 
 
 def _queued(

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
-from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from labeling.label_config import build_label_config, label_config_matches
 from visionloop.settings import get_settings
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
 
 __all__ = [
     "LabelStudioAccess",
@@ -218,7 +221,7 @@ def client(url: str, token: Any, timeout: float | None = None) -> LabelStudio:
     """
     settings = get_settings()
     try:
-        return LabelStudio(
+        return _client_class()(
             base_url=_base(url),
             api_key=_secret(token),
             timeout=settings.service_timeout_s if timeout is None else timeout,
@@ -228,6 +231,44 @@ def client(url: str, token: Any, timeout: float | None = None) -> LabelStudio:
         raise LabelStudioError(
             f"Label Studio token rejected: {_api_detail(exc)}. Check {TOKEN_SETTING}."
         ) from exc
+
+
+@cache
+def _client_class() -> type[LabelStudio]:
+    """``label_studio_sdk.LabelStudio`` without its import-time cost.
+
+    The SDK's ``LabelStudio`` imports its projects extension at import: the label interface,
+    ``jsf``, ``smart_open``, ``boto3`` and ``pandas``, seconds that every label-sync run paid
+    for two features the loop never uses (``get_label_interface`` and the export helpers).
+    This client is the SDK's base client plus what the extensions give that does matter here:
+    list pagers that end quietly on the 404 Label Studio answers past the last page.
+    """
+    from label_studio_sdk._extensions.pager_ext import SyncPagerExt
+    from label_studio_sdk.base_client import LabelStudioBase
+    from label_studio_sdk.projects.client import ProjectsClient
+    from label_studio_sdk.tasks.client_ext import TasksClientExt
+
+    class Projects(ProjectsClient):
+        def list(self, **kwargs: Any) -> SyncPagerExt[Any]:  # type: ignore[override]
+            return SyncPagerExt.from_sync_pager(super().list(**kwargs))
+
+    class Client(LabelStudioBase):
+        _tasks_ext: TasksClientExt | None = None
+        _projects_ext: Projects | None = None
+
+        @property
+        def tasks(self) -> TasksClientExt:  # type: ignore[override]
+            if self._tasks_ext is None:
+                self._tasks_ext = TasksClientExt(client_wrapper=self._client_wrapper)
+            return self._tasks_ext
+
+        @property
+        def projects(self) -> Projects:  # type: ignore[override]
+            if self._projects_ext is None:
+                self._projects_ext = Projects(client_wrapper=self._client_wrapper)
+            return self._projects_ext
+
+    return cast("type[LabelStudio]", Client)
 
 
 def check_token(url: str, token: Any, timeout: float = DEFAULT_TIMEOUT) -> None:

@@ -9,11 +9,14 @@ first); an unmatched predicted box is a false positive, an unmatched reviewed bo
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Text, cast
 from sqlmodel import Session, col, func, select
 
 from visionloop.boxes import corners, match_count
@@ -162,7 +165,12 @@ def image_errors(
     return ImageErrors(n_predicted, n_reviewed, matched, n_reviewed - max(matched, placed))
 
 
-def queue_stats(session: Session, class_names: Sequence[str]) -> QueueStats:
+def _queue_counts(
+    session: Session,
+) -> tuple[dict[str, int], dict[str, dict[str, int]], int, dict[str, int]]:
+    """Items per status and per (reason, status), rejected syncs and verdicts: counted in the
+    database (``ix_labeling_queue_reason_status``, the partial ``ix_labeling_queue_sync_error``
+    and ``ix_reviewed_labels_verdict`` answer them from the indexes alone)."""
     by_status = {status.value: 0 for status in QueueStatus}
     by_reason: dict[str, dict[str, int]] = {}
     rows = session.exec(
@@ -179,29 +187,132 @@ def queue_stats(session: Session, class_names: Sequence[str]) -> QueueStats:
         .select_from(LabelingQueueItem)
         .where(col(LabelingQueueItem.sync_error).is_not(None))
     ).one()
-
     verdicts = {verdict.value: 0 for verdict in Verdict}
     for verdict, count in session.exec(
         select(ReviewedLabel.verdict, func.count()).group_by(ReviewedLabel.verdict)
     ):
         verdicts[Verdict(verdict).value] = count
-    reviewed = sum(verdicts.values())
+    return by_status, by_reason, int(sync_errors), verdicts
 
-    # The prediction the reviewer judged is the one of the model version recorded on the label.
-    compared = session.exec(
-        select(Prediction.boxes, ReviewedLabel.boxes).join(
+
+# --- per-class errors, remembered per (prediction, review) content --------------------------
+#
+# Matching boxes is the costly part of the statistics, and its answer for one reviewed image
+# depends on nothing but the two box lists. So each distinct pair is matched once per process
+# and remembered under a digest of its JSON text: a request matches only the pairs that are new
+# or changed since the last one, and reads digests (computed by PostgreSQL itself) instead of
+# box lists. Keyed by content, a cached answer cannot go stale: an edited review or prediction
+# is a new digest.
+
+_PairErrors = tuple[tuple[str, int, int, int], ...]
+_MEMO_LIMIT = 500_000
+"""Remembered pairs per class list before the memo starts over (a few hundred bytes each)."""
+_FETCH_MISSING_BY_DIGEST = 500
+"""Fewer unknown pairs than this are read by digest; more, and every pair is read in one go."""
+_memo: dict[tuple[str, ...], dict[str, _PairErrors]] = {}
+
+
+def _pair_text(boxes: Any) -> Any:
+    return func.coalesce(cast(boxes, Text), "null")
+
+
+def _digest_sql(predicted: Any, reviewed: Any) -> Any:
+    # The length prefix keeps the split between the two texts unambiguous.
+    return func.md5(
+        cast(func.length(predicted), Text).concat(":").concat(predicted).concat(reviewed)
+    )
+
+
+def _digest(predicted: str, reviewed: str) -> str:
+    """What ``_digest_sql`` computes, for databases without ``md5`` (SQLite)."""
+    return hashlib.md5(f"{len(predicted)}:{predicted}{reviewed}".encode()).hexdigest()
+
+
+def _compared_pairs() -> Any:
+    """The (predicted, reviewed) box texts of each reviewed image whose judged prediction is
+    known: the prediction of the model version recorded on the label."""
+    predicted, reviewed = _pair_text(Prediction.boxes), _pair_text(ReviewedLabel.boxes)
+    return (
+        select(predicted.label("predicted"), reviewed.label("reviewed"))
+        .select_from(ReviewedLabel)
+        .join(
             Prediction,
-            (Prediction.image_id == ReviewedLabel.image_id)
-            & (Prediction.model_version == ReviewedLabel.prediction_model_version),
+            (col(Prediction.image_id) == col(ReviewedLabel.image_id))
+            & (col(Prediction.model_version) == col(ReviewedLabel.prediction_model_version)),
         )
-    ).all()
+        .subquery()
+    )
+
+
+def _pair_errors(predicted: str, reviewed: str, class_names: Sequence[str]) -> _PairErrors:
+    return tuple(
+        _matched_by_class(json.loads(predicted) or [], json.loads(reviewed) or [], class_names)
+    )
+
+
+def _digest_counts(
+    session: Session, memo: dict[str, _PairErrors], class_names: Sequence[str]
+) -> dict[str, int]:
+    """How many reviewed images have each pair digest; pairs not yet in ``memo`` are matched
+    and remembered on the way."""
+    pairs = _compared_pairs()
+    if session.get_bind().dialect.name != "postgresql":
+        counts: dict[str, int] = {}
+        for predicted, reviewed in session.execute(select(pairs.c.predicted, pairs.c.reviewed)):
+            key = _digest(predicted, reviewed)
+            counts[key] = counts.get(key, 0) + 1
+            if key not in memo:
+                memo[key] = _pair_errors(predicted, reviewed, class_names)
+        return counts
+    digest = _digest_sql(pairs.c.predicted, pairs.c.reviewed).label("digest")
+    counts = dict(session.execute(select(digest, func.count()).group_by(digest)).tuples().all())
+    missing = [key for key in counts if key not in memo]
+    if missing:
+        query = select(digest, pairs.c.predicted, pairs.c.reviewed)
+        if len(missing) < _FETCH_MISSING_BY_DIGEST:
+            query = query.where(digest.in_(missing))
+        for key, predicted, reviewed in session.execute(query):
+            if key not in memo:
+                memo[key] = _pair_errors(predicted, reviewed, class_names)
+    return counts
+
+
+def compared_class_errors(
+    session: Session, class_names: Sequence[str]
+) -> tuple[int, list[ClassErrors]]:
+    """Reviewed images compared with their prediction, and the per-class errors over them (as
+    ``class_errors`` over every such pair)."""
+    # Starting over replaces the memo instead of emptying it: requests run in threads, and one
+    # still reading the old memo keeps every pair it counted on.
+    memo = _memo.setdefault(tuple(class_names), {})
+    if len(memo) > _MEMO_LIMIT:
+        memo = _memo[tuple(class_names)] = {}
+    counts = _digest_counts(session, memo, class_names)
+    table = {name: ClassErrors(name) for name in class_names}
+    for key, n in counts.items():
+        for name, n_predicted, n_reviewed, matched in memo[key]:
+            row = table.setdefault(name, ClassErrors(name))
+            row.predicted += n_predicted * n
+            row.reviewed += n_reviewed * n
+            row.matched += matched * n
+    # The project's classes in their order, then any other name a box carried by name: the
+    # order of those used to be whatever order the database returned the rows in.
+    known = set(class_names)
+    extra = sorted(name for name in table if name not in known)
+    return sum(counts.values()), [table[name] for name in (*class_names, *extra)]
+
+
+def queue_stats(session: Session, class_names: Sequence[str]) -> QueueStats:
+    by_status, by_reason, sync_errors, verdicts = _queue_counts(session)
+    reviewed = sum(verdicts.values())
+    compared, classes = compared_class_errors(session, class_names)
     return QueueStats(
         total=sum(by_status.values()),
         by_status=by_status,
         by_reason=by_reason,
-        sync_errors=int(sync_errors),
+        sync_errors=sync_errors,
         verdicts=verdicts,
         agreement=round(verdicts[Verdict.accepted.value] / reviewed, 4) if reviewed else None,
-        compared_images=len(compared),
-        classes=class_errors(((p or [], r or []) for p, r in compared), class_names),
+        compared_images=compared,
+        classes=classes,
     )

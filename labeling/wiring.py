@@ -22,12 +22,15 @@ its default bans rebuilt minus those two addresses (``cli.stack.label_studio_ssr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from labeling.provision import LabelStudioError, client, ensure_project
 from visionloop.settings import Settings
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
 
 STORAGE_TITLE = "visionloop images"
 WEBHOOK_PATH = "/api/labeling/webhook"

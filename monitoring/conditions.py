@@ -70,6 +70,9 @@ class LoopState:
     manual_reason: str = ""
     champion_created: datetime | None = None
     champion_version: str | None = None
+    champion_stale_s: float | None = None
+    """Seconds since MLflow last confirmed the champion, when it did not answer since the
+    recheck interval passed; None when the champion facts are fresh."""
 
     @property
     def has_manual_request(self) -> bool:
@@ -165,6 +168,11 @@ def champion_too_old(state: LoopState, settings: Settings) -> Finding:
         f"The champion (version {state.champion_version}) is {age:g} hours old; "
         f"it is retrained after {limit:g} hours."
     )
+    if state.champion_stale_s is not None:
+        reason += (
+            f" MLflow has not answered for {state.champion_stale_s:g} s, so this is its last "
+            "answer and may be stale."
+        )
     return Finding(age, limit, age >= limit, reason)
 
 
@@ -295,6 +303,7 @@ def gather_state(
     now: datetime,
     champion_created: datetime | None = None,
     champion_version: str | None = None,
+    champion_stale_s: float | None = None,
 ) -> LoopState:
     latest_drift = _latest_drift(session)
     running = _running_retrain(session)
@@ -310,28 +319,24 @@ def gather_state(
         manual_reason=manual.reason if manual else "",
         champion_created=_aware(champion_created),
         champion_version=champion_version,
+        champion_stale_s=champion_stale_s,
     )
-
-
-def champion_birth(settings: Settings) -> tuple[datetime | None, str | None]:
-    """When the current champion was registered (MLflow owns that fact)."""
-    from mlflow.exceptions import RestException
-
-    from visionloop.registry import CHAMPION, client
-
-    try:
-        version = client(settings).get_model_version_by_alias(settings.model_name, CHAMPION)
-    except RestException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None, None  # no registered model or no alias yet: there is no champion
-        raise
-    return datetime.fromtimestamp(version.creation_timestamp / 1000, tz=UTC), str(version.version)
 
 
 def retraining_conditions(
     session: Session, settings: Settings, now: datetime | None = None
 ) -> RetrainDecision:
-    """The decision on the platform's current state (the database's and MLflow's)."""
+    """The decision on the platform's current state (the database's and MLflow's).
+
+    The champion's facts come from this process's short-lived cache of MLflow's answer
+    (``monitoring.champion_cache``): fresh within ``champion_recheck_s``, and still answered,
+    said to be stale, while MLflow is away.
+    """
+    # Imported here: the cache reaches MLflow, whose import (seconds) the database-only
+    # parts of this module, and the light flows importing them, do not need.
+    from monitoring.champion_cache import cached_champion_birth
+
     now = now or datetime.now(UTC)
-    created, version = champion_birth(settings)
-    return evaluate(gather_state(session, now, created, version), settings)
+    birth = cached_champion_birth(settings)
+    state = gather_state(session, now, birth.created, birth.version, birth.stale_s)
+    return evaluate(state, settings)

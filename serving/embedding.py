@@ -57,15 +57,32 @@ def _layers(backend: Any) -> Any:
     return layers
 
 
+def pooled_statistics(level: Any) -> Any:
+    """A feature map ``(b, c, h, w)`` -> ``(b, 2c)`` tensor: each channel's spatial mean, then
+    its spatial standard deviation (unbiased).
+
+    The one definition of the embedding's numbers: the hook below runs it on PyTorch's
+    forward, and ``serving.export`` traces it into the exported graph as its second output, so
+    both backends pool alike. Written with plain means (no ``std_mean``) so that every ONNX
+    opset and OpenVINO convert it.
+    """
+    import torch
+
+    flat = level.float().flatten(2)
+    mean = flat.mean(dim=2)
+    centred = flat - mean.unsqueeze(2)
+    # Bessel's correction, as ``torch.std``; a map of one pixel has no spread to estimate.
+    std = ((centred * centred).sum(dim=2) / (flat.shape[2] - 1)).sqrt()
+    return torch.cat([mean, std], dim=1)
+
+
 def appearance(level: Any) -> np.ndarray:
-    """A feature map ``(b, c, h, w)`` -> ``(b, 2c)`` float32: each channel's spatial mean, then
-    its spatial standard deviation."""
+    """A feature map ``(b, c, h, w)`` -> ``(b, 2c)`` float32 numpy (``pooled_statistics``)."""
     import torch
 
     with torch.no_grad():
-        flat = level.float().flatten(2)
-        std, mean = torch.std_mean(flat, dim=2)
-        return torch.cat([mean, std], dim=1).cpu().numpy().astype(np.float32, copy=False)
+        pooled = pooled_statistics(level)
+        return pooled.cpu().numpy().astype(np.float32, copy=False)
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:

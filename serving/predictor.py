@@ -14,6 +14,14 @@ Every prediction runs at the low ``candidate_conf``: the boxes at or above the c
 ``conf`` are shown, the ones under it are kept as ``below`` (class and confidence only),
 what the model almost saw, for scoring its uncertainty. The same forward pass yields the
 image's embedding (``serving.embedding``).
+
+What runs the model is ``VISIONLOOP_INFERENCE_BACKEND``: under ``auto`` the fastest export of
+the version that passed its parity check with PyTorch (OpenVINO, then ONNX Runtime, see
+``serving.export``), else PyTorch; an explicit ``onnx``/``openvino`` that is not verified
+falls back to PyTorch and ``backend_reason`` says why. A version loaded before its exports
+were logged is loaded again once they are (its registry tag changed). Both backends give the
+same ``PredictionResult``s; a call at another ``imgsz`` than the export's fixed size runs on
+PyTorch, which is kept loaded for it.
 """
 
 from __future__ import annotations
@@ -29,13 +37,16 @@ import cv2
 import numpy as np
 
 from serving.embedding import mirror, predict_with_features, unmirror_boxes
+from serving.runtime import EXPORTED_BACKENDS, TORCH, Detections, ExportedRuntime
 from training.trainer import configure_ultralytics
 from visionloop.registry import (
     CHAMPION,
     ModelRef,
     RegistryError,
     WeightsChecksumError,
+    download_export,
     download_weights,
+    export_record,
     get_alias,
 )
 from visionloop.settings import Settings
@@ -72,6 +83,21 @@ class PredictionResult:
         object.__setattr__(self, "confidences", [float(b["conf"]) for b in self.boxes])
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """One champion version in memory: PyTorch always, an exported runtime when one is used."""
+
+    torch: Any
+    """The ultralytics ``YOLO`` (PyTorch): the fallback, and every call at another ``imgsz``."""
+    runtime: ExportedRuntime | None
+    reason: str
+    """Why this backend runs (what was tried and refused before it)."""
+
+    @property
+    def backend(self) -> str:
+        return self.runtime.backend if self.runtime is not None else TORCH
+
+
 class ChampionPredictor:
     """Batched prediction with the current holder of ``alias``; safe to share across threads.
 
@@ -98,7 +124,7 @@ class ChampionPredictor:
         """Keep each image's embedding; off only to measure what it costs (bench.ingest)."""
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
-        self._model: Any = None
+        self._model: LoadedModel | None = None
         self._ref: ModelRef | None = None
         self._checked_at = float("-inf")
         self.last_error: str | None = None
@@ -133,7 +159,17 @@ class ChampionPredictor:
         finally:
             self._checked_at = time.monotonic()
 
-    def _current(self) -> tuple[Any, ModelRef]:
+    @property
+    def backend(self) -> str:
+        """What runs the loaded champion: ``torch``, ``onnx`` or ``openvino`` (loads it)."""
+        return self._current()[0].backend
+
+    @property
+    def backend_reason(self) -> str:
+        """Why that backend runs: the export chosen, or why each faster one was not."""
+        return self._current()[0].reason
+
+    def _current(self) -> tuple[LoadedModel, ModelRef]:
         """The model to predict with, refreshed first when due.
 
         Without a model the caller waits for the load (bounded by the registry's limits);
@@ -150,7 +186,50 @@ class ChampionPredictor:
             assert self._model is not None and self._ref is not None
             return self._model, self._ref
 
-    def _load(self, ref: ModelRef) -> Any:
+    def _load(self, ref: ModelRef) -> LoadedModel:
+        """The version's PyTorch model and, when allowed and verified, its fastest export."""
+        model = self._load_torch(ref)
+        wanted = self.settings.inference_backend
+        if wanted == TORCH:
+            return LoadedModel(model, None, "VISIONLOOP_INFERENCE_BACKEND=torch")
+        candidates = EXPORTED_BACKENDS if wanted == "auto" else (wanted,)
+        backends = export_record(ref).get("backends", {})
+        refused: list[str] = []
+        for backend in candidates:
+            entry = backends.get(backend)
+            if not entry:
+                refused.append(f"{backend}: model version {ref.version} has no parity record")
+                continue
+            if not entry.get("verified"):
+                refused.append(f"{backend}: refused by its parity check ({entry.get('reason')})")
+                continue
+            try:
+                path = download_export(
+                    self.settings, ref, backend, self.settings.data_dir / "models"
+                )
+                runtime = ExportedRuntime(
+                    backend, path, imgsz=_imgsz(model), names=dict(model.names)
+                )
+            # Refused checksums, an unreachable store, a graph the runtime cannot load: each
+            # falls back to the next backend and PyTorch, which serves the version correctly.
+            except Exception as exc:
+                refused.append(f"{backend}: {type(exc).__name__}: {exc}")
+                continue
+            chosen = f"{backend}: verified export ({entry.get('reason')})"
+            return LoadedModel(model, runtime, "; ".join([*refused, chosen]))
+        reason = "; ".join(refused) + "; running PyTorch"
+        if wanted != "auto":
+            log.warning(
+                "VISIONLOOP_INFERENCE_BACKEND=%s but model version %s runs on PyTorch: %s",
+                wanted,
+                ref.version,
+                reason,
+            )
+        else:
+            log.info("model version %s runs on PyTorch: %s", ref.version, reason)
+        return LoadedModel(model, None, reason)
+
+    def _load_torch(self, ref: ModelRef) -> Any:
         """The version's model, from checksum-verified weights, checked by a safe load first."""
         configure_ultralytics(self.settings.data_dir / ".ultralytics")
         from ultralytics import YOLO
@@ -174,8 +253,7 @@ class ChampionPredictor:
 
     def input_size(self) -> int:
         """The square size images are letterboxed to: what the champion was trained at."""
-        model, _ = self._current()
-        return int(model.overrides.get("imgsz") or 640)
+        return _imgsz(self._current()[0].torch)
 
     def predict_batch(
         self,
@@ -198,33 +276,54 @@ class ChampionPredictor:
         bgr = [cv2.cvtColor(image, cv2.COLOR_RGB2BGR) for image in images]
         if flip:
             bgr = mirror(bgr)
-        model, ref = self._current()
+        loaded, ref = self._current()
         floor = min(conf, self.settings.candidate_conf)
-        kwargs: dict[str, Any] = {"conf": floor, "verbose": False}
-        if imgsz:
-            kwargs["imgsz"] = imgsz
+        embed = self.embed and not flip
+        runtime = loaded.runtime
+        if runtime is not None and imgsz and imgsz != runtime.imgsz:
+            runtime = None  # the exported graph's size is fixed: PyTorch predicts other sizes
         embeddings: np.ndarray | None = None
         with self._lock:  # one batch at a time per model; a swap waits for it
-            if self.embed and not flip:
-                results, embeddings = predict_with_features(model, bgr, **kwargs)
+            if runtime is not None:
+                found, pooled = runtime.predict(bgr, conf=floor)
+                embeddings = pooled if embed else None
+                names = runtime.names
             else:
-                results = model.predict(bgr, **kwargs)
-        names = results[0].names if results else {}
+                found, embeddings, names = _torch_predict(loaded.torch, bgr, floor, imgsz, embed)
         return [
             _result(
-                result,
+                detections,
                 names,
                 ref.version,
                 conf,
                 flip=flip,
                 embedding=None if embeddings is None else embeddings[i],
             )
-            for i, result in enumerate(results)
+            for i, detections in enumerate(found)
         ]
 
 
+def _imgsz(model: Any) -> int:
+    return int(model.overrides.get("imgsz") or 640)
+
+
+def _torch_predict(
+    model: Any, bgr: list[np.ndarray], floor: float, imgsz: int | None, embed: bool
+) -> tuple[list[Detections], np.ndarray | None, dict[int, str]]:
+    kwargs: dict[str, Any] = {"conf": floor, "verbose": False}
+    if imgsz:
+        kwargs["imgsz"] = imgsz
+    embeddings: np.ndarray | None = None
+    if embed:
+        results, embeddings = predict_with_features(model, bgr, **kwargs)
+    else:
+        results = model.predict(bgr, **kwargs)
+    names = dict(results[0].names) if results else dict(model.names)
+    return [Detections.from_result(r) for r in results], embeddings, names
+
+
 def _result(
-    result: Any,
+    found: Detections,
     names: dict[int, str],
     version: str,
     conf: float,
@@ -232,15 +331,12 @@ def _result(
     flip: bool,
     embedding: np.ndarray | None,
 ) -> PredictionResult:
-    """One ultralytics result as shown boxes and sub-threshold candidates."""
+    """One image's detections as shown boxes and sub-threshold candidates."""
     boxes: list[dict[str, Any]] = []
     below: list[tuple[int, float]] = []
-    if result.boxes is not None and len(result.boxes):
-        xyxyn = result.boxes.xyxyn.cpu().numpy().astype(float)
-        if flip:
-            xyxyn = unmirror_boxes(xyxyn)
-        confs = result.boxes.conf.cpu().numpy().astype(float)
-        classes = result.boxes.cls.cpu().numpy().astype(int)
+    if len(found.conf):
+        xyxyn = unmirror_boxes(found.xyxyn) if flip else found.xyxyn
+        confs, classes = found.conf, found.cls
         for index in np.argsort(-confs, kind="stable"):
             # Compared as stored: a shown box never reads under ``conf``, a near miss never at it.
             score, cls = round(float(confs[index]), 6), int(classes[index])

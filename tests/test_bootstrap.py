@@ -40,6 +40,10 @@ def test_bootstrap_registers_a_champion(settings: Settings, tmp_path) -> None:
     run = client(settings).get_run(champion.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["epochs"] == "2"
+    # VISIONLOOP_DEVICE (auto here) as resolved on this machine: cuda:0 or cpu.
+    from training.trainer import resolve_device
+
+    assert run.data.params["device"] == resolve_device("auto")
     assert run.data.tags["visionloop.trigger"] == "bootstrap"
     history = client(settings).get_metric_history(champion.run_id, "mAP50")
     assert [m.step for m in history] == [1, 2]  # one point per epoch

@@ -369,6 +369,23 @@ def test_docker_pool_flow_runs_and_worker_join_networks_compose_creates(
     assert not worker.get("ports")
 
 
+def test_gpu_addition_gives_the_flow_runs_worker_one_nvidia_gpu(
+    raw: dict[str, Any], resolved: dict[str, Any]
+) -> None:
+    """`-f deployments/compose.gpu.yml`: the process worker (flow runs are its subprocesses)
+    reserves one NVIDIA GPU and names it in VISIONLOOP_DEVICE, which the settings accept."""
+    addition = yaml.safe_load((ROOT / "deployments" / "compose.gpu.yml").read_text())
+    assert set(addition["services"]) == {"prefect-worker"} <= set(raw)
+    worker = addition["services"]["prefect-worker"]
+    [device] = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    # Compose merges the addition's environment into the service's own.
+    merged = {**environment(resolved["prefect-worker"]), **worker["environment"]}
+    assert settings_from(merged).device == "cuda:0"
+    # Without the addition no service reserves a device (compose would refuse on a CPU host).
+    assert not any("deploy" in service for service in raw.values())
+
+
 def test_label_studio_has_no_local_files_and_its_ssrf_guard_on(
     raw: dict[str, Any], resolved: dict[str, Any]
 ) -> None:

@@ -485,22 +485,28 @@ def test_training_gets_more_resources_than_the_rest(variants: dict[str, Any]) ->
             assert quantity(k8s[name]["memory_limit"]) > quantity(k8s[other]["memory_limit"])
             assert quantity(k8s[name]["cpu_request"]) > quantity(k8s[other]["cpu_request"])
         assert quantity(k8s[name]["memory_limit"]) >= 4 * 2**30
+    # Training asks Kubernetes for one NVIDIA GPU; nothing else holds one.
+    assert {name for name in k8s if "gpu_limit" in k8s[name]} == TRAINING
+    assert {quantity(k8s[name]["gpu_limit"]) for name in TRAINING} == {1}
 
 
 def test_the_kubernetes_template_extends_the_workers_default() -> None:
     """Every variable and job field of prefect-kubernetes' default template is still there
-    (the installed worker fills them), plus the Secret and the scratch volume."""
+    (the installed worker fills them), plus the Secret, the scratch volume and a GPU limit."""
     ours, default = json.loads(K8S_TEMPLATE.read_text()), bundled_template("kubernetes")
     props, default_props = ours["variables"]["properties"], default["variables"]["properties"]
     for name, spec in default_props.items():
         assert props[name].get("type") == spec.get("type"), name
-    assert set(props) - set(default_props) == {"secret_name", "data_size_limit"}
+    assert set(props) - set(default_props) == {"secret_name", "data_size_limit", "gpu_limit"}
     assert set(ours["job_configuration"]) == set(default["job_configuration"])
     manifest, default_manifest = (t["job_configuration"]["job_manifest"] for t in (ours, default))
     assert (manifest["apiVersion"], manifest["kind"]) == ("batch/v1", "Job")
     [container] = manifest["spec"]["template"]["spec"]["containers"]
     [default_container] = default_manifest["spec"]["template"]["spec"]["containers"]
-    assert {k: v for k, v in container.items() if k in default_container} == default_container
+    kept = json.loads(json.dumps({k: v for k, v in container.items() if k in default_container}))
+    # The one change to the default's fields: a GPU limit, dropped where no value is given.
+    assert kept["resources"]["limits"].pop("nvidia.com/gpu") == "{{ gpu_limit }}"
+    assert kept == default_container
 
 
 @pytest.mark.parametrize("name", ["ingest", "train", "drift"])
@@ -521,8 +527,11 @@ def test_the_job_a_kubernetes_flow_run_gets(name: str, variants: dict[str, Any])
     assert container["imagePullPolicy"] == variables["image_pull_policy"]
     assert container["env"] == variables["env"] == rendered["env"]
     assert container["envFrom"] == [{"secretRef": {"name": "visionloop-secrets"}}]
+    # A GPU only where the deployment asks for one: without `gpu_limit` the key is dropped,
+    # so the pod still fits nodes without NVIDIA's device plugin.
+    gpu = {"nvidia.com/gpu": "1"} if name in TRAINING else {}
     assert container["resources"] == {
-        "limits": {"cpu": variables["cpu_limit"], "memory": variables["memory_limit"]},
+        "limits": {"cpu": variables["cpu_limit"], "memory": variables["memory_limit"], **gpu},
         "requests": {"cpu": variables["cpu_request"], "memory": variables["memory_request"]},
     }
     [mount] = container["volumeMounts"]

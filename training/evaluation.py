@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.trainer import configure_ultralytics
+from training.trainer import configure_ultralytics, settings_device
 
 METRICS = ("mAP50", "mAP50-95", "precision", "recall")
 
@@ -24,9 +24,16 @@ class EvalResult:
 
 
 def evaluate_weights(
-    weights: Path, data_yaml: Path, *, imgsz: int, batch: int, run_dir: Path
+    weights: Path,
+    data_yaml: Path,
+    *,
+    imgsz: int,
+    batch: int,
+    run_dir: Path,
+    device: str | None = None,
 ) -> EvalResult:
-    """Validate ``weights`` on the ``val`` split of ``data_yaml`` (a holdout snapshot's yaml).
+    """Validate ``weights`` on the ``val`` split of ``data_yaml`` (a holdout snapshot's yaml)
+    on ``device`` (a torch device; default ``VISIONLOOP_DEVICE`` resolved).
 
     Uses ultralytics' defaults for mAP (confidence 0.001, NMS IoU 0.7) so numbers compare with
     any other ultralytics validation of the same data.
@@ -40,7 +47,7 @@ def evaluate_weights(
         split="val",
         imgsz=imgsz,
         batch=batch,
-        device="cpu",
+        device=device or settings_device(),
         workers=0,
         plots=False,
         verbose=False,

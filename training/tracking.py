@@ -10,7 +10,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from training.trainer import EpochCallback, TrainResult, train_yolo
+from training.trainer import EpochCallback, TrainResult, resolve_device, train_yolo
 from visionloop.registry import WEIGHTS_DIR, client, code_version, ensure_experiment
 from visionloop.settings import Settings
 
@@ -34,9 +34,13 @@ def tracked_training(
     it while the run is live (a killed process can then still have its run ended by others).
     """
     mlflow = client(settings)
+    # Resolved before the run starts, so a GPU asked for but absent fails before MLflow
+    # records a run; logged because `auto` means different hardware on different workers.
+    device = resolve_device(settings.device)
     run_id = _start_run(settings, mlflow, run_name, tags)
     all_params = {
         "model_source": model_source,
+        "device": device,
         "epochs": epochs,
         "imgsz": settings.image_size,
         "batch": settings.train_batch,
@@ -57,6 +61,7 @@ def tracked_training(
             batch=settings.train_batch,
             seed=settings.seed,
             on_epoch=_epoch_logger(mlflow, run_id, on_epoch),
+            device=device,
         )
         _log_result(mlflow, run_id, result, data_yaml)
     except BaseException as exc:

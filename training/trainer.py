@@ -15,6 +15,38 @@ from typing import Any
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
+def resolve_device(device: str) -> str:
+    """The torch device for ``VISIONLOOP_DEVICE`` (``auto``, ``cpu`` or ``cuda:N``).
+
+    ``auto`` is ``cuda:0`` when torch sees a GPU, else ``cpu``. Resolved here, when a stage
+    is about to run a model, because asking torch means importing it: the settings stay
+    import-light for the flows that never touch a model. A GPU that is asked for by name but
+    absent is refused, so a misconfigured worker fails at once, naming the setting.
+    """
+    device = device.strip().lower()
+    if device == "cpu":
+        return device
+    import torch
+
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = device.removeprefix("cuda:")
+    if not (device.startswith("cuda:") and index.isdigit() and int(index) < count):
+        raise ValueError(
+            f"VISIONLOOP_DEVICE={device} but torch sees {count} CUDA device(s) here: "
+            "set VISIONLOOP_DEVICE=auto or cpu, or run on a machine with that GPU"
+        )
+    return device
+
+
+def settings_device() -> str:
+    """``VISIONLOOP_DEVICE`` of this process's settings, resolved."""
+    from visionloop.settings import get_settings
+
+    return resolve_device(get_settings().device)
+
+
 def configure_ultralytics(config_dir: Path) -> None:
     """Keep ultralytics offline and its settings file inside the platform's data dir."""
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
@@ -60,8 +92,10 @@ def train_yolo(
     seed: int = 0,
     on_epoch: EpochCallback | None = None,
     extra_args: dict[str, Any] | None = None,
+    device: str | None = None,
 ) -> TrainResult:
-    """Train from ``model_source`` (a .pt to fine-tune or a model YAML) on ``data_yaml``."""
+    """Train from ``model_source`` (a .pt to fine-tune or a model YAML) on ``data_yaml``, on
+    ``device`` (a torch device; default ``VISIONLOOP_DEVICE`` resolved)."""
     configure_ultralytics(run_dir.parent / ".ultralytics")  # before the import reads the env
     from ultralytics import YOLO
 
@@ -73,7 +107,7 @@ def train_yolo(
         epochs=epochs,
         imgsz=imgsz,
         batch=batch,
-        device="cpu",
+        device=device or settings_device(),
         workers=0,
         seed=seed,
         deterministic=True,

@@ -10,7 +10,16 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Index,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlmodel import Field, SQLModel
 
 
@@ -138,7 +147,19 @@ class LabelingQueueItem(SQLModel, table=True):
     """Seed 004's labeling_queue, linked to the Label Studio task that serves it."""
 
     __tablename__ = "labeling_queue"
-    __table_args__ = (Index("ix_labeling_queue_status_created", "status", "created_at"),)
+    __table_args__ = (
+        Index("ix_labeling_queue_status_created", "status", "created_at"),
+        # The queue statistics' counts, read from the indexes alone (migration 0004).
+        Index("ix_labeling_queue_reason_status", "flagged_reason", "status"),
+        Index(
+            "ix_labeling_queue_sync_error",
+            "id",
+            sqlite_where=text("sync_error IS NOT NULL"),
+            postgresql_where=text("sync_error IS NOT NULL"),
+        ),
+        # A cycle's first item in one probe: the ledger's newest cycles.
+        Index("ix_labeling_queue_cycle_id", "cycle", "id"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     image_id: int = Field(foreign_key="images.id", unique=True)
@@ -264,7 +285,11 @@ class DriftResult(SQLModel, table=True):
 
 class ActivityEvent(SQLModel, table=True):
     __tablename__ = "activity_events"
-    __table_args__ = (Index("ix_activity_events_kind_created", "kind", "created_at"),)
+    __table_args__ = (
+        Index("ix_activity_events_kind_created", "kind", "created_at"),
+        # The newest events of one kind without walking past the others (migration 0004).
+        Index("ix_activity_events_kind_id", "kind", "id"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     created_at: datetime = Field(

@@ -15,6 +15,7 @@ unreachable server is a ``RegistryUnavailable`` that names it.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
@@ -39,6 +41,14 @@ WEIGHTS_DIR = "weights"
 WEIGHTS_FILE = "best.pt"
 SHA256_TAG = "visionloop.weights_sha256"
 """Model-version tag: the sha256 of the ``best.pt`` the platform registered."""
+EXPORTS_TAG = "visionloop.exports"
+"""Model-version tag: the exports' parity verdicts and the sha256 of every file of a verified
+export (JSON, ``log_exports``). Only a backend listed here as verified is ever loaded."""
+EXPORTS_DIR = "exports"
+"""The run's artifact folder of exported models: ``exports/v<version>/<backend>/``."""
+PARITY_FILE = "parity.json"
+_TAG_REASON_CHARS = 300
+"""MLflow caps a tag value at 5000 characters: each reason in the tag is cut to this."""
 _BACKOFF_FACTOR = 1
 """Seconds before the second retry of a failed MLflow call (doubling after)."""
 
@@ -63,6 +73,10 @@ class ModelRef:
     source: str
     sha256: str | None = None
     """The registered weights' checksum (``SHA256_TAG``); None for a version without it."""
+    exports: str | None = None
+    """The ``EXPORTS_TAG`` (JSON) once the version was exported; None before. Part of the
+    identity: a predictor that loaded the version before its exports were logged sees a
+    changed reference and loads it again, this time on the exported backend."""
 
     @property
     def uri(self) -> str:
@@ -146,6 +160,7 @@ def _ref(version: ModelVersion) -> ModelRef:
         version.run_id,
         version.source,
         (version.tags or {}).get(SHA256_TAG),
+        (version.tags or {}).get(EXPORTS_TAG),
     )
 
 
@@ -299,3 +314,145 @@ def download_weights(settings: Settings, ref: ModelRef, dst: Path) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return weights
+
+
+# --- exported models --------------------------------------------------------------------------
+
+
+def _exports_uri(ref: ModelRef) -> str:
+    """Where the version's exports lie: beside its weights, in the same run."""
+    base = ref.source.removesuffix(f"/{WEIGHTS_DIR}")
+    return f"{base}/{EXPORTS_DIR}/v{ref.version}"
+
+
+def export_record(ref: ModelRef) -> dict[str, Any]:
+    """The version's ``EXPORTS_TAG`` as a dict (``{}`` when it was never exported)."""
+    if not ref.exports:
+        return {}
+    try:
+        record = json.loads(ref.exports)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def log_exports(
+    settings: Settings,
+    ref: ModelRef,
+    folders: dict[str, Path],
+    entry_files: dict[str, str],
+    parity: dict[str, Any],
+) -> ModelRef:
+    """Log each verified export folder and the parity record as artifacts of the version's run,
+    then tag the version with the verdicts and the sha256 of every logged file.
+
+    ``folders`` holds only verified exports (backend -> folder); ``entry_files`` names the
+    file of each folder a runtime loads. The tag is written last, so no process is told to
+    load files that are not all stored yet.
+    """
+    if not ref.run_id:
+        raise RegistryError(f"model version {ref.version} has no run to log its exports to")
+    mlflow = client(settings)
+    backends: dict[str, Any] = {}
+    for backend, parity_entry in (parity.get("backends") or {}).items():
+        backends[backend] = {
+            "verified": bool(parity_entry.get("verified")) and backend in folders,
+            "reason": str(parity_entry.get("reason", ""))[:_TAG_REASON_CHARS],
+        }
+    prefix = f"{EXPORTS_DIR}/v{ref.version}"
+    with tempfile.TemporaryDirectory() as scratch:
+        record_path = Path(scratch) / PARITY_FILE
+        record_path.write_text(json.dumps(parity, indent=2, sort_keys=True))
+        with reaching_mlflow(settings):
+            mlflow.log_artifact(ref.run_id, str(record_path), prefix)
+        for backend, folder in folders.items():
+            files = {
+                str(path.relative_to(folder)): file_sha256(path)
+                for path in sorted(folder.rglob("*"))
+                if path.is_file()
+            }
+            with reaching_mlflow(settings):
+                mlflow.log_artifacts(ref.run_id, str(folder), f"{prefix}/{backend}")
+            backends[backend].update(entry=entry_files[backend], files=files)
+        tag = {
+            "backends": backends,
+            PARITY_FILE: file_sha256(record_path),
+            "imgsz": parity.get("imgsz"),
+        }
+    with reaching_mlflow(settings):
+        mlflow.set_model_version_tag(
+            settings.model_name, ref.version, EXPORTS_TAG, json.dumps(tag, sort_keys=True)
+        )
+    return get_version(settings, ref.version)
+
+
+def download_export(settings: Settings, ref: ModelRef, backend: str, dst: Path) -> Path:
+    """A verified export of the version, cached under ``dst``; the path of its entry file.
+
+    ``WeightsChecksumError`` unless the backend is recorded as verified and every file hashes
+    to what ``log_exports`` recorded: an exported graph is code a runtime executes.
+    """
+    import mlflow.artifacts
+
+    entry = export_record(ref).get("backends", {}).get(backend) or {}
+    if not entry.get("verified") or not entry.get("files") or not entry.get("entry"):
+        raise WeightsChecksumError(
+            f"model version {ref.version} has no verified {backend} export"
+            + (f" ({entry['reason']})" if entry.get("reason") else "")
+        )
+    files: dict[str, str] = entry["files"]
+    target = weights_cache_dir(dst, ref) / EXPORTS_DIR / backend
+    if all(
+        (target / name).is_file() and file_sha256(target / name) == sha
+        for name, sha in files.items()
+    ):
+        return target / entry["entry"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+    try:
+        with reaching_mlflow(settings):
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{_exports_uri(ref)}/{backend}",
+                dst_path=str(scratch),
+                tracking_uri=settings.mlflow_uri,
+            )
+        fetched = scratch / backend
+        for name, sha in files.items():
+            path = fetched / name
+            if not path.resolve().is_relative_to(fetched.resolve()) or not path.is_file():
+                raise WeightsChecksumError(
+                    f"the {backend} export of model version {ref.version} lacks {name}"
+                )
+            actual = file_sha256(path)
+            if actual != sha:
+                raise WeightsChecksumError(
+                    f"{name} of the {backend} export of model version {ref.version} has "
+                    f"sha256 {actual}, not the {sha} recorded when it was verified: refused"
+                )
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(fetched, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target / entry["entry"]
+
+
+def download_parity(settings: Settings, ref: ModelRef) -> dict[str, Any]:
+    """The version's parity record (``parity.json``), refused unless it is the one tagged."""
+    import mlflow.artifacts
+
+    expected = export_record(ref).get(PARITY_FILE)
+    if not expected:
+        raise RegistryError(f"model version {ref.version} has no parity record")
+    with tempfile.TemporaryDirectory() as scratch:
+        with reaching_mlflow(settings):
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{_exports_uri(ref)}/{PARITY_FILE}",
+                dst_path=scratch,
+                tracking_uri=settings.mlflow_uri,
+            )
+        path = Path(scratch) / PARITY_FILE
+        if not path.is_file() or file_sha256(path) != expected:
+            raise WeightsChecksumError(
+                f"the parity record of model version {ref.version} is not the one tagged"
+            )
+        return json.loads(path.read_text())

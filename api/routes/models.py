@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body, Path, Query
 from api.deps import SettingsDep, Token
 from api.errors import AUTH, BODY, Conflict, responses
 from api.schemas import VERSION_PATTERN, AliasChangeOut, ModelsOut, PromoteIn, RollbackIn
+from monitoring.champion_cache import invalidate as forget_champion
 from training.model_catalog import catalog, require_version
 from training.promotion import promote, rollback
 from visionloop.registry import RegistryError, RegistryUnavailable
@@ -41,6 +42,7 @@ def promote_version(
     change = promote(
         settings, version, reason=(body.reason if body else "") or "promoted through the API"
     )
+    forget_champion(settings)  # the conditions show the new champion from the next call on
     return AliasChangeOut.model_validate(change)
 
 
@@ -67,4 +69,5 @@ def rollback_champion(
         raise  # an outage stays a 503
     except RegistryError as exc:  # no `previous` alias, or untrusted weights: a state
         raise Conflict(str(exc)) from exc
+    forget_champion(settings)  # the conditions show the new champion from the next call on
     return AliasChangeOut.model_validate(change)

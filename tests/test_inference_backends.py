@@ -1,0 +1,241 @@
+"""Exported champions (ONNX Runtime, OpenVINO) behind a parity gate, served by the predictor.
+
+Everything runs on the session's stack with a real bootstrapped champion: the bootstrap flow
+exports it, the predictor loads the export MLflow records as verified, a deliberately broken
+export is refused by the same gate, and the backend follows the champion alias.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from serving.predictor import ChampionPredictor, PredictionResult
+from visionloop.boxes import greedy_pairs, iou_matrix
+from visionloop.registry import CHAMPION, export_record, get_alias
+from visionloop.synthetic import generate_sample
+
+CONF = 0.001
+"""Where the session's barely trained champion shows boxes at all."""
+SURE = 0.002
+"""Boxes this far over ``CONF`` must be found by every backend (nearer it, a rounding
+difference may drop one)."""
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def champion(stack: Any) -> str:
+    from flows.bootstrap import bootstrap_flow
+
+    return bootstrap_flow(epochs=2, images=16)["version"]
+
+
+@pytest.fixture(scope="module")
+def exported(stack: Any, champion: str) -> str:
+    """The champion, exported: by the bootstrap flow when this module trained it, here when
+    another module did before exports existed."""
+    from serving.export import export_champion
+    from visionloop.db import session_scope
+    from visionloop.settings import get_settings
+
+    settings = get_settings()
+    ref = get_alias(settings, CHAMPION)
+    assert ref is not None and ref.version == champion
+    if not export_record(ref):
+        with session_scope() as session:
+            export_champion(settings, ref, session=session)
+    return champion
+
+
+def rgb_images(count: int, seed: int, size: int) -> list[np.ndarray]:
+    return [generate_sample(i, seed=seed, size=size).image for i in range(count)]
+
+
+def with_backend(settings: Any, backend: str) -> Any:
+    return settings.model_copy(update={"inference_backend": backend})
+
+
+def assert_same_predictions(
+    got: list[PredictionResult], expected: list[PredictionResult], *, embedded: bool = True
+) -> None:
+    """Every sure box of ``expected`` found in ``got`` (same class, IoU >= 0.95, confidence
+    within 0.002), and the embeddings pointing the same way."""
+    assert sum(len([b for b in e.boxes if b["conf"] >= SURE]) for e in expected) > 0
+    for g, e in zip(got, expected, strict=True):
+        assert g.model_version == e.model_version
+        sure = [b for b in e.boxes if b["conf"] >= SURE]
+        ious = iou_matrix(
+            [[b[k] for k in ("x1", "y1", "x2", "y2")] for b in sure],
+            [[b[k] for k in ("x1", "y1", "x2", "y2")] for b in g.boxes],
+        )
+        for i, box in enumerate(sure):
+            same_class = [j for j, other in enumerate(g.boxes) if other["cls"] == box["cls"]]
+            ious[i, [j for j in range(len(g.boxes)) if j not in same_class]] = -1
+        pairs = greedy_pairs(ious, min_iou=0.95)
+        assert len(pairs) == len(sure), (sure, g.boxes)
+        for i, j, _ in pairs:
+            assert g.boxes[j]["conf"] == pytest.approx(sure[i]["conf"], abs=2e-3)
+        if embedded:
+            assert g.embedding is not None and e.embedding is not None
+            assert float(np.dot(g.embedding, e.embedding)) >= 0.999
+        else:
+            assert g.embedding is None and e.embedding is None
+
+
+def test_a_verified_export_predicts_like_pytorch_and_serves_under_auto(
+    settings: Any, exported: str
+) -> None:
+    ref = get_alias(settings, CHAMPION)
+    assert ref is not None
+    record = export_record(ref)
+    for backend in ("onnx", "openvino"):
+        entry = record["backends"][backend]
+        assert entry["verified"], entry
+        assert entry["files"] and entry["entry"] in entry["files"]
+
+    auto = ChampionPredictor(settings)
+    assert settings.inference_backend == "auto"
+    assert auto.backend == "openvino", auto.backend_reason
+    pytorch = ChampionPredictor(with_backend(settings, "torch"))
+    onnx = ChampionPredictor(with_backend(settings, "onnx"))
+    assert onnx.backend == "onnx", onnx.backend_reason
+
+    images = rgb_images(6, seed=31, size=settings.image_size)
+    expected = pytorch.predict_batch(images, conf=CONF)
+    for predictor in (auto, onnx):
+        assert_same_predictions(predictor.predict_batch(images, conf=CONF), expected)
+        # The flip pass runs on the export too, and maps its boxes back alike.
+        mirrored = [np.ascontiguousarray(i[:, ::-1]) for i in images]
+        assert_same_predictions(
+            predictor.predict_batch(mirrored, conf=CONF, flip=True),
+            pytorch.predict_batch(mirrored, conf=CONF, flip=True),
+            embedded=False,
+        )
+    # Shown and below keep their meaning on the export.
+    [result] = auto.predict_batch(images[:1], conf=0.004)
+    assert all(b["conf"] >= 0.004 for b in result.boxes)
+    assert all(c < 0.004 for _, c in result.below)
+    assert input_size_is_the_export_size(auto)
+
+
+def input_size_is_the_export_size(predictor: ChampionPredictor) -> bool:
+    loaded, _ = predictor._current()
+    return loaded.runtime is not None and predictor.input_size() == loaded.runtime.imgsz
+
+
+def _break_first_convolution(onnx_path: Path) -> None:
+    """Negate the stem convolution's weights in the ONNX graph: a silently wrong export."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path))
+    weights = [
+        init for init in graph.graph.initializer if len(init.dims) == 4 and init.dims[1] == 3
+    ]
+    assert weights, "no stem convolution in the graph"
+    stem = weights[0]
+    stem.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(stem), stem.name))
+    onnx.save(graph, str(onnx_path))
+
+
+def test_a_broken_export_is_refused_and_serving_stays_on_pytorch(
+    settings: Any, exported: str, tmp_path: Path
+) -> None:
+    from serving.export import (
+        build_exports,
+        check_parity,
+        export_openvino,
+        held_out_samples,
+        onnx_metadata,
+        publish,
+    )
+    from visionloop.db import session_scope
+    from visionloop.registry import download_weights, register_weights, set_alias
+
+    ref = get_alias(settings, CHAMPION)
+    assert ref is not None and ref.run_id
+    weights = download_weights(settings, ref, tmp_path / "weights")
+    exports = build_exports(weights, tmp_path / "exports")
+    _break_first_convolution(exports["onnx"])
+    # OpenVINO converted from the broken graph: both exports are wrong the same way.
+    exports["openvino"] = export_openvino(
+        exports["onnx"], tmp_path / "exports" / "openvino-broken", onnx_metadata(exports["onnx"])
+    )
+    # Another version of the same weights carries the broken export, under an alias of this
+    # test's own: the session's champion keeps its good one.
+    broken = register_weights(settings, ref.run_id)
+    with session_scope() as session:
+        split, samples = held_out_samples(session, settings, broken)
+    assert split == "val" and samples  # a bootstrap snapshot holds no test split
+    record = check_parity(weights, exports, samples, version=broken.version, split=split)
+    for backend in ("onnx", "openvino"):
+        parity = record.backends[backend]
+        assert not parity.verified, parity
+        assert parity.embedding_cosine_median is not None
+        assert parity.embedding_cosine_median < 0.99 and "cosine" in parity.reason
+    published = publish(settings, broken, exports, record)
+    tag = export_record(published)["backends"]
+    assert not tag["onnx"]["verified"] and "files" not in tag["onnx"]  # nothing logged to load
+
+    set_alias(settings, "broken-export", broken.version)
+    for wanted in ("auto", "onnx", "openvino"):
+        predictor = ChampionPredictor(with_backend(settings, wanted), alias="broken-export")
+        assert predictor.backend == "torch"
+        assert "refused by its parity check" in predictor.backend_reason
+        assert "cosine" in predictor.backend_reason
+        [result] = predictor.predict_batch(rgb_images(1, seed=32, size=settings.image_size))
+        assert result.model_version == broken.version and result.embedding is not None
+
+
+def test_explicit_torch_runs_pytorch_even_with_a_verified_export(
+    settings: Any, exported: str
+) -> None:
+    predictor = ChampionPredictor(with_backend(settings, "torch"))
+    assert predictor.backend == "torch"
+    assert "VISIONLOOP_INFERENCE_BACKEND=torch" in predictor.backend_reason
+    loaded, _ = predictor._current()
+    assert loaded.runtime is None
+    [result] = predictor.predict_batch(rgb_images(1, seed=33, size=settings.image_size))
+    assert result.model_version == exported
+
+
+def test_the_backend_follows_the_champion_alias_without_a_restart(
+    settings: Any, exported: str, tmp_path: Path
+) -> None:
+    from serving.export import build_exports, check_parity, held_out_samples, publish
+    from training.promotion import promote, rollback
+    from visionloop.db import session_scope
+    from visionloop.registry import download_weights, register_weights
+
+    ref = get_alias(settings, CHAMPION)
+    assert ref is not None and ref.run_id
+    predictor = ChampionPredictor(settings, recheck_s=0.0)
+    images = rgb_images(2, seed=34, size=settings.image_size)
+    assert predictor.predict_batch(images)[0].model_version == exported
+    assert predictor.backend == "openvino"
+
+    # A new version whose only verified export is ONNX: promoted, it runs on ONNX Runtime.
+    other = register_weights(settings, ref.run_id)
+    weights = download_weights(settings, other, tmp_path)
+    exports = build_exports(weights, tmp_path / "exports")
+    with session_scope() as session:
+        split, samples = held_out_samples(session, settings, other)
+    record = check_parity(
+        weights, {"onnx": exports["onnx"]}, samples, version=other.version, split=split
+    )
+    assert record.verified() == ["onnx"], record
+    publish(settings, other, {"onnx": exports["onnx"]}, record)
+    promote(settings, other.version, reason="test: the backend follows the alias")
+    try:
+        results = predictor.predict_batch(images)
+        assert [r.model_version for r in results] == [other.version] * 2
+        assert predictor.backend == "onnx", predictor.backend_reason
+        assert "openvino: model version" in predictor.backend_reason  # none recorded for it
+    finally:
+        rollback(settings, to_version=exported, reason="test over")
+    assert predictor.predict_batch(images)[0].model_version == exported
+    assert predictor.backend == "openvino"
