@@ -25,6 +25,8 @@ from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from labeling.preview import PreviewUnavailable
+from monitoring.flow_runs import FlowRunFinished, FlowRunNotFound
 from serving.predictor import NoChampionError
 from training.model_catalog import UnknownModelVersion
 from training.retrain_guard import RetrainBusy
@@ -201,7 +203,7 @@ async def _not_found(_request: Request, exc: LookupError) -> JSONResponse:
     return error_response(404, "not_found", str(exc))
 
 
-async def _conflict(_request: Request, exc: Conflict) -> JSONResponse:
+async def _conflict(_request: Request, exc: RuntimeError) -> JSONResponse:
     return error_response(409, "conflict", str(exc))
 
 
@@ -253,9 +255,16 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RetrainBusy, _retrain_busy)  # type: ignore[arg-type]
     app.add_exception_handler(ImageRejected, _image_rejected)  # type: ignore[arg-type]
     app.add_exception_handler(NoChampionError, _no_champion)  # type: ignore[arg-type]
-    for missing in (NotFound, UnknownModelVersion, UnknownSnapshot):
+    for missing in (
+        NotFound,
+        UnknownModelVersion,
+        UnknownSnapshot,
+        FlowRunNotFound,
+        PreviewUnavailable,
+    ):
         app.add_exception_handler(missing, _not_found)  # type: ignore[arg-type]
-    app.add_exception_handler(Conflict, _conflict)  # type: ignore[arg-type]
+    for conflict in (Conflict, FlowRunFinished):
+        app.add_exception_handler(conflict, _conflict)  # type: ignore[arg-type]
     app.add_exception_handler(PayloadTooLarge, _too_large)  # type: ignore[arg-type]
     app.add_exception_handler(ManifestRejected, _snapshot_rejected)  # type: ignore[arg-type]
     app.add_exception_handler(WeightsChecksumError, _weights_untrusted)  # type: ignore[arg-type]

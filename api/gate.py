@@ -34,6 +34,11 @@ DATA_GETS = (
     "/api/labeling/export",
     "/api/metrics/drift/report",
     "/api/metrics/drift/{result_id}/report",
+    "/api/runs/{flow_run_id}/logs",
+    "/api/labeling/feedback/export",
+    "/api/labeling/queue/{item_id}/preview",
+    "/api/retraining/runs/{run_id}/report",
+    "/api/runs/{flow_run_id}/logs/stream",
 )
 # Public: status, counts, conditions, history, model metadata, health and the dashboard.
 PUBLIC_GETS = (
@@ -48,9 +53,12 @@ PUBLIC_GETS = (
     "/api/retraining/conditions",
     "/api/retraining/history",
     "/api/retraining/runs/{run_id}",
+    "/api/runs",
+    "/api/runs/{flow_run_id}",
     "/api/labeling/queue",
     "/api/labeling/stats",
     "/api/labeling/ledger",
+    "/api/labeling/feedback/trends",
     "/api/labeling/snapshots",
     "/api/metrics/drift",
     "/api/metrics/drift/history",

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from api import errors
+from api.deps import batcher_pool
 from api.gate import Gate
 from api.routes import (
     dashboard,
     events,
+    feedback,
     labeling,
     ledger,
     metrics,
     models,
+    previews,
     queue,
     retraining,
+    runs,
     serving,
     system,
 )
@@ -25,9 +32,17 @@ from monitoring.resources import ResourceSampler
 from visionloop.settings import get_settings
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    # Uvicorn has let the requests in flight finish by now; what still waits is failed (503).
+    app.state.batchers.close()
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(
+        lifespan=lifespan,
         title="visionloop",
         description="Continuous training for YOLO detectors: retraining status and conditions, "
         "labelling queue, drift, models and serving. Mutating operations need "
@@ -39,6 +54,7 @@ def create_app() -> FastAPI:
         version="0.1.0",
     )
     app.state.request_log = RequestLog()
+    app.state.batchers = batcher_pool(settings)
     app.state.resource_sampler = ResourceSampler()
     errors.install(app)
     # Inside the telemetry, so refusals are counted; outside routing, so nothing reads a body
@@ -52,7 +68,20 @@ def create_app() -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    for module in (system, retraining, queue, ledger, metrics, models, serving, events, dashboard):
+    for module in (
+        system,
+        retraining,
+        queue,
+        previews,
+        feedback,
+        ledger,
+        metrics,
+        models,
+        serving,
+        events,
+        runs,
+        dashboard,
+    ):
         app.include_router(module.router)
     # The webhook's own router declares no error responses; these are what it can answer here.
     app.include_router(labeling.router, responses={**errors.AUTH, **errors.BODY})

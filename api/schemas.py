@@ -5,11 +5,18 @@ Times are always UTC with an offset (SQLite hands stored times back without one)
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Query
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    computed_field,
+)
 
 
 def _utc(moment: datetime) -> datetime:
@@ -69,6 +76,12 @@ class RetrainingRunOut(Out):
     metrics: dict[str, Any] | None
     error: str | None
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def report_url(self) -> str | None:
+        """Where the run's report is (data-bearing): runs that reached a verdict write one."""
+        return f"/api/retraining/runs/{self.id}/report" if self.status == "succeeded" else None
+
 
 class ConditionOut(Out):
     name: str
@@ -99,6 +112,18 @@ class ProgressOut(Out):
 
 
 class RetrainingStatusOut(Out):
+    status: Literal["idle", "running", "completed", "failed"] = Field(
+        description="`running` while a retrain is queued or running, else how the last one "
+        "ended (`failed` covers cancelled), `idle` before the first."
+    )
+    last_retrain_time: UtcDatetime | None = Field(
+        description="When the last retrain finished, whatever its outcome."
+    )
+    drift_detected: bool = Field(description="The latest drift check's level is yellow or red.")
+    new_labels_count: int = Field(
+        description="Reviewed labels not yet used by a training (the `new_labels` condition)."
+    )
+    should_retrain: bool = Field(description="Whether the conditions would start a retrain now.")
     state: Literal["idle", "queued", "running"]
     current: RetrainingRunOut | None
     progress: ProgressOut | None
@@ -120,6 +145,7 @@ class TriggerIn(BaseModel):
 
 
 class TriggerOut(Out):
+    job_id: int = Field(description="The retraining run's id: the job to follow.")
     retraining_run_id: int
     flow_run_id: str
     status_url: str
@@ -190,6 +216,10 @@ class SnapshotOut(Out):
     num_test: int
     class_names: list[str]
     created_at: UtcDatetime
+    profile: dict[str, Any] | None = Field(
+        description="Class balance, boxes per image, box and image sizes, near-duplicates and "
+        "split leaks, as computed when the snapshot was made."
+    )
 
 
 # --- drift ---------------------------------------------------------------------------------
@@ -442,3 +472,40 @@ class LedgerOut(Out):
     level: float = Field(description="The intervals' confidence level (bootstrap percentiles).")
     resamples: int
     min_reviewed_controls: int
+
+
+# --- flow runs (Prefect's) ---------------------------------------------------------------------
+
+
+class FlowRunOut(Out):
+    id: str
+    name: str
+    flow: str
+    deployment: str | None = Field(description="None for a run started outside a deployment.")
+    state: str = Field(description="Prefect's state name: Scheduled, Running, Completed...")
+    state_type: str
+    final: bool
+    expected_start: UtcDatetime | None
+    start: UtcDatetime | None
+    end: UtcDatetime | None
+    duration_s: float | None = Field(description="Run time so far while it runs.")
+    parameters: dict[str, Any]
+
+
+class LogLineOut(Out):
+    index: int = Field(description="Position in the run's log; pass it as `after` to resume.")
+    timestamp: UtcDatetime
+    level: str
+    logger: str
+    message: str
+
+
+class FeedbackDayOut(Out):
+    day: date
+    reviewed: int
+    accepted: int
+    corrected: int
+    rejected: int
+    error_rate: float | None = Field(
+        description="Share of the day's reviews that corrected or rejected the champion's answer."
+    )

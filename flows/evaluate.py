@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from training.evaluation import EvalResult, evaluate_weights
 from training.gate import DEFAULT_PRIMARY_METRIC, GateDecision, decide
 from training.snapshots import HOLDOUT_HASH_TAG, download_snapshot, get_snapshot
+from training.trainer import resolve_device
 from visionloop.db import session_scope
 from visionloop.events import EventKind, emit
 from visionloop.models import DatasetSnapshot
@@ -110,6 +111,7 @@ def score_on_holdout(
             imgsz=settings.image_size,
             batch=settings.train_batch,
             run_dir=work / role,
+            device=resolve_device(settings.device),
         )
         logger.info(
             "%s version %s on held-out %s: %s",
@@ -172,6 +174,8 @@ def evaluate_flow(
         tolerance=settings.class_drop_tolerance if tolerance is None else tolerance,
         primary_metric=primary_metric,
         class_names=holdout.class_names,
+        holdout_images=holdout.num_images,
+        min_holdout_images=settings.min_holdout_images,
     )
     assert holdout.id is not None
     evaluation = Evaluation(

@@ -33,7 +33,6 @@ from flows import server_retries
 from flows.evaluate import Evaluation, evaluate_flow
 from flows.export import ExportedSnapshot, export_flow
 from flows.train import TrainedChallenger, train_flow
-from monitoring.notify import notify
 from training.evaluation import EvalResult
 from training.promotion import promote
 from training.retrain_guard import GuardLost, acquire, fail_run, holds, release, update_run
@@ -42,12 +41,12 @@ from training.snapshots import get_snapshot, image_hashes, mark_labels_used, rea
 from visionloop.db import session_scope
 from visionloop.events import EventKind, emit
 from visionloop.models import RetrainStatus
+from visionloop.notify import notify
 from visionloop.registry import CHAMPION, get_alias
 from visionloop.settings import get_settings
 
 RETRAIN_CONCURRENCY = "retrain"
 LEASE_SECONDS = 60  # Prefect's minimum: a killed run's slot comes back within about a minute
-DEFAULT_WEBHOOK_URL = ""  # until settings carry VISIONLOOP_NOTIFY_WEBHOOK_URL
 
 
 class Verdict(BaseModel):
@@ -180,7 +179,7 @@ def start_run(params: RetrainParams) -> int:
 
 
 @contextmanager
-def failure_reported(run_id: int, webhook: str) -> Iterator[None]:
+def failure_reported(run_id: int, webhook: str | None) -> Iterator[None]:
     """A run that raises (or is cancelled) is failed with its error, lets go of the guard,
     and says so; the exception goes on."""
     try:
@@ -268,6 +267,37 @@ def promote_challenger(run_id: int, version: str) -> None:
     promote(get_settings(), version, reason=f"retraining run {run_id} passed the gate")
 
 
+@task(cache_policy=NO_CACHE)
+def export_for_serving(version: str) -> list[str]:
+    """Export the new champion to ONNX/OpenVINO behind a parity check; the verified backends.
+    Never fails the run: without exports the champion serves on PyTorch."""
+    from serving.export import export_version
+
+    outcome = export_version(get_settings(), version)
+    if outcome.error:
+        get_run_logger().warning("version %s not exported: %s", version, outcome.error)
+    return outcome.verified
+
+
+@task(cache_policy=NO_CACHE)
+def write_retrain_report(run_id: int, snapshot_id: int) -> dict[str, str] | None:
+    """The run's report (Markdown and JSON) in the reports bucket and its MLflow run. A run
+    that reached its verdict is not failed for want of its report: a failure is logged."""
+    from training.retrain_report import write_report
+
+    _stage(run_id, "report")
+    settings = get_settings()
+    try:
+        with session_scope() as session:
+            manifest = read_manifest(settings, get_snapshot(session, snapshot_id))
+            return write_report(settings, session, run_id, image_hashes(manifest))
+    except Exception as exc:  # the report is an account of the run, never a reason to fail it
+        get_run_logger().warning(
+            "retraining run %s: no report (%s: %s)", run_id, type(exc).__name__, exc
+        )
+        return None
+
+
 def record_success(
     run_id: int,
     exported: ExportedSnapshot,
@@ -309,7 +339,7 @@ def record_success(
 
 
 @task(cache_policy=NO_CACHE, **server_retries())
-def announce(summary: RetrainSummary, webhook: str) -> None:
+def announce(summary: RetrainSummary, webhook: str | None) -> None:
     _stage(summary.retraining_run_id, "notify")
     notify(
         EventKind.RETRAIN_FINISHED,
@@ -328,8 +358,7 @@ def retrain_flow(params: RetrainParams = RetrainParams()) -> RetrainSummary:
     retrain; without it a new run is recorded. Unset training and gate parameters come from
     the settings.
     """
-    webhook = params.notify_webhook_url
-    webhook = DEFAULT_WEBHOOK_URL if webhook is None else webhook
+    webhook = params.notify_webhook_url  # None: VISIONLOOP_NOTIFY_WEBHOOK_URL
     with retrain_slot():
         run_id = start_run(params)
         with failure_reported(run_id, webhook):
@@ -340,6 +369,8 @@ def retrain_flow(params: RetrainParams = RetrainParams()) -> RetrainSummary:
             consume_labels(exported.snapshot_id)
             if verdict.promote:
                 promote_challenger(run_id, trained.version)
+                export_for_serving(trained.version)
             summary = record_success(run_id, exported, trained, evaluation, verdict)
+    write_retrain_report(run_id, exported.snapshot_id)
     announce(summary, webhook)
     return summary

@@ -61,6 +61,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from labeling.selection import Candidate, uncertainty
+from monitoring.confidence_stream import watch_confidence
 from monitoring.features import extract_features
 from serving.embedding import to_blob
 from serving.predictor import (
@@ -694,6 +695,9 @@ def ingest_batch(
 
     new, report.candidates = _write_rows(session, settler.new, settler.known, settler.predictions)
     report.files = _outcomes(settler.order, new, settler.known)
+    watch_confidence(
+        session, settings, report.model_version, [c.image_id for c in report.candidates]
+    )
     return report
 
 

@@ -24,6 +24,8 @@ from sqlmodel import Session, select
 from ingestion.pipeline import candidate, image_row, measure_image, prediction_row
 from labeling.selection import Selected, SelectionPolicy
 from labeling.selection import select as select_for_review
+from monitoring.confidence_stream import watch_confidence
+from serving.batching import MicroBatcher
 from serving.predictor import ChampionPredictor, PredictionResult
 from visionloop.events import EventKind, emit
 from visionloop.images import DecodedImage, DecodeLimits, decode_image
@@ -148,15 +150,24 @@ def predict_upload(
     predictor: ChampionPredictor,
     store: ObjectStore,
     filename: str = "",
+    batcher: MicroBatcher | None = None,
 ) -> Served:
     """Predict ``data`` with the champion and log it; ``ImageRejected`` for an unusable file.
 
-    The image and the prediction are each committed as they are logged (see
-    ``_insert_or_existing``).
+    ``batcher`` (in front of ``predictor``) lets concurrent uploads share a forward pass;
+    without it the image is predicted alone. The image and the prediction are each committed
+    as they are logged (see ``_insert_or_existing``).
     """
+    # 1. Decode and validate: no service, no model. (``input_size`` may ask MLflow whether the
+    #    champion moved, outside the model's lock: see ``ChampionPredictor._current``.)
     limits = DecodeLimits.from_settings(settings)
     decoded = decode_image(data, max_side=predictor.input_size(), limits=limits)
-    [result] = predictor.predict_batch([decoded.rgb])
+    # 2. The model, and nothing else: every caller waiting for it waits for this alone.
+    if batcher is not None:
+        result = batcher.predict(decoded.rgb)
+    else:
+        [result] = predictor.predict_batch([decoded.rgb])
+    # 3. The object store and the database, once the model is free for the next batch.
     source_key = f"{API_SOURCE}:predict/{filename}"[:_SOURCE_KEY_MAX]
     image, new_image = _logged_image(settings, session, store, data, decoded, source_key)
     assert image.id is not None
@@ -173,6 +184,17 @@ def predict_upload(
         new_image=new_image,
         review=_review_of(settings, image.id, image.content_hash, result) if new_image else None,
     )
+
+
+def watch_served_confidence(
+    open_session: Callable[[], AbstractContextManager[Session]], settings: Settings, served: Served
+) -> None:
+    """Feed a new image's prediction to the confidence stream's change detector (ADWIN; see
+    ``monitoring.confidence_stream``). An image seen before adds nothing new to the stream."""
+    if not served.new_image:
+        return
+    with open_session() as session:
+        watch_confidence(session, settings, served.model_version, [served.image_id])
 
 
 def queue_flagged(

@@ -82,3 +82,16 @@ def test_primary_metric_is_configurable_and_checked() -> None:
     assert not on_map50.promote and on_map50.primary_metric == "mAP50"
     with pytest.raises(ValueError, match="unknown primary metric"):
         decide(_eval(0.3), _eval(0.2), margin=0, tolerance=0, primary_metric="accuracy")
+
+
+def test_a_held_out_set_below_the_minimum_size_never_promotes_over_a_champion() -> None:
+    better = (_eval(0.40, dent=0.4), _eval(0.30, dent=0.3))
+    small = decide(*better, margin=0.0, tolerance=0.05, holdout_images=4, min_holdout_images=5)
+    assert not small.promote and small.reasons[-1] == "Verdict: keep the champion."
+    assert "has 4 images; a promotion needs at least 5" in small.reasons[-2]
+    enough = decide(*better, margin=0.0, tolerance=0.05, holdout_images=5, min_holdout_images=5)
+    assert enough.promote and not any("held-out set has" in r for r in enough.reasons)
+    first = decide(
+        better[0], None, margin=0.0, tolerance=0.05, holdout_images=1, min_holdout_images=5
+    )
+    assert first.promote  # no champion to protect: the first model is better than none

@@ -21,10 +21,19 @@ import pytest
 from sqlmodel import select
 
 from cli.stack import Stack
+from training.retrain_report import report_key
 from visionloop.db import session_scope
-from visionloop.models import ActivityEvent, Image, RetrainingRun, RetrainStatus, ReviewedLabel
+from visionloop.models import (
+    ActivityEvent,
+    DatasetSnapshot,
+    Image,
+    RetrainingRun,
+    RetrainStatus,
+    ReviewedLabel,
+)
 from visionloop.registry import CHALLENGER, CHAMPION, PREVIOUS, client, get_alias
 from visionloop.settings import Settings
+from visionloop.storage import ObjectStore
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -150,7 +159,7 @@ def test_retrain_promotes_a_better_challenger_and_keeps_the_champion_against_a_w
 
     # Progress by stage and epoch, and the notification (event + webhook).
     stages = [e.payload["stage"] for e in _events("retrain.stage", run.id)]
-    assert stages == ["export", "train", "evaluate", "promote", "notify"]
+    assert stages == ["export", "train", "evaluate", "promote", "report", "notify"]
     epochs = _events("training.epoch", run.id)
     assert [e.payload["epoch"] for e in epochs] == list(range(1, STRONG_EPOCHS + 1))
     assert {"box_loss", "cls_loss", "mAP50", "mAP50-95"} <= set(epochs[-1].payload)
@@ -169,6 +178,35 @@ def test_retrain_promotes_a_better_challenger_and_keeps_the_champion_against_a_w
     assert len(used) == IMAGES and all(used)
     with get_client(sync_client=True) as prefect:
         assert prefect.read_global_concurrency_limit_by_name(RETRAIN_CONCURRENCY).limit == 1
+
+    # The report, in the reports bucket and beside the MLflow run, read back as stored.
+    store = ObjectStore(settings)
+    report = json.loads(store.get_bytes(settings.bucket_reports, report_key(run.id, "json")))
+    assert report["trigger"] == "manual" and report["reason"] == "test"
+    assert report["challenger_version"] == strong.challenger_version
+    assert report["champion_version"] == baseline.version and report["verdict"]["promoted"]
+    assert report["verdict"]["reasons"] == run.decision_reasons
+    with session_scope() as session:
+        snapshot = session.get(DatasetSnapshot, run.snapshot_id)
+    assert report["labels"]["total"] == snapshot.num_images  # every image a reviewed label
+    assert sum(report["labels"]["by_reason"].values()) == report["labels"]["total"]
+    assert sum(report["labels"]["by_verdict"].values()) == report["labels"]["total"]
+    by_class = {c["class"]: c for c in report["per_class"]}
+    assert set(by_class) == set(run.metrics["challenger"]["per_class"])
+    for name, row in by_class.items():
+        after = run.metrics["challenger"]["per_class"][name]["AP50-95"]
+        before = run.metrics["champion"]["per_class"][name]["AP50-95"]
+        assert row["AP50-95_after"] == after and row["AP50-95_before"] == before
+        assert row["AP50-95_change"] == pytest.approx(after - before, abs=1e-6)
+    assert [s["stage"] for s in report["stages"]] == stages[:-1]  # the report precedes notify
+    assert report["stages"][1]["seconds"] > report["stages"][0]["seconds"]  # training dominates
+    markdown = store.get_bytes(settings.bucket_reports, report_key(run.id, "md")).decode()
+    assert markdown.startswith(f"# Retraining run {run.id}: version {strong.challenger_version}")
+    assert "## Labels it learnt from" in markdown and "## Time per stage" in markdown
+    assert {a.path for a in mlflow.list_artifacts(run.mlflow_run_id, "report")} == {
+        "report/retrain-report.md",
+        "report/retrain-report.json",
+    }
 
     # A deliberately weak challenger (one epoch from scratch) is judged and kept out.
     champion_before = get_alias(settings, CHAMPION).version

@@ -16,7 +16,7 @@ from training import retrain_guard
 from training.retrain_guard import RetrainBusy, acquire, create_run, current_holder, release
 from visionloop.db import make_engine, migrate, session_scope
 from visionloop.models import RetrainingRun, RetrainStatus
-from visionloop.settings import Settings, load_settings
+from visionloop.settings import Settings, get_settings, load_settings
 
 
 @pytest.fixture(params=["sqlite_url", "postgres_url"])
@@ -128,14 +128,24 @@ class _Hook(BaseHTTPRequestHandler):
 
 
 @pytest.mark.stack
-def test_notifications_reach_the_webhook_and_never_raise(settings: Settings) -> None:
-    from monitoring.notify import notify
+def test_notifications_reach_the_webhook_and_never_raise(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from visionloop.events import recent
+    from visionloop.notify import notify
 
     server = HTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/hooks/secret-token"
+        # Without a URL of its own, the notification goes to VISIONLOOP_NOTIFY_WEBHOOK_URL.
+        monkeypatch.setenv("VISIONLOOP_NOTIFY_WEBHOOK_URL", url)
+        get_settings.cache_clear()
+        assert notify("retrain.failed", "run 3 failed", {"retraining_run_id": 3}, level="error")
+        assert _Hook.received[-1]["kind"] == "retrain.failed"
+        assert _Hook.received[-1]["level"] == "error"
+        monkeypatch.delenv("VISIONLOOP_NOTIFY_WEBHOOK_URL")
+        get_settings.cache_clear()
         assert notify("retrain.finished", "version 7 promoted", {"version": "7"}, webhook_url=url)
     finally:
         server.shutdown()
@@ -148,4 +158,5 @@ def test_notifications_reach_the_webhook_and_never_raise(settings: Settings) -> 
     )
     warning = recent(kind_prefix="notification.failed")[0]
     assert warning.level == "warning" and "secret-token" not in warning.message
+    assert "after 4 attempts" in warning.message and warning.payload["attempts"] == 4
     assert recent(kind_prefix="retrain.finished")[0].message == "version 8 promoted"

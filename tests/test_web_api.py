@@ -7,11 +7,15 @@ Rows a test seeds are removed again: the session's database is shared with every
 from __future__ import annotations
 
 import io
+import json
+import threading
 import time
 import uuid
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from uuid import UUID
 
@@ -253,7 +257,11 @@ def test_status_and_history_show_runs(client: TestClient, champion: str) -> None
     try:
         with session_scope() as session:
             update_run(
-                session, runs[0].id, status=RetrainStatus.cancelled, error="refused in a test"
+                session,
+                runs[0].id,
+                status=RetrainStatus.cancelled,
+                error="refused in a test",
+                finished_at=datetime.now(UTC),
             )
         page = client.get(f"/api/retraining/history?trigger={tag}&limit=2").json()
         assert page["total"] == 3 and [r["id"] for r in page["items"]] == [runs[2].id, runs[1].id]
@@ -270,10 +278,29 @@ def test_status_and_history_show_runs(client: TestClient, champion: str) -> None
         assert_error(client.get("/api/retraining/history?limit=0"), 422, "validation_error")
         assert_error(client.get("/api/retraining/history?status=sleeping"), 422, "validation_error")
 
+        assert client.get("/api/retraining/history").json()["limit"] == 10
+
         status = client.get("/api/retraining/status").json()
         assert status["state"] in ("idle", "queued", "running")
         assert status["champion_version"] == champion
         assert [c["name"] for c in status["conditions"]["conditions"]][0] == "drift"
+        # The specified fields: a cancelled last run reads as failed, with its finishing time.
+        assert status["status"] == "failed", status
+        assert status["last_retrain_time"].startswith(
+            client.get(f"/api/retraining/runs/{runs[0].id}").json()["finished_at"][:19]
+        )
+        finding = {c["name"]: c for c in status["conditions"]["conditions"]}
+        assert status["should_retrain"] is status["conditions"]["should_retrain"]
+        assert status["new_labels_count"] == finding["new_labels"]["value"]
+        assert status["drift_detected"] is (finding["drift"]["value"] in ("yellow", "red"))
+        with session_scope() as session:
+            update_run(
+                session,
+                runs[1].id,
+                status=RetrainStatus.succeeded,
+                finished_at=datetime.now(UTC) + timedelta(seconds=1),
+            )
+        assert client.get("/api/retraining/status").json()["status"] == "completed"
     finally:
         with session_scope() as session:
             session.exec(
@@ -325,6 +352,7 @@ def test_trigger_starts_the_retrain_deployment_and_refuses_a_second(
     started = client.post("/api/retraining/trigger", headers=auth(), json={"reason": "api test"})
     assert started.status_code == 202, started.text
     launched = started.json()
+    assert launched["job_id"] == launched["retraining_run_id"]
     try:
         run = client.get(launched["status_url"]).json()
         assert run["trigger"] == "manual" and run["reason"] == "api test"
@@ -343,7 +371,8 @@ def test_trigger_starts_the_retrain_deployment_and_refuses_a_second(
         )
         assert busy["retraining_run_id"] == launched["retraining_run_id"]
         assert busy["flow_run_id"] == launched["flow_run_id"]
-        assert client.get("/api/retraining/status").json()["state"] in ("queued", "running")
+        during = client.get("/api/retraining/status").json()
+        assert during["state"] in ("queued", "running") and during["status"] == "running"
     finally:
         _cancel_and_wait(launched["flow_run_id"])
 
@@ -352,7 +381,7 @@ def test_trigger_starts_the_retrain_deployment_and_refuses_a_second(
     with session_scope() as session:
         assert blocking_run(session, get_settings()) is None
     status = client.get("/api/retraining/status").json()
-    assert status["state"] == "idle", status
+    assert status["state"] == "idle" and status["status"] == "failed", status
     finished = client.get(launched["status_url"]).json()
     assert finished["status"] in ("failed", "cancelled") and finished["error"]
 
@@ -470,6 +499,67 @@ def test_predict_serves_the_champion_logs_it_and_follows_the_alias(
 
     resources = client.get("/api/system/resources").json()
     assert resources["api"]["predictions_per_minute"] >= 1
+
+
+class _Webhook(BaseHTTPRequestHandler):
+    """A team's webhook endpoint: records what it takes, refuses the first ``refuse`` calls."""
+
+    received: list[dict[str, Any]] = []
+    refuse = 0
+    calls = 0
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).calls += 1
+        if type(self).refuse > 0:
+            type(self).refuse -= 1
+            self.send_response(503)
+        else:
+            type(self).received.append(body)
+            self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[_Webhook]]:
+    """A local HTTP server as ``VISIONLOOP_NOTIFY_WEBHOOK_URL`` for one test."""
+    server = HTTPServer(("127.0.0.1", 0), _Webhook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Webhook.received, _Webhook.refuse, _Webhook.calls = [], 0, 0
+    monkeypatch.setenv(
+        "VISIONLOOP_NOTIFY_WEBHOOK_URL", f"http://127.0.0.1:{server.server_port}/hooks/t0ken"
+    )
+    get_settings.cache_clear()
+    try:
+        yield _Webhook
+    finally:
+        server.shutdown()
+        monkeypatch.delenv("VISIONLOOP_NOTIFY_WEBHOOK_URL")
+        get_settings.cache_clear()
+
+
+def test_promotion_and_rollback_through_the_api_reach_the_webhook(
+    client: TestClient, champion: str, webhook: type[_Webhook]
+) -> None:
+    settings = get_settings()
+    with second_version(settings) as other:
+        promoted = client.post(f"/api/models/{other}/promote", headers=auth(), json={})
+        assert promoted.status_code == 200, promoted.text
+        sent = webhook.received[-1]
+        assert sent["kind"] == "model.promoted" and sent["payload"]["version"] == other
+        assert sent["payload"]["previous"] == champion and sent["level"] == "info"
+
+        # The endpoint is down for a moment: the notification is retried, not lost.
+        webhook.refuse = 2
+        back = client.post("/api/models/rollback", headers=auth(), json={"reason": "bad"})
+        assert back.status_code == 200, back.text
+        sent = webhook.received[-1]
+        assert sent["kind"] == "model.rolled_back" and sent["payload"]["version"] == champion
+        assert sent["payload"]["reason"] == "bad" and webhook.calls == 3
+        assert len(webhook.received) == 2
 
 
 def test_promote_and_rollback_refuse_what_cannot_be_done(
@@ -700,6 +790,11 @@ def test_export_hands_out_a_snapshot_in_every_format(client: TestClient, champio
     snapshots = client.get("/api/labeling/snapshots?kind=bootstrap").json()
     assert snapshots["total"] >= 1
     newest = client.get("/api/labeling/snapshots").json()["items"][0]
+    # The snapshot's profile as the snapshot recorded it (bootstrap: every image labelled).
+    profile = snapshots["items"][0]["profile"]
+    assert profile["images"] == snapshots["items"][0]["num_images"]
+    assert set(profile["class_balance"]) == set(snapshots["items"][0]["class_names"])
+    assert {"box_sizes", "boxes_per_image", "duplicates", "splits"} <= set(profile)
 
     assert_error(client.get("/api/labeling/export"), 401, "unauthorized")
     latest = client.get("/api/labeling/export", headers=auth())

@@ -14,17 +14,26 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from queue_rows import queued_item
 from sqlmodel import col, delete
 
 from cli.stack import Stack
 from visionloop.db import session_scope
 from visionloop.events import emit
-from visionloop.models import Image, LabelingQueueItem, Prediction, ReviewedLabel, Verdict
+from visionloop.models import (
+    DatasetSnapshot,
+    Image,
+    LabelingQueueItem,
+    Prediction,
+    ReviewedLabel,
+    Verdict,
+)
 from visionloop.settings import get_settings
 
 pytestmark = [pytest.mark.stack]
@@ -177,6 +186,11 @@ def test_the_dashboard_shows_an_emitted_event_live(api_url: str, browser: Any) -
     wait.until(lambda _: "on" in browser.find_element(By.ID, "live").get_attribute("class"))
     wait.until(lambda _: text("retrain-state") not in ("", "–"))  # the panels loaded from the API
     wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#health li"))
+    # The trigger button says whether the conditions would retrain now.
+    should = httpx.get(f"{api_url}/api/retraining/status", timeout=30).json()["should_retrain"]
+    button = browser.find_element(By.ID, "trigger")
+    wait.until(lambda _: button.get_attribute("data-should-retrain") == str(should).lower())
+    assert ("conditions agree" in button.text) is should
     settings = get_settings()
     assert (
         browser.find_element(By.ID, "link-mlflow").get_attribute("href").rstrip("/")
@@ -322,3 +336,215 @@ def test_the_dashboard_shows_the_label_savings_ledger(
     assert browser.find_elements(By.CSS_SELECTOR, '#ledger-chart line[data-series="zero"]')
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+
+@pytest.mark.timeout(300)
+def test_the_dashboard_lists_flow_runs_shows_a_log_and_cancels(api_url: str, browser: Any) -> None:
+    from prefect import flow, get_run_logger
+    from prefect.deployments import run_deployment
+    from prefect.logging.handlers import APILogHandler
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    marker = f"dashboard-run-{uuid.uuid4().hex[:8]}"
+
+    @flow(name="dashboard-runs-test")
+    def logs_a_marker() -> str:
+        from prefect.runtime import flow_run
+
+        get_run_logger().info("%s says hello", marker)
+        return str(flow_run.id)
+
+    finished = logs_a_marker()
+    APILogHandler().flush()  # the line is on the server before the page asks for it
+    later = datetime.now(UTC) + timedelta(hours=6)
+    waiting = str(
+        run_deployment(
+            "label-sync/label-sync", scheduled_time=later, timeout=0, as_subflow=False
+        ).id
+    )
+
+    wait = WebDriverWait(browser, 60, poll_frequency=0.25)
+    row = lambda run_id: f'#run-rows tr[data-run="{run_id}"]'  # noqa: E731
+    browser.get(f"{api_url}/dashboard")
+    browser.find_element(By.ID, "token").send_keys(get_settings().api_token.get_secret_value())
+    wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, row(finished)))
+    cells = [td.text for td in browser.find_elements(By.CSS_SELECTOR, row(finished) + " td")]
+    assert cells[0] == "dashboard-runs-test" and cells[2] == "Completed", cells
+
+    # Prefect ships logs in batches: ask again until the line is there.
+    def log_shows_marker(_: Any) -> bool:
+        browser.find_element(By.CSS_SELECTOR, row(finished) + " button").click()
+        time.sleep(0.5)
+        return f"{marker} says hello" in browser.find_element(By.ID, "run-log").text
+
+    WebDriverWait(browser, 40, poll_frequency=1).until(log_shows_marker)
+
+    waiting_row = browser.find_element(By.CSS_SELECTOR, row(waiting))
+    assert "Scheduled" in waiting_row.text and "label-sync" in waiting_row.text
+    waiting_row.find_element(By.XPATH, ".//button[text()='cancel']").click()
+    wait.until(lambda _: "Cancelled" in browser.find_element(By.ID, "run-result").text)
+    wait.until(lambda _: "Cancelled" in browser.find_element(By.CSS_SELECTOR, row(waiting)).text)
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+@pytest.mark.timeout(300)
+def test_the_dashboard_charts_reviewer_feedback_and_exports_it(api_url: str, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    tag = f"fb{uuid.uuid4().hex[:6]}"
+    ids = []
+    with session_scope() as session:
+        for i, verdict in enumerate(Verdict):
+            image = Image(content_hash=uuid.uuid4().hex * 2, object_key=f"{tag}/{i}.jpg")
+            session.add(image)
+            session.flush()
+            ids.append(image.id)
+            session.add(
+                ReviewedLabel(
+                    image_id=image.id, image_path=image.object_key, verdict=verdict, reviewer=tag
+                )
+            )
+    try:
+        today = datetime.now(UTC).date().isoformat()
+        bar = f'#feedback-chart g[data-day="{today}"]'
+        wait = WebDriverWait(browser, 60, poll_frequency=0.25)
+        browser.get(f"{api_url}/dashboard")
+        wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, bar))
+        reviewed = int(browser.find_element(By.CSS_SELECTOR, bar).get_attribute("data-reviewed"))
+        assert reviewed >= 3
+        verdicts = {
+            r.get_attribute("data-verdict")
+            for r in browser.find_elements(By.CSS_SELECTOR, bar + " rect")
+        }
+        assert verdicts == {"accepted", "corrected", "rejected"}
+        assert "reviews in 30 days" in browser.find_element(By.ID, "feedback-summary").text
+
+        # Without a token the export is refused with the API's reason; with one it downloads.
+        browser.find_element(By.ID, "token").clear()
+        browser.find_element(By.ID, "feedback-csv").click()
+        wait.until(lambda _: "token" in browser.find_element(By.ID, "feedback-result").text)
+        browser.find_element(By.ID, "token").send_keys(get_settings().api_token.get_secret_value())
+        browser.find_element(By.ID, "feedback-csv").click()
+        wait.until(lambda _: "exported" in browser.find_element(By.ID, "feedback-result").text)
+        errors = [
+            e
+            for e in browser.get_log("browser")
+            if e["level"] == "SEVERE" and "401" not in e["message"]
+        ]
+        assert not errors, errors
+    finally:
+        with session_scope() as session:
+            session.exec(delete(ReviewedLabel).where(col(ReviewedLabel.image_id).in_(ids)))
+            session.exec(delete(Image).where(col(Image.id).in_(ids)))
+
+
+@pytest.mark.timeout(300)
+def test_the_dashboard_shows_the_newest_snapshots_profile(api_url: str, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from training.profile import profile_entries
+    from visionloop.boxes import YoloBox
+    from visionloop.formats import Entry, LabeledImage
+
+    names = ["scratch", "dent"]
+    entries = [
+        Entry(
+            LabeledImage(
+                image_hash=f"{i:064x}",
+                suffix=".jpg",
+                width=640,
+                height=480,
+                # Five scratches to every dent; boxes 4% and 30% of the image wide.
+                boxes=(
+                    YoloBox(0, 0.3, 0.3, 0.04, 0.04),
+                    YoloBox(int(i % 3 == 0), 0.6, 0.6, 0.3, 0.3),
+                ),
+            ),
+            "test" if i < 2 else "train",
+        )
+        for i in range(9)
+    ]
+    profile = profile_entries(entries, names, {})
+    with session_scope() as session:
+        snapshot = DatasetSnapshot(
+            manifest_hash=uuid.uuid4().hex * 2,
+            kind="training",
+            object_prefix="snapshots/browser-test/",
+            num_images=9,
+            num_train=7,
+            num_test=2,
+            class_names=names,
+            profile=profile,
+        )
+        session.add(snapshot)
+        session.flush()
+        snapshot_id = snapshot.id
+    try:
+        wait = WebDriverWait(browser, 60, poll_frequency=0.25)
+        browser.get(f"{api_url}/dashboard")
+        wait.until(
+            lambda _: f"#{snapshot_id} " in browser.find_element(By.ID, "profile-snapshot").text
+        )
+        bars = {
+            r.get_attribute("data-class"): int(r.get_attribute("data-boxes"))
+            for r in browser.find_elements(By.CSS_SELECTOR, "#profile-classes rect")
+        }
+        assert bars == {"scratch": 9 + 6, "dent": 3}
+        facts = browser.find_element(By.ID, "profile-facts").text
+        assert "9 (train 7 · val 0 · test 2)" in facts and "18 (2 per image, 0 without)" in facts
+        sizes = {
+            li.get_attribute("data-bucket"): li.text
+            for li in browser.find_elements(By.CSS_SELECTOR, "#profile-sizes li")
+        }
+        assert sizes["small"] == "small: 9" and sizes["large"] == "large: 9"
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        with session_scope() as session:
+            session.exec(delete(DatasetSnapshot).where(col(DatasetSnapshot.id) == snapshot_id))
+
+
+@pytest.mark.timeout(300)
+def test_the_dashboard_gallery_shows_queued_images_with_the_champions_boxes(
+    api_url: str, browser: Any
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with queued_item() as item_id:
+        figure = f'#gallery-items figure[data-item="{item_id}"]'
+        wait = WebDriverWait(browser, 60, poll_frequency=0.25)
+        browser.get(f"{api_url}/dashboard")
+        browser.find_element(By.ID, "token").clear()
+        browser.find_element(By.ID, "gallery-refresh").click()
+        wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, figure))
+        caption = browser.find_element(By.CSS_SELECTOR, figure + " figcaption").text
+        assert "pending" in caption and "uncertain" in caption and "selected" in caption
+        assert "token needed" in browser.find_element(By.CSS_SELECTOR, figure).text
+
+        # With the token the image itself comes, decoded by the browser at the preview's size.
+        token = browser.find_element(By.ID, "token")
+        token.send_keys(get_settings().api_token.get_secret_value())
+        browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", token)
+        shown = lambda _: browser.find_elements(By.CSS_SELECTOR, figure + " img")  # noqa: E731
+        try:
+            wait.until(shown)
+        except Exception as exc:
+            text = browser.find_element(By.CSS_SELECTOR, figure).text
+            raise AssertionError(f"no image in the gallery; the figure says {text!r}") from exc
+        image = browser.find_element(By.CSS_SELECTOR, figure + " img")
+        wait.until(lambda _: browser.execute_script("return arguments[0].naturalWidth", image))
+        size = browser.execute_script(
+            "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image
+        )
+        assert size == [320, 240]
+        errors = [
+            e
+            for e in browser.get_log("browser")
+            if e["level"] == "SEVERE" and "401" not in e["message"]
+        ]
+        assert not errors, errors

@@ -44,6 +44,8 @@ def decide(
     tolerance: float,
     primary_metric: str = DEFAULT_PRIMARY_METRIC,
     class_names: Sequence[str] = (),
+    holdout_images: int | None = None,
+    min_holdout_images: int = 0,
 ) -> GateDecision:
     """Promote only if the challenger beats the champion on ``primary_metric`` by at least
     ``margin`` (and by more than nothing: a tie keeps the champion), and no class's AP falls
@@ -51,7 +53,9 @@ def decide(
 
     ``challenger`` and ``champion`` are ``EvalResult.as_dict()`` of the same held-out set;
     ``champion`` is None when there is no champion yet. ``class_names`` only adds a note for
-    classes the held-out set has no example of.
+    classes the held-out set has no example of. With a champion to protect, a held-out set of
+    fewer than ``min_holdout_images`` images (``holdout_images``) never promotes: on a handful
+    of images a difference in mAP is mostly which images happened to be drawn.
     """
     if primary_metric not in _CLASS_METRIC:
         raise ValueError(
@@ -80,7 +84,14 @@ def decide(
     if unseen:
         reasons.append(f"Not judged per class, no held-out examples: {', '.join(unseen)}.")
 
-    promote = better and not drops
+    too_small = holdout_images is not None and holdout_images < min_holdout_images
+    if too_small:
+        reasons.append(
+            f"The held-out set has {holdout_images} images; a promotion needs at least "
+            f"{min_holdout_images} (VISIONLOOP_MIN_HOLDOUT_IMAGES) to be more than chance: "
+            "not met."
+        )
+    promote = better and not drops and not too_small
     reasons.append("Verdict: promote the challenger." if promote else "Verdict: keep the champion.")
     return GateDecision(promote, reasons, primary_metric, new, old, round(delta, 6), drops)
 

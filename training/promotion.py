@@ -1,14 +1,16 @@
 """Moving the `champion` alias: promotion keeps the old champion as `previous`, rollback undoes it.
 
 MLflow owns which version is the champion; these are the only two ways the platform moves it
-(the retrain flow after its gate, and the API by hand), so each leaves an activity event.
+(the retrain flow after its gate, and the API by hand), so each leaves an activity event and
+notifies the webhook.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from visionloop.events import EventKind, emit
+from visionloop.events import EventKind
+from visionloop.notify import notify
 from visionloop.registry import (
     CHAMPION,
     PREVIOUS,
@@ -50,7 +52,7 @@ def promote(settings: Settings, version: str, reason: str = "") -> AliasChange:
         set_alias(settings, PREVIOUS, current.version)
     set_alias(settings, CHAMPION, version)
     old = current.version if current else None
-    emit(
+    notify(
         EventKind.MODEL_PROMOTED,
         f"model version {version} is the champion"
         + (f" (was {old})" if old else "")
@@ -78,7 +80,7 @@ def rollback(settings: Settings, to_version: str | None = None, reason: str = ""
     if current is not None:
         set_alias(settings, PREVIOUS, current.version)
     old = current.version if current else None
-    emit(
+    notify(
         EventKind.MODEL_ROLLED_BACK,
         f"champion rolled back to model version {to_version}"
         + (f" from {old}" if old else "")

@@ -54,6 +54,16 @@ class RetrainingStatus:
     last_finished: RetrainingRun | None
     state_note: str | None  # set while a run is current: its state may lag behind Prefect's
 
+    @property
+    def job_status(self) -> str:
+        """idle | running | completed | failed: the one-word answer "how is retraining doing",
+        where a queued run already counts as running and a cancelled one as failed."""
+        if self.current is not None:
+            return "running"
+        if self.last_finished is None:
+            return "idle"
+        return "completed" if self.last_finished.status == RetrainStatus.succeeded else "failed"
+
 
 def _now() -> datetime:
     return datetime.now(UTC)

@@ -36,6 +36,7 @@ class EventKind(str, Enum):
     SNAPSHOT_CREATED = "snapshot.created"
     DRIFT_SKIPPED = "drift.skipped"
     DRIFT_LEVEL_CHANGED = "drift.level_changed"
+    DRIFT_STREAM_CHANGE = "drift.stream_change"
     NOTIFICATION_FAILED = "notification.failed"
 
 

@@ -6,6 +6,7 @@ A first run needs no configuration: every default points at the local stack that
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -122,6 +123,14 @@ class Settings(BaseSettings):
         description="Secret Label Studio sends with its webhook calls (it is readable by Label "
         "Studio users, so it opens the webhook only); empty means one generated per data dir.",
     )
+    notify_webhook_url: SecretStr = Field(
+        default=SecretStr(""),
+        description="Where retrain outcomes, promotions and rollbacks are POSTed as JSON (Slack, "
+        "Teams, any HTTP endpoint); a secret because such URLs carry a token. Empty: events only.",
+    )
+    notify_retries: int = Field(
+        default=3, ge=0, le=10, description="Retries of a refused or unreachable webhook call."
+    )
     max_body_bytes: int = Field(
         default=32 * 1024 * 1024,
         ge=1024,
@@ -130,6 +139,25 @@ class Settings(BaseSettings):
     )
     max_event_streams: int = Field(
         default=16, ge=1, description="Concurrent /api/events/stream connections per API process."
+    )
+    batch_wait_ms: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long /api/predict's batcher waits for more requests to join a batch.",
+    )
+    batch_max: int = Field(
+        default=16, ge=1, description="Most images /api/predict's batcher predicts in one batch."
+    )
+    batch_queue: int = Field(
+        default=64,
+        ge=1,
+        description="Predictions waiting for the batcher per API process; more get 503 at once.",
+    )
+    champion_recheck_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long the API trusts its cached champion version and age before asking "
+        "MLflow again (the retraining conditions).",
     )
 
     s3_port: int = Field(default=8333, description="Port of the local SeaweedFS S3 API.")
@@ -146,8 +174,20 @@ class Settings(BaseSettings):
         default="", description="Optional .pt to start the first model from."
     )
     image_size: int = Field(default=160)
+    inference_backend: Literal["auto", "torch", "onnx", "openvino"] = Field(
+        default="auto",
+        description="What runs the champion: `auto` the fastest export that passed its parity "
+        "check (openvino, then onnx), else PyTorch; `onnx`/`openvino` only that export (PyTorch "
+        "when it is not verified); `torch` always PyTorch.",
+    )
     train_epochs: int = Field(default=40)
     train_batch: int = Field(default=16)
+    device: str = Field(
+        default="auto",
+        description="Where training, evaluation and export run: `auto` (cuda:0 when torch sees "
+        "a GPU, else cpu), `cpu` or `cuda:N`. Resolved when used (`training.trainer."
+        "resolve_device`), so reading the settings never imports torch.",
+    )
     bootstrap_images: int = Field(default=48)
     seed: int = Field(default=0)
 
@@ -199,6 +239,25 @@ class Settings(BaseSettings):
         default=24.0 * 7, description="A champion older than this is retrained on a schedule."
     )
     promotion_margin: float = Field(default=0.0)
+    adwin_window: int = Field(
+        default=2000,
+        ge=0,
+        le=100_000,
+        description="The champion's newest predictions ADWIN replays to watch its confidence "
+        "stream; 0 turns the streaming detector off.",
+    )
+    adwin_delta: float = Field(
+        default=0.002,
+        gt=0,
+        lt=1,
+        description="ADWIN's confidence parameter: smaller finds fewer, surer changes.",
+    )
+    min_holdout_images: int = Field(
+        default=5,
+        ge=0,
+        description="A challenger is never promoted over a champion on a held-out set of fewer "
+        "images (the first champion needs none).",
+    )
     class_drop_tolerance: float = Field(default=0.05)
 
     # --- outages: every client waits a bounded time and retries a bounded number of times ---
@@ -263,6 +322,17 @@ class Settings(BaseSettings):
         if len(set(value)) != len(value):
             raise ValueError(f"VISIONLOOP_CLASS_NAMES has duplicates: {value}")
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _valid_device(cls, value: str) -> str:
+        device = value.strip().lower()
+        if device in ("auto", "cpu") or re.fullmatch(r"cuda:\d+", device):
+            return device
+        raise ValueError(
+            f"VISIONLOOP_DEVICE must be auto, cpu or cuda:N (N a GPU index, e.g. cuda:0), "
+            f"got {value!r}"
+        )
 
     @field_validator("mlflow_port", "prefect_port", "label_studio_port", "api_port", "s3_port")
     @classmethod

@@ -60,7 +60,7 @@ class StreamSlots:
             self.open = max(0, self.open - 1)
 
 
-class _SlotStream(StreamingResponse):
+class SlotStream(StreamingResponse):
     """A stream that frees its slot however it ends, even when it never started to send."""
 
     def __init__(self, slots: StreamSlots, *args: object, **kwargs: object) -> None:
@@ -74,7 +74,7 @@ class _SlotStream(StreamingResponse):
             self._slots.give_back()
 
 
-def _take_slot(request: Request) -> StreamSlots:
+def take_slot(request: Request) -> StreamSlots:
     slots: StreamSlots = request.app.state.event_streams
     if not slots.take():
         raise HTTPException(
@@ -136,7 +136,7 @@ async def stream(
     ``Last-Event-ID`` when a client reconnects."""
 
     fetch = partial(events_after, engine)
-    slots = _take_slot(request)
+    slots = take_slot(request)
 
     async def messages() -> AsyncIterator[str]:
         yield "retry: 3000\n\n"
@@ -164,7 +164,7 @@ async def stream(
                 beat = time.monotonic()
                 yield ": keep-alive\n\n"
 
-    return _SlotStream(
+    return SlotStream(
         slots,
         messages(),
         media_type="text/event-stream",

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Path, Query
+from fastapi.responses import Response
 
-from api.deps import LauncherDep, SessionDep, SettingsDep, Token
-from api.errors import AUTH, BODY, BusyErrorBody, NotFound, ServiceUnavailable, responses
+from api.deps import LauncherDep, ReadToken, SessionDep, SettingsDep, StoreDep, Token
+from api.errors import (
+    AUTH,
+    BODY,
+    BusyErrorBody,
+    NotFound,
+    ServiceUnavailable,
+    content,
+    responses,
+)
 from api.schemas import (
     MAX_ID,
     ConditionsOut,
@@ -18,15 +27,16 @@ from api.schemas import (
     TriggerIn,
     TriggerOut,
 )
+from monitoring.champion_cache import cached_champion_birth
 from monitoring.conditions import retraining_conditions
+from training.retrain_report import report_key
 from training.retrain_requests import (
     LaunchFailed,
     request_retrain,
     retraining_history,
     retraining_status,
 )
-from visionloop.models import RetrainingRun, RetrainStatus
-from visionloop.registry import CHAMPION, get_alias
+from visionloop.models import DriftLevel, RetrainingRun, RetrainStatus
 
 router = APIRouter(prefix="/api/retraining", tags=["retraining"])
 
@@ -38,14 +48,21 @@ def status(settings: SettingsDep, session: SessionDep) -> RetrainingStatusOut:
     the trigger and the check-retrain flow reconcile with Prefect."""
     overview = retraining_status(session)
     decision = retraining_conditions(session, settings)
-    champion = get_alias(settings, CHAMPION)
+    champion = cached_champion_birth(settings)  # what the conditions just read: no second call
+    finding = {c.name: c for c in decision.conditions}
+    last = overview.last_finished
     return RetrainingStatusOut.model_validate(
         {
+            "status": overview.job_status,
+            "last_retrain_time": last.finished_at if last else None,
+            "drift_detected": finding["drift"].value in (DriftLevel.yellow, DriftLevel.red),
+            "new_labels_count": finding["new_labels"].value,
+            "should_retrain": decision.should_retrain,
             "state": overview.state,
             "current": overview.current,
             "progress": overview.progress,
             "last_finished": overview.last_finished,
-            "champion_version": champion.version if champion else None,
+            "champion_version": champion.version,
             "conditions": decision,
             "state_note": overview.state_note,
         }
@@ -61,7 +78,7 @@ def conditions(settings: SettingsDep, session: SessionDep) -> ConditionsOut:
 @router.get("/history", response_model=Page[RetrainingRunOut], responses=responses(422))
 def history(
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    limit: Annotated[int, Query(ge=1, le=500)] = 10,
     offset: Offset = 0,
     status: RetrainStatus | None = None,
     trigger: Annotated[str | None, Query(max_length=32)] = None,
@@ -90,6 +107,34 @@ def run(session: SessionDep, run_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> R
     return RetrainingRunOut.model_validate(row)
 
 
+@router.get(
+    "/runs/{run_id}/report",
+    response_class=Response,
+    dependencies=[ReadToken],
+    responses={
+        **content("text/markdown", "The report for people (`format=md`, the default)."),
+        **content("application/json", "The same report for tools (`format=json`)."),
+        **AUTH,
+        **responses(404, 422),
+    },
+)
+def report(
+    settings: SettingsDep,
+    store: StoreDep,
+    run_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+    format: Literal["md", "json"] = "md",
+) -> Response:
+    """The retrain's report: trigger, labels consumed by reason, overall and per-class AP before
+    and after on the held-out set, the gate's verdict and time per stage (data-bearing)."""
+    key = report_key(run_id, format)
+    if not store.exists(settings.bucket_reports, key):
+        raise NotFound(
+            f"retraining run {run_id} has no report: only runs that reached a verdict write one"
+        )
+    media = "text/markdown; charset=utf-8" if format == "md" else "application/json"
+    return Response(store.get_bytes(settings.bucket_reports, key), media_type=media)
+
+
 @router.post(
     "/trigger",
     status_code=202,
@@ -113,6 +158,7 @@ def trigger(
     except LaunchFailed as exc:
         raise ServiceUnavailable(str(exc)) from exc
     return TriggerOut(
+        job_id=launched.retraining_run_id,
         retraining_run_id=launched.retraining_run_id,
         flow_run_id=launched.flow_run_id,
         status_url=f"/api/retraining/runs/{launched.retraining_run_id}",

@@ -7,10 +7,31 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, File, UploadFile
 
-from api.deps import EngineDep, PredictorDep, SessionDep, SettingsDep, StoreDep, Token
-from api.errors import AUTH, ImageErrorBody, PayloadTooLarge, ValidationErrorBody, responses
+from api.deps import (
+    BatcherDep,
+    EngineDep,
+    PredictorDep,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    Token,
+)
+from api.errors import (
+    AUTH,
+    ImageErrorBody,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    ValidationErrorBody,
+    responses,
+)
 from api.schemas import PredictionOut, StoredImageOut
-from ingestion.upload import predict_upload, queue_flagged, store_incoming
+from ingestion.upload import (
+    predict_upload,
+    queue_flagged,
+    store_incoming,
+    watch_served_confidence,
+)
+from serving.batching import BatcherUnavailable
 from visionloop.db import session_scope
 
 router = APIRouter(prefix="/api", tags=["serving"])
@@ -46,6 +67,7 @@ def predict(
     session: SessionDep,
     engine: EngineDep,
     predictor: PredictorDep,
+    batcher: BatcherDep,
     store: StoreDep,
     background: BackgroundTasks,
     file: Annotated[UploadFile, File(description="The image: JPEG, PNG, WebP, GIF, BMP or TIFF.")],
@@ -54,18 +76,26 @@ def predict(
 
     The image and the prediction are logged like ingested ones, so they feed drift and, when
     selection flags the image, the review queue. A new champion is picked up without restart.
+    Concurrent requests share forward passes (``VISIONLOOP_BATCH_*``); 503 when too many wait.
     """
-    served = predict_upload(
-        session,
-        settings,
-        _read(file),
-        predictor=predictor,
-        store=store,
-        filename=file.filename or "",
-    )
+    try:
+        served = predict_upload(
+            session,
+            settings,
+            _read(file),
+            predictor=predictor,
+            store=store,
+            filename=file.filename or "",
+            batcher=batcher,
+        )
+    except BatcherUnavailable as exc:
+        raise ServiceUnavailable(str(exc)) from exc
+    open_session = partial(session_scope, engine)
     if served.review is not None:
         # Calls Label Studio, so after answering, in a session of its own on the same engine.
-        background.add_task(queue_flagged, partial(session_scope, engine), settings, served)
+        background.add_task(queue_flagged, open_session, settings, served)
+    # Replays the confidence stream (a few ms): after answering, not on the request's clock.
+    background.add_task(watch_served_confidence, open_session, settings, served)
     return PredictionOut.model_validate(
         {**served.__dict__, "flagged_reason": served.review.reason if served.review else None}
     )

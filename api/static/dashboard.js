@@ -2,7 +2,7 @@
 // Every value from the API goes in through textContent, never innerHTML.
 "use strict";
 
-const STAGES = ["export", "train", "evaluate", "promote", "notify"];
+const STAGES = ["export", "train", "evaluate", "promote", "report", "notify"];
 const FEED_MAX = 150;
 const SVG_NS = "http://www.w3.org/2000/svg";
 const state = { training: null, cpu: [], events: 0, timers: {} };
@@ -98,6 +98,11 @@ function runFields(run) {
   if (run.promoted !== null) fields.push(["promoted", fmt(run.promoted)]);
   if (run.error) fields.push(["error", run.error]);
   if (run.decision_reasons && run.decision_reasons.length) fields.push(["why", run.decision_reasons.join(" ")]);
+  if (run.report_url) {
+    const link = el("a", { href: "#", class: "run-report", "data-url": run.report_url, "data-type": "text/plain" }, "report");
+    link.addEventListener("click", openReport);
+    fields.push(["report", link]);
+  }
   return fields;
 }
 
@@ -108,6 +113,15 @@ function fillList(node, fields) {
 async function loadStatus() {
   const status = await api("/api/retraining/status");
   badge($("retrain-state"), status.state);
+  // A manual retrain is always allowed (it overrides the label and cooldown blockers), so the
+  // button stays usable; it says whether the conditions agree, and waits while one runs.
+  const button = $("trigger");
+  button.disabled = status.status === "running";
+  button.classList.toggle("suggested", status.should_retrain);
+  button.dataset.shouldRetrain = String(status.should_retrain);
+  button.textContent = status.status === "running" ? "Retraining…"
+    : status.should_retrain ? "Retrain now (conditions agree)" : "Retrain now";
+  button.title = status.conditions.summary;
   $("champion-version").textContent = status.champion_version || "none";
   fillList($("retrain-current"), status.current ? runFields(status.current) : []);
   fillList($("retrain-last"), status.last_finished ? runFields(status.last_finished) : [["", "none yet"]]);
@@ -220,6 +234,7 @@ function onTrainingEvent(event) {
 async function openReport(event) {
   event.preventDefault();
   const url = event.currentTarget.dataset.url;
+  const type = event.currentTarget.dataset.type || "text/html";  // read now: gone after an await
   if (!url) return;
   const headers = token() ? { Authorization: "Bearer " + token() } : {};
   const response = await fetch(url, { headers });
@@ -229,7 +244,7 @@ async function openReport(event) {
     return;
   }
   const html = await response.blob();
-  window.open(URL.createObjectURL(new Blob([html], { type: "text/html" })), "_blank", "noopener");
+  window.open(URL.createObjectURL(new Blob([html], { type })), "_blank", "noopener");
 }
 
 async function loadDrift() {
@@ -383,6 +398,180 @@ async function moveChampion(path, body) {
 
 function promote(version) { return moveChampion("/api/models/" + encodeURIComponent(version) + "/promote", { reason: "dashboard" }); }
 
+// --- queue gallery -------------------------------------------------------------------------------
+
+const GALLERY_SIZE = 12;
+const previews = new Map();  // queue item id -> object URL: an item's preview never changes
+
+async function previewUrl(id) {
+  if (previews.has(id)) return previews.get(id);
+  const response = await fetch("/api/labeling/queue/" + id + "/preview", { headers: { Authorization: "Bearer " + token() } });
+  if (!response.ok) throw new Error(response.status + " " + response.statusText);
+  const url = URL.createObjectURL(await response.blob());
+  previews.set(id, url);
+  return url;
+}
+
+function why(item) {
+  const parts = Object.entries(item.score_parts || {}).filter(([, v]) => v).sort((a, b) => b[1] - a[1]).slice(0, 2);
+  return parts.map(([k, v]) => k + " " + fmt(v, 2)).join(" · ");
+}
+
+async function loadGallery() {
+  const page = await api("/api/labeling/queue?limit=" + GALLERY_SIZE);
+  $("gallery-note").textContent = page.total
+    ? page.total + " queued images; " + (token() ? "the champion's boxes as the reviewer first sees them" : "enter the API token to see the images")
+    : "nothing queued yet";
+  const figures = page.items.map((item) => {
+    const picture = el("div", { class: "missing" }, token() ? "…" : "token needed");
+    const figure = el("figure", { "data-item": item.id, "data-status": item.status },
+      picture,
+      el("figcaption", {},
+        el("span", { class: "badge " + item.status }, item.status), " ",
+        el("b", {}, item.flagged_reason), " (" + item.arm + ")",
+        el("br"), why(item) || "–"));
+    if (token()) {
+      previewUrl(item.id).then((url) => {
+        picture.replaceWith(el("img", { src: url, alt: "queue item " + item.id + " with the champion's boxes" }));
+      }).catch((error) => { picture.textContent = error.message; });
+    }
+    return figure;
+  });
+  $("gallery-items").replaceChildren(...figures);
+}
+
+// --- dataset profile -----------------------------------------------------------------------------
+
+async function loadProfile() {
+  const page = await api("/api/labeling/snapshots?limit=1");
+  const snapshot = page.items[0];
+  if (!snapshot || !snapshot.profile) {
+    $("profile-snapshot").textContent = "no snapshot yet";
+    return;
+  }
+  const p = snapshot.profile;
+  $("profile-snapshot").textContent = "snapshot #" + snapshot.id + " (" + snapshot.kind + ", " + when(snapshot.created_at) + ")";
+  const dup = p.duplicates || {};
+  fillList($("profile-facts"), [
+    ["images", p.images + " (train " + p.splits.train + " · val " + p.splits.val + " · test " + p.splits.test + ")"],
+    ["boxes", p.boxes + " (" + fmt((p.boxes_per_image || {}).mean, 2) + " per image, " + p.background_images + " without)"],
+    ["near-duplicates", fmt(dup.near_duplicate_images ?? 0) + " images in " + fmt(dup.near_duplicate_groups ?? 0) + " groups, " + fmt(dup.groups_across_test ?? 0) + " across the test split"],
+  ]);
+  const classes = Object.entries(p.class_balance || {});
+  const W = 300, row = 120 / Math.max(1, classes.length);
+  const peak = Math.max(1, ...classes.map(([, c]) => c.boxes));
+  $("profile-classes").replaceChildren(...classes.flatMap(([name, c], i) => {
+    const label = svg("text", { x: 2, y: i * row + row * 0.7, "font-size": Math.min(12, row * 0.7), fill: "#1d2433" });
+    label.textContent = name + " " + c.boxes + " (" + pct(c.share) + ")";
+    return [svg("rect", { x: 0, y: i * row + 1, width: W * c.boxes / peak, height: Math.max(1, row - 2), fill: "#dde7fb", "data-class": name, "data-boxes": c.boxes }), label];
+  }));
+  const sizes = (p.box_sizes || {}).coco_size || {};
+  $("profile-sizes").replaceChildren(...Object.entries(sizes).map(([bucket, n]) => el("li", { "data-bucket": bucket }, bucket + ": " + n)));
+}
+
+// --- reviewer feedback ---------------------------------------------------------------------------
+
+const VERDICT_COLOURS = { accepted: "#1f9d55", corrected: "#d69e2e", rejected: "#d64545" };
+
+async function loadFeedback() {
+  const days = await api("/api/labeling/feedback/trends?days=30");
+  const total = days.reduce((n, d) => n + d.reviewed, 0);
+  const changed = days.reduce((n, d) => n + d.corrected + d.rejected, 0);
+  $("feedback-summary").textContent = total
+    ? total + " reviews in 30 days; the reviewer changed the champion's answer on " + pct(changed / total)
+    : "no reviews in the last 30 days";
+  const W = 600, H = 160, pad = 6;
+  const peak = Math.max(1, ...days.map((d) => d.reviewed));
+  const step = (W - 2 * pad) / days.length;
+  const children = [];
+  days.forEach((d, i) => {
+    let top = H - pad;
+    const bar = svg("g", { "data-day": d.day, "data-reviewed": d.reviewed });
+    for (const verdict of ["accepted", "corrected", "rejected"]) {
+      const h = (H - 2 * pad) * d[verdict] / peak;
+      if (!h) continue;
+      top -= h;
+      bar.append(svg("rect", { x: pad + i * step + 1, y: top, width: Math.max(1, step - 2), height: h, fill: VERDICT_COLOURS[verdict], "data-verdict": verdict }));
+    }
+    const title = svg("title");
+    title.textContent = d.day + ": " + d.accepted + " accepted, " + d.corrected + " corrected, " + d.rejected + " rejected";
+    bar.append(title);
+    children.push(bar);
+  });
+  $("feedback-chart").replaceChildren(...children);
+}
+
+// Exports are data-bearing: fetched with the token and handed to the browser as a download.
+async function downloadFeedback(event) {
+  const button = event.currentTarget;
+  const result = $("feedback-result");
+  result.className = "note";
+  const headers = token() ? { Authorization: "Bearer " + token() } : {};
+  const response = await fetch(button.dataset.url, { headers });
+  if (!response.ok) {
+    const body = await response.json().catch(() => null);
+    result.className = "note error";
+    result.textContent = body && body.detail ? body.detail : response.status + " " + response.statusText;
+    return;
+  }
+  const blob = await response.blob();
+  const link = el("a", { href: URL.createObjectURL(blob), download: button.dataset.url.includes("json") ? "feedback.json" : "feedback.csv" });
+  link.click();
+  result.textContent = "exported " + bytes(blob.size);
+}
+
+// --- flow runs ---------------------------------------------------------------------------------
+
+function seconds(value) {
+  if (value === null || value === undefined) return "–";
+  return value < 90 ? value.toFixed(1) + " s" : (value / 60).toFixed(1) + " min";
+}
+
+async function loadRuns() {
+  const runs = await api("/api/runs?limit=15");
+  $("run-rows").replaceChildren(...runs.map((r) => {
+    const state = el("span", { class: "badge " + r.state_type }, r.state);
+    const actions = el("td", {},
+      el("button", { class: "small secondary", type: "button", onclick: () => showLog(r) }, "logs"));
+    if (!r.final) {
+      actions.append(" ", el("button", { class: "small", type: "button", onclick: () => cancelRun(r) }, "cancel"));
+    }
+    return el("tr", { "data-run": r.id },
+      el("td", { title: r.name }, r.flow), el("td", {}, r.deployment || "–"), el("td", {}, state),
+      el("td", {}, when(r.start || r.expected_start)), el("td", {}, seconds(r.duration_s)), actions);
+  }));
+}
+
+async function cancelRun(run) {
+  const result = $("run-result");
+  result.className = "note";
+  try {
+    const after = await api("/api/runs/" + run.id + "/cancel", { method: "POST", auth: true });
+    result.textContent = run.flow + " run " + run.name + ": " + after.state;
+    soon("runs", loadRuns, 100);
+  } catch (error) {
+    result.className = "note error";
+    result.textContent = error.message;
+  }
+}
+
+// Logs are data-bearing: fetched with the token, like the drift reports.
+async function showLog(run) {
+  const log = $("run-log");
+  const result = $("run-result");
+  result.className = "note";
+  try {
+    const lines = await api("/api/runs/" + run.id + "/logs?limit=1000", { auth: true });
+    log.textContent = lines.map((l) => clock(l.timestamp) + " " + l.level + " " + l.message).join("\n") || "(no log lines)";
+    log.hidden = false;
+    log.dataset.run = run.id;
+    result.textContent = run.flow + " run " + run.name + " (" + run.state + ")";
+  } catch (error) {
+    result.className = "note error";
+    result.textContent = error.message;
+  }
+}
+
 // --- system ------------------------------------------------------------------------------------
 
 async function loadHealth() {
@@ -439,13 +628,16 @@ function addToFeed(event, fresh) {
 // Which panels an event makes stale.
 function route(event) {
   const kind = event.kind;
+  soon("runs", loadRuns, 2000);  // every event comes from a flow run or an API call starting one
   if (kind.startsWith("training.")) onTrainingEvent(event);
   if (kind === EventKind.RETRAIN_STAGE) showStage(event.payload.stage);
   if (kind.startsWith("retrain.") || kind === EventKind.TRAINING_FINISHED) soon("status", loadStatus);
   if (kind.startsWith("drift.")) { soon("drift", loadDrift); soon("status", loadStatus); }
   if (kind.startsWith("queue.") || kind.startsWith("labels.")) {
     soon("queue", loadQueue); soon("ledger", loadLedger); soon("status", loadStatus);
+    soon("feedback", loadFeedback); soon("gallery", loadGallery);
   }
+  if (kind === EventKind.SNAPSHOT_CREATED) soon("profile", loadProfile);
   if (kind.startsWith("model.") || kind === EventKind.TRAINING_FINISHED) { soon("models", loadModels); soon("status", loadStatus); }
 }
 
@@ -477,12 +669,18 @@ function start() {
   $("token").addEventListener("change", () => localStorage.setItem("visionloop.token", token()));
   $("trigger").addEventListener("click", trigger);
   $("rollback").addEventListener("click", () => moveChampion("/api/models/rollback", { reason: "dashboard" }));
-  for (const load of [loadLinks, loadStatus, loadTraining, loadDrift, loadQueue, loadLedger, loadModels, loadHealth, loadResources]) {
+  $("runs-refresh").addEventListener("click", guarded(loadRuns));
+  $("gallery-refresh").addEventListener("click", guarded(loadGallery));
+  $("token").addEventListener("change", guarded(loadGallery));
+  $("feedback-csv").addEventListener("click", downloadFeedback);
+  $("feedback-json").addEventListener("click", downloadFeedback);
+  for (const load of [loadLinks, loadStatus, loadTraining, loadDrift, loadQueue, loadGallery, loadFeedback, loadProfile, loadLedger, loadModels, loadRuns, loadHealth, loadResources]) {
     guarded(load)();
   }
   setInterval(guarded(loadResources), 5000);
   setInterval(guarded(loadHealth), 30000);
   setInterval(guarded(loadStatus), 30000);  // condition values (ages, cooldowns) move with time
+  setInterval(guarded(loadRuns), 15000);  // run durations grow, scheduled runs start
   guarded(connect)();
 }
 

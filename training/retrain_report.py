@@ -1,0 +1,245 @@
+"""The report of one retrain: why it ran, what it learnt from, what changed, and what the gate said.
+
+Written for every retrain that reaches a verdict, as Markdown for people and JSON for tools, to
+``<reports bucket>/retrains/<run id>/report.{md,json}`` and beside the challenger's MLflow run.
+Everything in it is read back from the platform's records (the run row, its stage events, the
+snapshot's manifest and the reviewed labels), never from what the flow believes it did.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from visionloop.events import EventKind
+from visionloop.models import ActivityEvent, Image, LabelingQueueItem, RetrainingRun, ReviewedLabel
+from visionloop.settings import Settings
+from visionloop.storage import ObjectStore
+
+UNQUEUED = "not queued"
+"""The selection reason of a label whose image never went through the review queue (labels
+imported or added by hand)."""
+
+
+def report_key(run_id: int, suffix: str) -> str:
+    return f"retrains/{run_id}/report.{suffix}"
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def stage_times(session: Session, run: RetrainingRun, until: datetime) -> list[dict[str, Any]]:
+    """Each stage the run announced, when it started and how long it took (to the next stage's
+    start, the last one to ``until``)."""
+    since = _utc(run.started_at or run.created_at)
+    events = session.exec(
+        select(ActivityEvent)
+        .where(
+            ActivityEvent.kind == EventKind.RETRAIN_STAGE.value,
+            col(ActivityEvent.created_at) >= since,
+        )
+        .order_by(col(ActivityEvent.id))
+    ).all()
+    # The payload's run id is JSON, filtered here on the few stage events since the start.
+    mine = [e for e in events if e.payload.get("retraining_run_id") == run.id]
+    stages = []
+    for i, event in enumerate(mine):
+        start = _utc(event.created_at)
+        assert start is not None
+        end = _utc(mine[i + 1].created_at) if i + 1 < len(mine) else until
+        assert end is not None
+        stages.append(
+            {
+                "stage": event.payload.get("stage"),
+                "started_at": start.isoformat(),
+                "seconds": round(max(0.0, (end - start).total_seconds()), 3),
+            }
+        )
+    return stages
+
+
+def labels_consumed(session: Session, image_hashes: Sequence[str]) -> dict[str, Any]:
+    """The reviewed labels of the snapshot's images: in all, by verdict, and by the reason
+    selection queued their image."""
+    if not image_hashes:
+        return {"total": 0, "by_verdict": {}, "by_reason": {}}
+    rows = session.exec(
+        select(ReviewedLabel.verdict, LabelingQueueItem.flagged_reason)
+        .join(Image, col(Image.id) == col(ReviewedLabel.image_id))
+        .join(
+            LabelingQueueItem,
+            col(LabelingQueueItem.image_id) == col(ReviewedLabel.image_id),
+            isouter=True,
+        )
+        .where(col(Image.content_hash).in_(list(image_hashes)))
+    ).all()
+    return {
+        "total": len(rows),
+        "by_verdict": dict(Counter(str(getattr(v, "value", v)) for v, _ in rows)),
+        "by_reason": dict(Counter(reason or UNQUEUED for _, reason in rows)),
+    }
+
+
+def per_class_change(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """AP50-95 and AP50 of every class, champion (before) and challenger (after), on the one
+    held-out set both were scored on; a class absent from a side is None there."""
+    after = (metrics.get("challenger") or {}).get("per_class") or {}
+    before = ((metrics.get("champion") or {}).get("per_class")) or {}
+    rows = []
+    for name in sorted(set(after) | set(before)):
+        old, new = before.get(name, {}), after.get(name, {})
+        ap_old, ap_new = old.get("AP50-95"), new.get("AP50-95")
+        rows.append(
+            {
+                "class": name,
+                "instances": new.get("instances", old.get("instances")),
+                "AP50-95_before": ap_old,
+                "AP50-95_after": ap_new,
+                "AP50-95_change": None
+                if ap_old is None or ap_new is None
+                else round(ap_new - ap_old, 6),
+                "AP50_before": old.get("AP50"),
+                "AP50_after": new.get("AP50"),
+            }
+        )
+    return rows
+
+
+def build_report(
+    session: Session, run: RetrainingRun, image_hashes: Sequence[str], *, now: datetime
+) -> dict[str, Any]:
+    metrics = run.metrics or {}
+    primary = metrics.get("primary_metric", "mAP50-95")
+    challenger = (metrics.get("challenger") or {}).get("metrics") or {}
+    champion = (metrics.get("champion") or {}).get("metrics") or {}
+    return {
+        "retraining_run_id": run.id,
+        "trigger": run.trigger,
+        "reason": run.reason,
+        "status": str(getattr(run.status, "value", run.status)),
+        "created_at": _utc(run.created_at).isoformat(),  # type: ignore[union-attr]
+        "started_at": (_utc(run.started_at) or now).isoformat(),
+        "written_at": now.isoformat(),
+        "snapshot_id": run.snapshot_id,
+        "snapshot_hash": metrics.get("snapshot_hash"),
+        "holdout_hash": metrics.get("holdout_hash"),
+        "mlflow_run_id": run.mlflow_run_id,
+        "challenger_version": run.model_version,
+        "champion_version": metrics.get("champion_version"),
+        "labels": labels_consumed(session, image_hashes),
+        "primary_metric": primary,
+        "overall": {
+            name: {"before": champion.get(name), "after": challenger.get(name)}
+            for name in sorted(set(challenger) | set(champion))
+        },
+        "per_class": per_class_change(metrics),
+        "verdict": {
+            "promoted": bool(run.promoted),
+            "reasons": list(run.decision_reasons or []),
+        },
+        "stages": stage_times(session, run, now),
+    }
+
+
+def _num(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _signed(value: Any) -> str:
+    return "–" if value is None else f"{value:+.3f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    verdict = report["verdict"]
+    outcome = (
+        f"version {report['challenger_version']} promoted to champion"
+        if verdict["promoted"]
+        else f"version {report['challenger_version']} not promoted; "
+        f"the champion stays version {report['champion_version']}"
+    )
+    labels = report["labels"]
+    lines = [
+        f"# Retraining run {report['retraining_run_id']}: {outcome}",
+        "",
+        f"- **Trigger:** {report['trigger']}"
+        + (f" ({report['reason']})" if report["reason"] else ""),
+        f"- **Started:** {report['started_at']}",
+        f"- **Training snapshot:** #{report['snapshot_id']} "
+        f"`{(report['snapshot_hash'] or '')[:12]}`",
+        f"- **Held-out set:** `{(report['holdout_hash'] or '')[:12]}` (both models scored on it)",
+        f"- **MLflow run:** `{report['mlflow_run_id']}`",
+        "",
+        "## Labels it learnt from",
+        "",
+        f"{labels['total']} reviewed labels.",
+        "",
+        "| selected because | labels |",
+        "| --- | ---: |",
+        *(f"| {reason} | {n} |" for reason, n in sorted(labels["by_reason"].items())),
+        "",
+        "| verdict | labels |",
+        "| --- | ---: |",
+        *(f"| {verdict_} | {n} |" for verdict_, n in sorted(labels["by_verdict"].items())),
+        "",
+        f"## Champion (before) against challenger (after), {report['primary_metric']} decides",
+        "",
+        "| metric | before | after |",
+        "| --- | ---: | ---: |",
+        *(
+            f"| {name} | {_num(v['before'])} | {_num(v['after'])} |"
+            for name, v in report["overall"].items()
+        ),
+        "",
+        "| class | instances | AP50-95 before | AP50-95 after | change "
+        "| AP50 before | AP50 after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(
+            f"| {c['class']} | {_num(c['instances'])} | {_num(c['AP50-95_before'])} | "
+            f"{_num(c['AP50-95_after'])} | {_signed(c['AP50-95_change'])} | "
+            f"{_num(c['AP50_before'])} | {_num(c['AP50_after'])} |"
+            for c in report["per_class"]
+        ),
+        "",
+        "## Gate verdict",
+        "",
+        *(f"- {reason}" for reason in verdict["reasons"]),
+        "",
+        "## Time per stage",
+        "",
+        "| stage | seconds |",
+        "| --- | ---: |",
+        *(f"| {s['stage']} | {s['seconds']:.1f} |" for s in report["stages"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(
+    settings: Settings, session: Session, run_id: int, image_hashes: Sequence[str]
+) -> dict[str, str]:
+    """Build, store and attach the run's report; the object keys it was written to."""
+    from visionloop.registry import client as mlflow_client
+
+    run = session.get(RetrainingRun, run_id)
+    if run is None:
+        raise LookupError(f"no retraining run {run_id}")
+    report = build_report(session, run, image_hashes, now=datetime.now(UTC))
+    markdown = render_markdown(report)
+    document = json.dumps(report, indent=2)
+    store = ObjectStore(settings)
+    keys = {"md": report_key(run_id, "md"), "json": report_key(run_id, "json")}
+    store.put_bytes(settings.bucket_reports, keys["md"], markdown.encode(), "text/markdown")
+    store.put_bytes(settings.bucket_reports, keys["json"], document.encode(), "application/json")
+    if run.mlflow_run_id:
+        mlflow = mlflow_client(settings)
+        mlflow.log_text(run.mlflow_run_id, markdown, "report/retrain-report.md")
+        mlflow.log_text(run.mlflow_run_id, document, "report/retrain-report.json")
+    return keys
