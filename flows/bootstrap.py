@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows import server_retries
+from flows.serving import export_for_serving
 from training.snapshots import SNAPSHOT_HASH_TAG, materialise, yolo_folder_sources
 from training.tracking import tracked_training
 from visionloop.db import session_scope
@@ -76,18 +77,6 @@ def train_seed_model(
 @task(**server_retries())
 def register_champion(run_id: str) -> ModelRef:
     return register_weights(get_settings(), run_id, alias=CHAMPION)
-
-
-@task
-def export_for_serving(version: str) -> list[str]:
-    """Export the champion to ONNX/OpenVINO behind a parity check; the verified backends.
-    Never fails the flow: without exports the champion serves on PyTorch."""
-    from serving.export import export_version
-
-    outcome = export_version(get_settings(), version)
-    if outcome.error:
-        get_run_logger().warning("version %s not exported: %s", version, outcome.error)
-    return outcome.verified
 
 
 @flow(name="bootstrap", log_prints=True)

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from flows import server_retries
 from flows.evaluate import Evaluation, evaluate_flow
 from flows.export import ExportedSnapshot, export_flow
+from flows.serving import export_for_serving
 from flows.train import TrainedChallenger, train_flow
 from training.evaluation import EvalResult
 from training.promotion import promote
@@ -265,18 +266,6 @@ def consume_labels(snapshot_id: int) -> None:
 @task(cache_policy=NO_CACHE, **server_retries())
 def promote_challenger(run_id: int, version: str) -> None:
     promote(get_settings(), version, reason=f"retraining run {run_id} passed the gate")
-
-
-@task(cache_policy=NO_CACHE)
-def export_for_serving(version: str) -> list[str]:
-    """Export the new champion to ONNX/OpenVINO behind a parity check; the verified backends.
-    Never fails the run: without exports the champion serves on PyTorch."""
-    from serving.export import export_version
-
-    outcome = export_version(get_settings(), version)
-    if outcome.error:
-        get_run_logger().warning("version %s not exported: %s", version, outcome.error)
-    return outcome.verified
 
 
 @task(cache_policy=NO_CACHE)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy.engine import Engine
 
 from cli.stack import Stack, free_port
+from visionloop.db import make_engine, migrate
 from visionloop.settings import Settings, get_settings, load_settings
 
 # PostgreSQL proves the production database path; this kind of machine runs one on 5432.
@@ -114,3 +116,14 @@ def postgres_url() -> Iterator[str]:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'visionloop.db'}"
+
+
+@pytest.fixture(params=["sqlite_url", "postgres_url"])
+def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """A migrated database of its own, once on SQLite (the default) and once on PostgreSQL
+    (production); a test module may define its own ``engine`` instead."""
+    url = request.getfixturevalue(request.param)
+    migrate(url)
+    made = make_engine(url)
+    yield made
+    made.dispose()

@@ -5,7 +5,6 @@ predictions."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -13,21 +12,11 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from monitoring.confidence_stream import STAT_TEST, watch_confidence
-from visionloop.db import make_engine, migrate
 from visionloop.events import EventKind
 from visionloop.models import ActivityEvent, DriftLevel, DriftResult, Image, Prediction
 from visionloop.settings import load_settings
 
 BATCH = 50
-
-
-@pytest.fixture(params=["sqlite_url", "postgres_url"])
-def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
-    url = request.getfixturevalue(request.param)
-    migrate(url)
-    made = make_engine(url)
-    yield made
-    made.dispose()
 
 
 def _ingest(engine: Engine, confidences: np.ndarray, version: str = "4") -> list[DriftResult]:

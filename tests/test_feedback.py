@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
@@ -18,7 +17,7 @@ from api.main import create_app
 from cli.stack import Stack
 from labeling import feedback
 from labeling.feedback import FeedbackFilter, as_csv, as_json, feedback_records, feedback_trend
-from visionloop.db import make_engine, migrate, session_scope
+from visionloop.db import session_scope
 from visionloop.models import Image, ReviewedLabel, Verdict
 from visionloop.settings import get_settings
 
@@ -65,15 +64,6 @@ def _seed(engine: Engine, tag: str) -> list[int]:
             )
         session.commit()
     return ids
-
-
-@pytest.fixture(params=["sqlite_url", "postgres_url"])
-def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
-    url = request.getfixturevalue(request.param)
-    migrate(url)
-    made = make_engine(url)
-    yield made
-    made.dispose()
 
 
 def test_the_trend_counts_each_utc_day_and_fills_the_gaps(engine: Engine) -> None:

@@ -14,18 +14,9 @@ from sqlmodel import Session
 from cli.stack import free_port
 from training import retrain_guard
 from training.retrain_guard import RetrainBusy, acquire, create_run, current_holder, release
-from visionloop.db import make_engine, migrate, session_scope
+from visionloop.db import session_scope
 from visionloop.models import RetrainingRun, RetrainStatus
 from visionloop.settings import Settings, get_settings, load_settings
-
-
-@pytest.fixture(params=["sqlite_url", "postgres_url"])
-def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
-    url = request.getfixturevalue(request.param)
-    migrate(url)
-    engine = make_engine(url)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

@@ -46,8 +46,13 @@ SERVER_TASKS = {
     "flows.ingest": {"find_new_files", "ingest_files", "queue_uncertain"},
 }
 # Local work: generating files, or training (CPU-heavy and deterministic: a retry only
-# repeats the same minutes).
-LOCAL_TASKS = {"flows.bootstrap": {"generate_seed_set", "train_seed_model"}}
+# repeats the same minutes). The serving export and the retrain report also talk to servers
+# but never fail their run: each catches its own errors, which leave the champion on PyTorch
+# or the run without a report, so Prefect has nothing to retry.
+LOCAL_TASKS = {
+    "flows.bootstrap": {"generate_seed_set", "train_seed_model", "export_for_serving"},
+    "flows.retrain": {"export_for_serving", "write_retrain_report"},
+}
 # Flows that give their tasks the settings' retries when a run starts (``Task.with_options``),
 # not in the decorator: their decorators say nothing, so their runs are what is checked
 # (``test_ingest_run_retries_its_server_tasks_from_settings``).
