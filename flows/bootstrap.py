@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from flows import server_retries
-from flows.serving import export_for_serving
+from flows.serving_exports import export_for_serving
 from training.snapshots import SNAPSHOT_HASH_TAG, materialise, yolo_folder_sources
 from training.tracking import tracked_training
 from visionloop.db import session_scope

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from flows import server_retries
 from flows.evaluate import Evaluation, evaluate_flow
 from flows.export import ExportedSnapshot, export_flow
-from flows.serving import export_for_serving
+from flows.serving_exports import export_for_serving
 from flows.train import TrainedChallenger, train_flow
 from training.evaluation import EvalResult
 from training.promotion import promote
