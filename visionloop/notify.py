@@ -3,8 +3,9 @@
 Every retrain outcome, promotion and rollback goes through here, whoever started it (the
 retrain flow, the API, a schedule), so a team's channel hears of each one. The webhook is
 ``VISIONLOOP_NOTIFY_WEBHOOK_URL`` unless a caller names another. A notification never fails
-what it reports on: a refused or unreachable webhook is retried ``VISIONLOOP_NOTIFY_RETRIES``
-times with a growing pause, then logged and recorded as a warning event, never raised.
+what it reports on: an unreachable webhook, or one answering 5xx or 429, is retried
+``VISIONLOOP_NOTIFY_RETRIES`` times with a doubling pause, then logged and recorded as a
+warning event, never raised.
 """
 
 from __future__ import annotations

@@ -129,7 +129,10 @@ class Settings(BaseSettings):
         "Teams, any HTTP endpoint); a secret because such URLs carry a token. Empty: events only.",
     )
     notify_retries: int = Field(
-        default=3, ge=0, le=10, description="Retries of a refused or unreachable webhook call."
+        default=3,
+        ge=0,
+        le=10,
+        description="Retries of a webhook call that failed to connect or got 5xx / 429.",
     )
     max_body_bytes: int = Field(
         default=32 * 1024 * 1024,
