@@ -128,11 +128,15 @@ the server's log."""
 _KINDS = {413: "payload_too_large"}
 
 
-def content(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
-    """A 200 that is not JSON (HTML, a zip, an event stream), documented so that the error
-    responses beside it stay documented as JSON."""
+def content(media_type: str | tuple[str, ...], description: str) -> dict[int | str, dict[str, Any]]:
+    """A 200 that is not JSON (HTML, a zip, an event stream), or that is one of several media
+    types, documented so that the error responses beside it stay documented as JSON."""
+    types = (media_type,) if isinstance(media_type, str) else media_type
     return {
-        200: {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
+        200: {
+            "description": description,
+            "content": {t: {"schema": {"type": "string"}} for t in types},
+        }
     }
 
 

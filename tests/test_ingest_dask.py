@@ -343,13 +343,26 @@ def _ingested(status: Any) -> str:
 
 
 def _same_boxes(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    """Every box of ``a`` has its own box in ``b`` of the same class within ``TOLERANCE``.
+
+    Paired, not zipped: boxes are listed by confidence, and two whose confidences differ by
+    less than the runtimes' rounding (OpenVINO's threads sum in their own order) may swap."""
     if len(a) != len(b):
         return False
-    for x, y in zip(a, b):
-        if x["name"] != y["name"]:
+    unpaired = list(b)
+    for x in a:
+        twin = next(
+            (
+                y
+                for y in unpaired
+                if y["name"] == x["name"]
+                and all(abs(x[k] - y[k]) <= TOLERANCE for k in ("conf", "x1", "y1", "x2", "y2"))
+            ),
+            None,
+        )
+        if twin is None:
             return False
-        if any(abs(x[k] - y[k]) > TOLERANCE for k in ("conf", "x1", "y1", "x2", "y2")):
-            return False
+        unpaired.remove(twin)
     return True
 
 

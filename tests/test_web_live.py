@@ -187,10 +187,14 @@ def test_the_dashboard_shows_an_emitted_event_live(api_url: str, browser: Any) -
     wait.until(lambda _: text("retrain-state") not in ("", "–"))  # the panels loaded from the API
     wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#health li"))
     # The trigger button says whether the conditions would retrain now.
-    should = httpx.get(f"{api_url}/api/retraining/status", timeout=30).json()["should_retrain"]
+    status = httpx.get(f"{api_url}/api/retraining/status", timeout=30).json()
+    should = status["should_retrain"]
     button = browser.find_element(By.ID, "trigger")
     wait.until(lambda _: button.get_attribute("data-should-retrain") == str(should).lower())
-    assert ("conditions agree" in button.text) is should
+    if status["status"] == "running":
+        assert button.text == "Retraining…" and not button.is_enabled()
+    else:
+        assert ("conditions agree" in button.text) is should
     settings = get_settings()
     assert (
         browser.find_element(By.ID, "link-mlflow").get_attribute("href").rstrip("/")

@@ -24,8 +24,11 @@ _MEDIA = {"csv": "text/csv", "json": "application/json"}
     response_class=Response,
     dependencies=[ReadToken],
     responses={
-        **content("text/csv", "With `format=csv` (the default): one line per reviewed image."),
-        **content("application/json", "With `format=json`: an array, boxes included."),
+        **content(
+            ("text/csv", "application/json"),
+            "CSV with `format=csv` (the default), one line per reviewed image; with "
+            "`format=json` an array, boxes included.",
+        ),
         **AUTH,
         **responses(422),
     },

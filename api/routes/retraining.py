@@ -112,8 +112,10 @@ def run(session: SessionDep, run_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> R
     response_class=Response,
     dependencies=[ReadToken],
     responses={
-        **content("text/markdown", "The report for people (`format=md`, the default)."),
-        **content("application/json", "The same report for tools (`format=json`)."),
+        **content(
+            ("text/markdown", "application/json"),
+            "The report for people (`format=md`, the default), or for tools (`format=json`).",
+        ),
         **AUTH,
         **responses(404, 422),
     },

@@ -130,8 +130,9 @@ async def stream_logs(
     settings: SettingsDep,
     flow_run_id: RunId,
     last_event_id: Annotated[
-        int | None, Header(ge=0, le=10_000_000, description="Sent by EventSource.")
-    ] = None,
+        int,
+        Header(ge=-1, le=10_000_000, description="Sent by EventSource: the last line it has."),
+    ] = -1,
 ) -> StreamingResponse:
     """The run's log live: every line so far (or after ``Last-Event-ID``), then new lines as
     Prefect receives them, and an ``end`` event with the final state once the run is over
@@ -141,7 +142,7 @@ async def stream_logs(
 
     async def messages() -> AsyncIterator[str]:
         yield "retry: 3000\n\n"
-        last = -1 if last_event_id is None else last_event_id
+        last = last_event_id
         beat = time.monotonic()
         settled = False
         while not await request.is_disconnected():
