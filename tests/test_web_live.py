@@ -347,6 +347,7 @@ def test_the_dashboard_lists_flow_runs_shows_a_log_and_cancels(api_url: str, bro
     from prefect import flow, get_run_logger
     from prefect.deployments import run_deployment
     from prefect.logging.handlers import APILogHandler
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -382,11 +383,20 @@ def test_the_dashboard_lists_flow_runs_shows_a_log_and_cancels(api_url: str, bro
         time.sleep(0.5)
         return f"{marker} says hello" in browser.find_element(By.ID, "run-log").text
 
-    WebDriverWait(browser, 40, poll_frequency=1).until(log_shows_marker)
+    # The table is drawn anew as events arrive: every step finds its row again, and a row
+    # replaced between finding and clicking is simply found once more.
+    fresh = (StaleElementReferenceException,)
+    WebDriverWait(browser, 40, poll_frequency=1, ignored_exceptions=fresh).until(log_shows_marker)
+    wait = WebDriverWait(browser, 60, poll_frequency=0.25, ignored_exceptions=fresh)
+    wait.until(lambda _: "Scheduled" in browser.find_element(By.CSS_SELECTOR, row(waiting)).text)
+    assert "label-sync" in browser.find_element(By.CSS_SELECTOR, row(waiting)).text
 
-    waiting_row = browser.find_element(By.CSS_SELECTOR, row(waiting))
-    assert "Scheduled" in waiting_row.text and "label-sync" in waiting_row.text
-    waiting_row.find_element(By.XPATH, ".//button[text()='cancel']").click()
+    def cancel(_: Any) -> bool:
+        found = browser.find_element(By.CSS_SELECTOR, row(waiting))
+        found.find_element(By.XPATH, ".//button[text()='cancel']").click()
+        return True
+
+    wait.until(cancel)
     wait.until(lambda _: "Cancelled" in browser.find_element(By.ID, "run-result").text)
     wait.until(lambda _: "Cancelled" in browser.find_element(By.CSS_SELECTOR, row(waiting)).text)
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]

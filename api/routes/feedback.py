@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -10,7 +9,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from api.deps import EngineDep, ReadToken, SessionDep
 from api.errors import AUTH, content, responses
-from api.schemas import FeedbackDayOut
+from api.schemas import FeedbackDayOut, IsoDatetime
 from labeling.feedback import FeedbackFilter, as_csv, as_json, feedback_records, feedback_trend
 from visionloop.models import Verdict
 
@@ -36,8 +35,10 @@ _MEDIA = {"csv": "text/csv", "json": "application/json"}
 def export(
     engine: EngineDep,
     format: Literal["csv", "json"] = "csv",
-    since: Annotated[datetime | None, Query(description="Reviewed at or after (ISO 8601).")] = None,
-    until: Annotated[datetime | None, Query(description="Reviewed before (ISO 8601).")] = None,
+    since: Annotated[
+        IsoDatetime | None, Query(description="Reviewed at or after (ISO 8601).")
+    ] = None,
+    until: Annotated[IsoDatetime | None, Query(description="Reviewed before (ISO 8601).")] = None,
     verdict: Verdict | None = None,
     reviewer: Annotated[str | None, Query(max_length=255)] = None,
     cls: Annotated[
