@@ -135,7 +135,10 @@ def content(media_type: str | tuple[str, ...], description: str) -> dict[int | s
     return {
         200: {
             "description": description,
-            "content": {t: {"schema": {"type": "string"}} for t in types},
+            # JSON beside another media type is a document of its own: any JSON value.
+            "content": {
+                t: {"schema": {} if t == "application/json" else {"type": "string"}} for t in types
+            },
         }
     }
 
