@@ -156,6 +156,18 @@ def get_flow_run(settings: Settings, flow_run_id: str) -> FlowRunInfo:
     return _info(run, flows, deployments)
 
 
+def flow_run_state(settings: Settings, flow_run_id: str) -> tuple[str, bool]:
+    """The run's state name and whether it is final: one call, for a reader polling it."""
+    from prefect.exceptions import ObjectNotFound
+
+    with bounded_prefect_calls(settings), _client() as prefect:
+        try:
+            state = prefect.read_flow_run(_uuid(flow_run_id)).state
+        except ObjectNotFound as exc:
+            raise FlowRunNotFound(f"Prefect has no flow run {flow_run_id}") from exc
+    return (state.name if state else "Unknown"), bool(state and state.is_final())
+
+
 def cancel_flow_run(settings: Settings, flow_run_id: str) -> FlowRunInfo:
     """Cancel a run that has not finished: one still waiting is cancelled at once, a running
     one is set to Cancelling, which makes its worker stop the run's process (Prefect's own

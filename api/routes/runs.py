@@ -23,6 +23,7 @@ from api.schemas import FlowRunOut, LogLineOut
 from monitoring.flow_runs import (
     cancel_flow_run,
     flow_run_logs,
+    flow_run_state,
     get_flow_run,
     list_flow_runs,
 )
@@ -149,7 +150,7 @@ async def stream_logs(
             # Read the state before the lines: a run seen final has shipped everything it logs
             # by the time its lines are read after it.
             try:
-                info = await run_in_threadpool(get_flow_run, settings, flow_run_id)
+                state, final = await run_in_threadpool(flow_run_state, settings, flow_run_id)
                 fresh = await run_in_threadpool(
                     flow_run_logs, settings, flow_run_id, after=last, limit=MAX_LINES
                 )
@@ -164,14 +165,14 @@ async def stream_logs(
                 last = fresh[-1].index
                 beat = time.monotonic()
                 continue  # there may be more than one page
-            if info.final and not settled:
+            if final and not settled:
                 # A process ships its last lines a moment after its final state (Prefect sends
                 # logs in batches): one more look after that moment before the end.
                 settled = True
                 await asyncio.sleep(SETTLE_S)
                 continue
-            if info.final:
-                yield f"event: end\ndata: {json.dumps({'state': info.state})}\n\n"
+            if final:
+                yield f"event: end\ndata: {json.dumps({'state': state})}\n\n"
                 return
             if time.monotonic() - beat >= 15:
                 beat = time.monotonic()
