@@ -35,7 +35,7 @@ import yaml
 from PIL import Image as PILImage
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from training.profile import fingerprint, profile_entries
 from visionloop.boxes import LabelError, normalise_boxes
@@ -114,11 +114,13 @@ def reviewed_sources(
     and the images left out, with why (one bad row must not block every retrain).
 
     All verdicts are exported: the reviewed boxes are the truth whether the champion's
-    pre-annotation was accepted, corrected or rejected (no boxes means background).
+    pre-annotation was accepted, corrected or rejected (no boxes means background); with
+    ``train_approved_only``, only labels a second reviewer approved.
     """
-    rows = session.exec(
-        select(ReviewedLabel, Image).join(Image, ReviewedLabel.image_id == Image.id)
-    ).all()
+    query = select(ReviewedLabel, Image).join(Image, ReviewedLabel.image_id == Image.id)
+    if settings.train_approved_only:
+        query = query.where(col(ReviewedLabel.approved_at).is_not(None))
+    rows = session.exec(query).all()
     sources: list[Source] = []
     dropped: list[str] = []
     skipped: dict[str, str] = {}

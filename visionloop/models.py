@@ -187,6 +187,12 @@ class LabelingQueueItem(SQLModel, table=True):
     sync_error: str | None = Field(
         default=None, sa_type=Text, description="Why the last annotation synced was rejected."
     )
+    rejected_annotation: str | None = Field(
+        default=None,
+        sa_type=String(100),
+        description="The annotation an approver sent back (``<id>@<updated_at>``): the sync "
+        "passes over it until the reviewer submits or updates one.",
+    )
     created_at: datetime = Field(
         default_factory=utcnow, sa_type=DateTime(timezone=True), index=True
     )
@@ -211,6 +217,14 @@ class ReviewedLabel(SQLModel, table=True):
     label_studio_annotation_id: int | None = None
     prediction_model_version: str | None = Field(default=None, sa_type=String(64))
     used_for_training: bool = Field(default=False, index=True)
+    box_feedback: list[dict[str, Any]] | None = Field(
+        default=None,
+        sa_type=JSON,
+        description="The reviewer's verdict on each box: the champion's (correct, incorrect, "
+        "adjusted) and the ones it missed (labeling.verdicts).",
+    )
+    approved_by: str | None = Field(default=None, sa_type=String(255))
+    approved_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True), index=True)
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
 
 
@@ -233,6 +247,9 @@ class DatasetSnapshot(SQLModel, table=True):
     num_test: int = 0
     class_names: list[str] = Field(default_factory=list, sa_type=JSON)
     profile: dict[str, Any] | None = Field(default=None, sa_type=JSON)
+    holdout_version: int | None = Field(
+        default=None, index=True, description="A frozen held-out set's version (holdout only)."
+    )
     created_at: datetime = Field(
         default_factory=utcnow, sa_type=DateTime(timezone=True), index=True
     )

@@ -262,6 +262,11 @@ class Settings(BaseSettings):
         "images (the first champion needs none).",
     )
     class_drop_tolerance: float = Field(default=0.05)
+    train_approved_only: bool = Field(
+        default=False,
+        description="Train on approved reviewed labels only (a second reviewer approved them "
+        "through POST /api/labeling/queue/{id}/approve); off, every reviewed label is used.",
+    )
 
     # --- outages: every client waits a bounded time and retries a bounded number of times ---
     service_timeout_s: float = Field(
