@@ -5,22 +5,24 @@ Reviewer agreement is the share of reviewed pre-annotations the reviewer accepte
 the model predicted for a reviewed image are matched one-to-one against the reviewed boxes
 of the same class (``visionloop.boxes.match_count``: IoU at least ``MATCH_IOU``, best overlaps
 first); an unmatched predicted box is a false positive, an unmatched reviewed box a miss.
+
+The statistics and the queue's totals are read from running totals kept as rows are written
+(``visionloop.stats_counters``), never by counting or matching the history: their cost is the
+same at any history size.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Text, cast
 from sqlmodel import Session, col, func, select
 
-from visionloop.boxes import corners, match_count
-from visionloop.models import LabelingQueueItem, Prediction, QueueStatus, ReviewedLabel, Verdict
+from visionloop.boxes import corners, match_count, matched_by_class
+from visionloop.models import LabelingQueueItem, QueueStatus, StatsCounter, Verdict
+from visionloop.stats_counters import COMPARED, SYNC_ERRORS, Counts, read_counters, use_class_map
 
 
 @dataclass(frozen=True)
@@ -33,10 +35,32 @@ class QueueFilter:
     created_before: datetime | None = None
 
 
+def _counted_total(session: Session, where: QueueFilter) -> int | None:
+    """How many items match ``where`` by the running totals, when it filters on status and
+    flagged reason only (None otherwise: confidence and time filters are counted by rows)."""
+    if (
+        where.min_confidence is not None
+        or where.max_confidence is not None
+        or where.created_after is not None
+        or where.created_before is not None
+    ):
+        return None
+    query = select(func.coalesce(func.sum(StatsCounter.n), 0)).where(StatsCounter.kind == "queue")
+    if where.status is not None:
+        query = query.where(StatsCounter.part == QueueStatus(where.status).value)
+    if where.flagged_reason:
+        query = query.where(StatsCounter.key == where.flagged_reason)
+    return int(session.exec(query).one())
+
+
 def queue_page(
     session: Session, where: QueueFilter, *, limit: int, offset: int, newest_first: bool = True
 ) -> tuple[int, list[LabelingQueueItem]]:
-    """One page of queue items matching ``where``, and how many match in all."""
+    """One page of queue items matching ``where``, and how many match in all.
+
+    The total comes from the running totals when ``where`` filters on status and flagged
+    reason only (the dashboard's views); a confidence or time filter is counted over the rows
+    (``count(*)``, as cheap as its indexes make it)."""
     query = select(LabelingQueueItem)
     if where.status is not None:
         query = query.where(LabelingQueueItem.status == where.status)
@@ -50,7 +74,9 @@ def queue_page(
         query = query.where(col(LabelingQueueItem.created_at) >= where.created_after)
     if where.created_before is not None:
         query = query.where(col(LabelingQueueItem.created_at) < where.created_before)
-    total = session.exec(select(func.count()).select_from(query.subquery())).one()
+    total = _counted_total(session, where)
+    if total is None:
+        total = session.exec(select(func.count()).select_from(query.subquery())).one()
     order = col(LabelingQueueItem.id).desc() if newest_first else col(LabelingQueueItem.id)
     return int(total), list(session.exec(query.order_by(order).offset(offset).limit(limit)))
 
@@ -89,27 +115,6 @@ class QueueStats:
     classes: list[ClassErrors] = field(default_factory=list)
 
 
-def _class_name(box: Mapping[str, Any], class_names: Sequence[str]) -> str:
-    name = box.get("name") or box.get("label")
-    if name:
-        return str(name)
-    cls = int(box.get("cls", -1))
-    return class_names[cls] if 0 <= cls < len(class_names) else f"cls {cls}"
-
-
-def _matched_by_class(
-    predicted: Sequence[Mapping[str, Any]],
-    reviewed: Sequence[Mapping[str, Any]],
-    class_names: Sequence[str],
-) -> Iterator[tuple[str, int, int, int]]:
-    """Per class on one image: (name, predicted boxes, reviewed boxes, matched pairs)."""
-    names = {_class_name(b, class_names) for b in (*predicted, *reviewed)}
-    for name in sorted(names):
-        p = corners(b for b in predicted if _class_name(b, class_names) == name)
-        r = corners(b for b in reviewed if _class_name(b, class_names) == name)
-        yield name, len(p), len(r), match_count(p, r)
-
-
 def class_errors(
     pairs: Iterable[tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]],
     class_names: Sequence[str],
@@ -117,7 +122,7 @@ def class_errors(
     """Per-class box errors over (predicted boxes, reviewed boxes) of each reviewed image."""
     table = {name: ClassErrors(name) for name in class_names}
     for predicted, reviewed in pairs:
-        for name, n_predicted, n_reviewed, matched in _matched_by_class(
+        for name, n_predicted, n_reviewed, matched in matched_by_class(
             predicted, reviewed, class_names
         ):
             row = table.setdefault(name, ClassErrors(name))
@@ -158,161 +163,57 @@ def image_errors(
 ) -> ImageErrors:
     """The champion's errors on one reviewed image, by the same matching as ``class_errors``."""
     n_predicted = n_reviewed = matched = 0
-    for _, p, r, m in _matched_by_class(predicted, reviewed, class_names):
+    for _, p, r, m in matched_by_class(predicted, reviewed, class_names):
         n_predicted, n_reviewed, matched = n_predicted + p, n_reviewed + r, matched + m
     # Where the champion put a box of another class, the reviewer relabelled, not added.
     placed = match_count(corners(predicted), corners(reviewed)) if predicted and reviewed else 0
     return ImageErrors(n_predicted, n_reviewed, matched, n_reviewed - max(matched, placed))
 
 
-def _queue_counts(
-    session: Session,
-) -> tuple[dict[str, int], dict[str, dict[str, int]], int, dict[str, int]]:
-    """Items per status and per (reason, status), rejected syncs and verdicts: counted in the
-    database (``ix_labeling_queue_reason_status``, the partial ``ix_labeling_queue_sync_error``
-    and ``ix_reviewed_labels_verdict`` answer them from the indexes alone)."""
+def _queue_counts(counters: Counts) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Items per status and per (flagged reason, status)."""
     by_status = {status.value: 0 for status in QueueStatus}
     by_reason: dict[str, dict[str, int]] = {}
-    rows = session.exec(
-        select(LabelingQueueItem.flagged_reason, LabelingQueueItem.status, func.count()).group_by(
-            LabelingQueueItem.flagged_reason, LabelingQueueItem.status
-        )
-    )
-    for reason, status, count in rows:
-        status = QueueStatus(status).value
-        by_status[status] = by_status.get(status, 0) + count
-        by_reason.setdefault(reason, {})[status] = count
-    sync_errors = session.exec(
-        select(func.count())
-        .select_from(LabelingQueueItem)
-        .where(col(LabelingQueueItem.sync_error).is_not(None))
-    ).one()
-    verdicts = {verdict.value: 0 for verdict in Verdict}
-    for verdict, count in session.exec(
-        select(ReviewedLabel.verdict, func.count()).group_by(ReviewedLabel.verdict)
-    ):
-        verdicts[Verdict(verdict).value] = count
-    return by_status, by_reason, int(sync_errors), verdicts
+    for (kind, reason, status), n in sorted(counters.items()):
+        if kind == "queue" and n:
+            by_status[status] = by_status.get(status, 0) + n
+            by_reason.setdefault(reason, {})[status] = n
+    return by_status, by_reason
 
 
-# --- per-class errors, remembered per (prediction, review) content --------------------------
-#
-# Matching boxes is the costly part of the statistics, and its answer for one reviewed image
-# depends on nothing but the two box lists. So each distinct pair is matched once per process
-# and remembered under a digest of its JSON text: a request matches only the pairs that are new
-# or changed since the last one, and reads digests (computed by PostgreSQL itself) instead of
-# box lists. Keyed by content, a cached answer cannot go stale: an edited review or prediction
-# is a new digest.
-
-_PairErrors = tuple[tuple[str, int, int, int], ...]
-_MEMO_LIMIT = 500_000
-"""Remembered pairs per class list before the memo starts over (a few hundred bytes each)."""
-_FETCH_MISSING_BY_DIGEST = 500
-"""Fewer unknown pairs than this are read by digest; more, and every pair is read in one go."""
-_memo: dict[tuple[str, ...], dict[str, _PairErrors]] = {}
-
-
-def _pair_text(boxes: Any) -> Any:
-    return func.coalesce(cast(boxes, Text), "null")
-
-
-def _digest_sql(predicted: Any, reviewed: Any) -> Any:
-    # The length prefix keeps the split between the two texts unambiguous.
-    return func.md5(
-        cast(func.length(predicted), Text).concat(":").concat(predicted).concat(reviewed)
-    )
-
-
-def _digest(predicted: str, reviewed: str) -> str:
-    """What ``_digest_sql`` computes, for databases without ``md5`` (SQLite)."""
-    return hashlib.md5(f"{len(predicted)}:{predicted}{reviewed}".encode()).hexdigest()
-
-
-def _compared_pairs() -> Any:
-    """The (predicted, reviewed) box texts of each reviewed image whose judged prediction is
-    known: the prediction of the model version recorded on the label."""
-    predicted, reviewed = _pair_text(Prediction.boxes), _pair_text(ReviewedLabel.boxes)
-    return (
-        select(predicted.label("predicted"), reviewed.label("reviewed"))
-        .select_from(ReviewedLabel)
-        .join(
-            Prediction,
-            (col(Prediction.image_id) == col(ReviewedLabel.image_id))
-            & (col(Prediction.model_version) == col(ReviewedLabel.prediction_model_version)),
-        )
-        .subquery()
-    )
-
-
-def _pair_errors(predicted: str, reviewed: str, class_names: Sequence[str]) -> _PairErrors:
-    return tuple(
-        _matched_by_class(json.loads(predicted) or [], json.loads(reviewed) or [], class_names)
-    )
-
-
-def _digest_counts(
-    session: Session, memo: dict[str, _PairErrors], class_names: Sequence[str]
-) -> dict[str, int]:
-    """How many reviewed images have each pair digest; pairs not yet in ``memo`` are matched
-    and remembered on the way."""
-    pairs = _compared_pairs()
-    if session.get_bind().dialect.name != "postgresql":
-        counts: dict[str, int] = {}
-        for predicted, reviewed in session.execute(select(pairs.c.predicted, pairs.c.reviewed)):
-            key = _digest(predicted, reviewed)
-            counts[key] = counts.get(key, 0) + 1
-            if key not in memo:
-                memo[key] = _pair_errors(predicted, reviewed, class_names)
-        return counts
-    digest = _digest_sql(pairs.c.predicted, pairs.c.reviewed).label("digest")
-    counts = dict(session.execute(select(digest, func.count()).group_by(digest)).tuples().all())
-    missing = [key for key in counts if key not in memo]
-    if missing:
-        query = select(digest, pairs.c.predicted, pairs.c.reviewed)
-        if len(missing) < _FETCH_MISSING_BY_DIGEST:
-            query = query.where(digest.in_(missing))
-        for key, predicted, reviewed in session.execute(query):
-            if key not in memo:
-                memo[key] = _pair_errors(predicted, reviewed, class_names)
-    return counts
-
-
-def compared_class_errors(
-    session: Session, class_names: Sequence[str]
-) -> tuple[int, list[ClassErrors]]:
-    """Reviewed images compared with their prediction, and the per-class errors over them (as
-    ``class_errors`` over every such pair)."""
-    # Starting over replaces the memo instead of emptying it: requests run in threads, and one
-    # still reading the old memo keeps every pair it counted on.
-    memo = _memo.setdefault(tuple(class_names), {})
-    if len(memo) > _MEMO_LIMIT:
-        memo = _memo[tuple(class_names)] = {}
-    counts = _digest_counts(session, memo, class_names)
+def _class_rows(counters: Counts, class_names: Sequence[str]) -> list[ClassErrors]:
+    """The project's classes in their order, then any other class a compared box carried by
+    name, by name."""
     table = {name: ClassErrors(name) for name in class_names}
-    for key, n in counts.items():
-        for name, n_predicted, n_reviewed, matched in memo[key]:
+    for (kind, name, _), n in counters.items():
+        if kind in ("predicted", "reviewed", "matched") and n:
             row = table.setdefault(name, ClassErrors(name))
-            row.predicted += n_predicted * n
-            row.reviewed += n_reviewed * n
-            row.matched += matched * n
-    # The project's classes in their order, then any other name a box carried by name: the
-    # order of those used to be whatever order the database returned the rows in.
+            setattr(row, kind, n)
     known = set(class_names)
     extra = sorted(name for name in table if name not in known)
-    return sum(counts.values()), [table[name] for name in (*class_names, *extra)]
+    return [table[name] for name in (*class_names, *extra)]
 
 
 def queue_stats(session: Session, class_names: Sequence[str]) -> QueueStats:
-    by_status, by_reason, sync_errors, verdicts = _queue_counts(session)
+    """The queue and its reviews in numbers, read from the running totals (a few dozen rows).
+
+    The box counts are kept under one class list (a box named only by ``cls`` takes its class
+    from it): asking for another one counts them again under it once, and commits."""
+    use_class_map(session, class_names)
+    counters = read_counters(session.connection())
+    by_status, by_reason = _queue_counts(counters)
+    verdicts = {verdict.value: 0 for verdict in Verdict}
+    for (kind, verdict, _), n in counters.items():
+        if kind == "verdict" and n:
+            verdicts[verdict] = n
     reviewed = sum(verdicts.values())
-    compared, classes = compared_class_errors(session, class_names)
     return QueueStats(
         total=sum(by_status.values()),
         by_status=by_status,
         by_reason=by_reason,
-        sync_errors=sync_errors,
+        sync_errors=counters.get(SYNC_ERRORS, 0),
         verdicts=verdicts,
         agreement=round(verdicts[Verdict.accepted.value] / reviewed, 4) if reviewed else None,
-        compared_images=compared,
-        classes=classes,
+        compared_images=counters.get(COMPARED, 0),
+        classes=_class_rows(counters, class_names),
     )

@@ -44,6 +44,7 @@ from labeling.wiring import (
 from visionloop.boxes import ls_rectangle
 from visionloop.models import Image, ImageStatus, LabelingQueueItem, Prediction, utcnow
 from visionloop.settings import Settings
+from visionloop.stats_counters import count_queue_inserts
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +152,17 @@ def _insert_rows(session: Session, rows: Sequence[LabelingQueueItem]) -> set[int
         insert(LabelingQueueItem)
         .values([row.model_dump(exclude={"id"}) for row in rows])
         .on_conflict_do_nothing(index_elements=["image_id"])
-        .returning(col(LabelingQueueItem.image_id))
+        .returning(
+            col(LabelingQueueItem.image_id),
+            col(LabelingQueueItem.flagged_reason),
+            col(LabelingQueueItem.status),
+            col(LabelingQueueItem.sync_error),
+        )
     )
-    return set(session.connection().execute(statement).scalars())
+    inserted = session.connection().execute(statement).all()
+    # A Core insert passes the unit of work by: the queue counters hear of it here.
+    count_queue_inserts(session, [(row[1], row[2], row[3]) for row in inserted])
+    return {row[0] for row in inserted}
 
 
 def _add_rows(

@@ -10,7 +10,11 @@ the entry at once, so this process never shows a champion it has itself replaced
 
 While MLflow is unreachable the last answer keeps serving, marked with its age so the
 conditions can say it is stale; only one thread at a time waits for MLflow, the others answer
-from the entry meanwhile.
+from the entry meanwhile. An entry past half its interval is asked again behind the answer
+(in a thread of its own), so under steady traffic no caller waits for MLflow at all: a call
+every few seconds used to put one MLflow round trip into one request in every interval, the
+whole of ``/api/retraining/conditions``' p99. Only an entry left to expire (no call for a
+whole interval) is asked again while its caller waits.
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ def _key(settings: Settings, alias: str) -> Key:
 
 def cached_champion_birth(settings: Settings, alias: str = CHAMPION) -> ChampionBirth:
     """``champion_birth``, from this process's entry while it is younger than the recheck
-    interval; past it one caller asks MLflow again, and keeps the entry if MLflow fails.
+    interval; past half of it one caller has MLflow asked again behind its answer, past all of
+    it one caller asks and waits; the entry stays if MLflow fails.
 
     Raises what ``champion_birth`` raises only while there is no entry to fall back on.
     """
@@ -89,17 +94,29 @@ def cached_champion_birth(settings: Settings, alias: str = CHAMPION) -> Champion
             if generation == _generation:
                 _entries[key] = _Entry((birth, answered), answered)
         return birth
-    due = time.monotonic() - entry.asked_at >= ttl
-    if due and entry.refreshing.acquire(blocking=False):
-        try:
-            _refresh(settings, alias, entry)
-        finally:
-            entry.refreshing.release()
+    since_asked = time.monotonic() - entry.asked_at
+    if since_asked >= ttl / 2 and entry.refreshing.acquire(blocking=False):
+        if since_asked >= ttl:
+            _refresh_and_release(settings, alias, entry)
+        else:
+            threading.Thread(
+                target=_refresh_and_release,
+                args=(settings, alias, entry),
+                name="champion-recheck",
+                daemon=True,
+            ).start()
     birth, answered = entry.answer
     age = time.monotonic() - answered
     if age <= ttl:
         return birth
     return ChampionBirth(birth.created, birth.version, stale_s=round(age, 1))
+
+
+def _refresh_and_release(settings: Settings, alias: str, entry: _Entry) -> None:
+    try:
+        _refresh(settings, alias, entry)
+    finally:
+        entry.refreshing.release()
 
 
 def _refresh(settings: Settings, alias: str, entry: _Entry) -> None:

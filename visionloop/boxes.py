@@ -12,13 +12,14 @@ The box forms in use
   clockwise rotation about that corner. ``ls_rectangle`` writes one, ``ls_extent`` reads one.
 
 Overlap works on corners (``corners`` reads either dict form): ``iou_matrix`` is their IoU,
-``greedy_match`` pairs boxes one to one, best overlaps first.
+``greedy_match`` pairs boxes one to one, best overlaps first; ``matched_by_class`` does it per
+class on one image (the review statistics' matching).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -205,6 +206,30 @@ def match_count(
 ) -> int:
     """Greedy one-to-one matches (best overlaps first) with IoU of at least ``min_iou``."""
     return len(greedy_match(iou_matrix(predicted, reviewed), min_iou))
+
+
+def box_class_name(box: Mapping[str, Any], class_names: Sequence[str]) -> str:
+    """The class a box counts under: its ``name`` (or ``label``), else its ``cls`` in
+    ``class_names``, else ``cls <id>``."""
+    name = box.get("name") or box.get("label")
+    if name:
+        return str(name)
+    cls = int(box.get("cls", -1))
+    return class_names[cls] if 0 <= cls < len(class_names) else f"cls {cls}"
+
+
+def matched_by_class(
+    predicted: Sequence[Mapping[str, Any]],
+    reviewed: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str],
+) -> Iterator[tuple[str, int, int, int]]:
+    """Per class on one image, in name order: (name, predicted boxes, reviewed boxes, matched
+    pairs), the pairs by ``match_count``."""
+    names = {box_class_name(b, class_names) for b in (*predicted, *reviewed)}
+    for name in sorted(names):
+        p = corners(b for b in predicted if box_class_name(b, class_names) == name)
+        r = corners(b for b in reviewed if box_class_name(b, class_names) == name)
+        yield name, len(p), len(r), match_count(p, r)
 
 
 # --- Label Studio rectangles ------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Index,
     LargeBinary,
@@ -49,6 +50,17 @@ class Verdict(str, enum.Enum):
     accepted = "accepted"
     corrected = "corrected"
     rejected = "rejected"
+
+
+class BoxVerdict(str, enum.Enum):
+    """The reviewer's verdict on one box: the champion's box kept as it was (``correct``),
+    wrong (``incorrect``: it trains as absent), moved or relabelled (``adjusted``), or an
+    object the champion did not box (``missed``)."""
+
+    correct = "correct"
+    incorrect = "incorrect"
+    adjusted = "adjusted"
+    missed = "missed"
 
 
 class RetrainStatus(str, enum.Enum):
@@ -225,6 +237,13 @@ class ReviewedLabel(SQLModel, table=True):
     )
     approved_by: str | None = Field(default=None, sa_type=String(255))
     approved_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True), index=True)
+    stats_parts: list[list[Any]] | None = Field(
+        default=None,
+        sa_type=JSON,
+        description="What this label adds to the per-class box counters: ``[name, predicted, "
+        "reviewed, matched]`` per class under the counters' class map; null when its judged "
+        "prediction is unknown (kept by visionloop.stats_counters).",
+    )
     created_at: datetime = Field(default_factory=utcnow, sa_type=DateTime(timezone=True))
 
 
@@ -316,3 +335,20 @@ class ActivityEvent(SQLModel, table=True):
     level: str = Field(default="info", sa_type=String(16))
     message: str = Field(default="", sa_type=Text)
     payload: dict[str, Any] = Field(default_factory=dict, sa_type=JSON)
+
+
+class StatsCounter(SQLModel, table=True):
+    """A running total behind the review-queue statistics (visionloop.stats_counters keeps
+    them in step with the rows they count, in the same transaction)."""
+
+    __tablename__ = "stats_counters"
+
+    kind: str = Field(sa_type=String(16), primary_key=True)
+    key: str = Field(default="", sa_type=Text, primary_key=True)
+    part: str = Field(default="", sa_type=String(16), primary_key=True)
+    n: int = Field(default=0, sa_type=BigInteger)
+
+
+# Every process that writes rows imports this module, so the counters' session hooks are
+# registered wherever a write can happen; imported last because they use the classes above.
+from visionloop import stats_counters as _stats_counters  # noqa: E402, F401
