@@ -26,6 +26,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from labeling.preview import PreviewUnavailable
+from labeling.provision import LabelStudioError
+from labeling.review_actions import QueueItemNotFound, ReviewConflict
+from labeling.sync import InvalidAnnotation
 from monitoring.flow_runs import FlowRunFinished, FlowRunNotFound
 from serving.predictor import NoChampionError
 from training.model_catalog import UnknownModelVersion
@@ -186,6 +189,11 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     return error_response(422, "validation_error", detail, errors=errors)
 
 
+async def _invalid_annotation(_request: Request, exc: InvalidAnnotation) -> JSONResponse:
+    errors = [{"loc": ["body", "boxes"], "msg": p, "type": "invalid_label"} for p in exc.problems]
+    return error_response(422, "invalid_label", f"the label cannot be used: {exc}", errors=errors)
+
+
 async def _retrain_busy(_request: Request, exc: RetrainBusy) -> JSONResponse:
     return error_response(
         409,
@@ -261,6 +269,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(RetrainBusy, _retrain_busy)  # type: ignore[arg-type]
     app.add_exception_handler(ImageRejected, _image_rejected)  # type: ignore[arg-type]
+    app.add_exception_handler(InvalidAnnotation, _invalid_annotation)  # type: ignore[arg-type]
     app.add_exception_handler(NoChampionError, _no_champion)  # type: ignore[arg-type]
     for missing in (
         NotFound,
@@ -268,9 +277,10 @@ def install(app: FastAPI) -> None:
         UnknownSnapshot,
         FlowRunNotFound,
         PreviewUnavailable,
+        QueueItemNotFound,
     ):
         app.add_exception_handler(missing, _not_found)  # type: ignore[arg-type]
-    for conflict in (Conflict, FlowRunFinished):
+    for conflict in (Conflict, FlowRunFinished, ReviewConflict):
         app.add_exception_handler(conflict, _conflict)  # type: ignore[arg-type]
     app.add_exception_handler(PayloadTooLarge, _too_large)  # type: ignore[arg-type]
     app.add_exception_handler(ManifestRejected, _snapshot_rejected)  # type: ignore[arg-type]
@@ -278,6 +288,7 @@ def install(app: FastAPI) -> None:
     # The services the API stands on: their failures are theirs to report, as 503 with the cause.
     for unavailable in (
         ServiceUnavailable,
+        LabelStudioError,
         StorageError,
         RegistryError,
         MlflowException,

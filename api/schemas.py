@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
+from fastapi import Path as PathParam
 from fastapi import Query
 from pydantic import (
     AfterValidator,
@@ -17,6 +18,8 @@ from pydantic import (
     Field,
     computed_field,
 )
+
+from visionloop.models import BoxVerdict
 
 
 def _utc(moment: datetime) -> datetime:
@@ -40,6 +43,8 @@ VERSION_PATTERN = r"^[1-9][0-9]{0,8}$"
 MAX_ID = 2**31 - 1
 """Row ids are 32-bit integers in PostgreSQL: larger ids cannot exist (and would overflow)."""
 Offset = Annotated[int, Query(ge=0, le=MAX_ID, description="Rows to skip.")]
+ItemId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+"""A queue item's id in the path."""
 """Bounded: the database refuses an OFFSET past its integer range."""
 
 T = TypeVar("T")
@@ -176,6 +181,76 @@ class QueueItemOut(Out):
     sync_error: str | None
     created_at: UtcDatetime
     labeled_at: UtcDatetime | None
+
+
+class LabelBoxIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, description="A class of the project.")
+    cx: float = Field(ge=0, le=1, description="Box centre x, 0..1 of the image width.")
+    cy: float = Field(ge=0, le=1)
+    w: float = Field(gt=0, le=1, description="Box width, 0..1 of the image width.")
+    h: float = Field(gt=0, le=1)
+    prediction: int | None = Field(
+        default=None,
+        ge=0,
+        le=100_000,
+        description="The champion's box this is (its index in the item's prediction); "
+        "absent for a box the champion missed. A predicted box left out was incorrect.",
+    )
+    verdict: BoxVerdict | None = Field(
+        default=None,
+        description="The reviewer's verdict on this box; absent, it is read off the edit "
+        "(kept as is: correct, moved or relabelled: adjusted, new: missed). An 'incorrect' box "
+        "is kept in Label Studio and left out of training.",
+    )
+
+
+class LabelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    boxes: list[LabelBoxIn] = Field(
+        default_factory=list, max_length=500, description="Empty: nothing to box here."
+    )
+    notes: str | None = Field(default=None, max_length=5000)
+
+
+class ApproveIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reviewer: str = Field(
+        min_length=1, max_length=255, description="Who approves: not who made the label."
+    )
+
+
+class RejectIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reviewer: str = Field(min_length=1, max_length=255, description="Who sends it back.")
+    reason: str = Field(
+        min_length=1, max_length=2000, description="Shown to the reviewer in Label Studio."
+    )
+
+
+class ReviewedLabelOut(Out):
+    image_id: int
+    boxes: list[dict[str, Any]] = Field(description="YOLO-normalised reviewed boxes.")
+    box_feedback: list[dict[str, Any]] | None = Field(
+        description="One verdict per box involved (correct, incorrect, adjusted, missed), "
+        "'by' the reviewer's choice or read off their edit."
+    )
+    verdict: str = Field(description="The image's verdict: accepted, corrected or rejected.")
+    reviewer: str | None
+    approved_by: str | None
+    approved_at: UtcDatetime | None
+    label_studio_annotation_id: int | None
+    used_for_training: bool
+
+
+class ReviewOut(Out):
+    item: QueueItemOut
+    label: ReviewedLabelOut | None
+    changed: bool = Field(description="False: the same had been done already; nothing changed.")
 
 
 class ClassErrorsOut(Out):

@@ -1,7 +1,8 @@
 """Reviewer feedback as data: filtered exports (CSV, JSON) and day-by-day trends.
 
 Each reviewed label is one reviewer's verdict on the champion's pre-annotation of one image
-(accepted unchanged, corrected, rejected). Exports stream in pages by id, so their memory
+(accepted unchanged, corrected, rejected), and on each of its boxes (correct, incorrect,
+adjusted, missed: ``labeling.verdicts``). Exports stream in pages by id, so their memory
 stays flat however long the history; the trend is one grouped query over the window asked for.
 """
 
@@ -19,6 +20,7 @@ from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from labeling.verdicts import verdict_counts
 from visionloop.models import ReviewedLabel, Verdict
 
 PAGE = 1000
@@ -32,15 +34,19 @@ EXPORT_FIELDS = (
     "label",
     "classes",
     "boxes",
+    "box_feedback",
     "confidence",
     "model_version",
     "label_studio_task_id",
     "label_studio_annotation_id",
     "used_for_training",
+    "approved_by",
+    "approved_at",
     "created_at",
 )
-"""Columns of an export, in order; in CSV ``classes`` is joined with ``|`` and ``boxes`` is the
-count (the JSON export carries the boxes themselves)."""
+"""Columns of an export, in order; in CSV ``classes`` is joined with ``|``, ``boxes`` is the
+count and ``box_feedback`` the count per box verdict (``correct=2|incorrect=1|...``); the JSON
+export carries the boxes and each box's verdict themselves."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,10 @@ def _record(label: ReviewedLabel) -> dict[str, Any]:
         "model_version": label.prediction_model_version,
         "label_studio_task_id": label.label_studio_task_id,
         "label_studio_annotation_id": label.label_studio_annotation_id,
+        "box_feedback": label.box_feedback or [],
         "used_for_training": label.used_for_training,
+        "approved_by": label.approved_by,
+        "approved_at": _utc(label.approved_at).isoformat() if label.approved_at else None,
         "created_at": _utc(label.created_at).isoformat(),
     }
 
@@ -113,8 +122,14 @@ def as_csv(records: Iterator[dict[str, Any]]) -> Iterator[str]:
     writer = csv.DictWriter(buffer, fieldnames=EXPORT_FIELDS, lineterminator="\n")
     writer.writeheader()
     for n, record in enumerate(records, 1):
+        counts = verdict_counts(record["box_feedback"])
         writer.writerow(
-            {**record, "classes": "|".join(record["classes"]), "boxes": len(record["boxes"])}
+            {
+                **record,
+                "classes": "|".join(record["classes"]),
+                "boxes": len(record["boxes"]),
+                "box_feedback": "|".join(f"{k}={n}" for k, n in counts.items()),
+            }
         )
         if n % PAGE == 0:
             yield buffer.getvalue()

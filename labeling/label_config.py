@@ -1,9 +1,12 @@
 """Label Studio labeling config for the detector's review project.
 
 The config is one image with one rectangle tool, under a header saying why the image was
-chosen (the task's ``why``). Predictions pushed to Label Studio and annotations read back
-refer to the two tags by name, so the names are module constants: ``FROM_NAME`` (the
-``RectangleLabels`` control) and ``TO_NAME`` (the ``Image`` object).
+chosen (the task's ``why``) and, when an approver sent the task back, why (``review``). Each
+box can carry the reviewer's verdict (``VERDICT_NAME``, a per-region choice: the champion's
+box correct, incorrect or adjusted, or one it missed), and the image a note (``NOTES_NAME``).
+Predictions pushed to Label Studio and annotations read back refer to the tags by name, so the
+names are module constants: ``FROM_NAME`` (the ``RectangleLabels`` control) and ``TO_NAME``
+(the ``Image`` object).
 """
 
 from __future__ import annotations
@@ -12,12 +15,19 @@ import colorsys
 import xml.etree.ElementTree as ET
 
 from visionloop.boxes import FROM_NAME, TO_NAME
+from visionloop.models import BoxVerdict
 
 IMAGE_VALUE = "$image"
 """Task data key holding the image URL (``task["data"]["image"]``)."""
 WHY_VALUE = "$why"
 """Task data key of why the image was chosen (``labeling.tasks.WHY_KEY``), shown as a header;
 a task without it (queued before) shows an empty header."""
+REVIEW_VALUE = "$review"
+"""Task data key of why an approver sent the task back (``labeling.review_actions``)."""
+VERDICT_NAME = "box_verdict"
+"""The per-region choice of the reviewer's verdict on one box."""
+NOTES_NAME = "notes"
+"""The reviewer's free-text note on the image (the queue row's ``reviewer_notes``)."""
 
 # Well separated colours for the first classes; more classes get golden-ratio hues.
 _PALETTE = (
@@ -79,10 +89,35 @@ def build_label_config(class_names: list[str]) -> str:
     _check_class_names(class_names)
     view = ET.Element("View")
     ET.SubElement(view, "Header", {"value": WHY_VALUE, "size": "5"})
+    ET.SubElement(view, "Header", {"value": REVIEW_VALUE, "size": "6", "style": "color: #c00"})
     ET.SubElement(view, "Image", {"name": TO_NAME, "value": IMAGE_VALUE})
     control = ET.SubElement(view, "RectangleLabels", {"name": FROM_NAME, "toName": TO_NAME})
     for name, colour in zip(class_names, class_colours(len(class_names))):
         ET.SubElement(control, "Label", {"value": name, "background": colour})
+    verdicts = ET.SubElement(
+        view,
+        "Choices",
+        {
+            "name": VERDICT_NAME,
+            "toName": TO_NAME,
+            "perRegion": "true",
+            "choice": "single",
+            "showInline": "true",
+        },
+    )
+    for verdict in BoxVerdict:
+        ET.SubElement(verdicts, "Choice", {"value": verdict.value})
+    ET.SubElement(
+        view,
+        "TextArea",
+        {
+            "name": NOTES_NAME,
+            "toName": TO_NAME,
+            "maxSubmissions": "1",
+            "editable": "true",
+            "placeholder": "Notes on this image (optional)",
+        },
+    )
     return ET.tostring(view, encoding="unicode")
 
 
@@ -113,8 +148,9 @@ def parse_label_config_classes(xml: str) -> list[str]:
 
 
 def label_config_matches(xml: str, class_names: list[str]) -> bool:
-    """Whether ``xml`` has our tag names wired together, the header of why, and exactly
-    ``class_names`` as labels (a config from before the header is updated to show it)."""
+    """Whether ``xml`` has our tag names wired together, the headers of why, the verdict and
+    notes controls, and exactly ``class_names`` as labels (a config from before any of them is
+    updated to show it)."""
     try:
         root = _parse(xml)
     except ValueError:
@@ -125,6 +161,14 @@ def label_config_matches(xml: str, class_names: list[str]) -> bool:
     images = [el for el in root.iter("Image") if el.get("name") == TO_NAME]
     if len(images) != 1 or images[0].get("value") != IMAGE_VALUE:
         return False
-    if not any(el.get("value") == WHY_VALUE for el in root.iter("Header")):
+    headers = {el.get("value") for el in root.iter("Header")}
+    if not {WHY_VALUE, REVIEW_VALUE} <= headers:
+        return False
+    verdicts = [el for el in root.iter("Choices") if el.get("name") == VERDICT_NAME]
+    if len(verdicts) != 1 or verdicts[0].get("perRegion") != "true":
+        return False
+    if [c.get("value") for c in verdicts[0].iter("Choice")] != [v.value for v in BoxVerdict]:
+        return False
+    if not any(el.get("name") == NOTES_NAME for el in root.iter("TextArea")):
         return False
     return [label.get("value", "") for label in control.iter("Label")] == list(class_names)

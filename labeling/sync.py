@@ -17,13 +17,21 @@ one; skips (``was_cancelled``) only count when nothing was submitted:
 | the task was deleted | ``cancelled`` (unless labeled: the label is kept) | kept |
 
 Reviewed boxes are YOLO-normalised: ``{"cls", "name", "cx", "cy", "w", "h"}`` (0..1 of the
-upright image). The verdict judges the champion's pre-annotation against them: ``accepted``
-when every predicted box survived unchanged and nothing was added, ``rejected`` when no
-predicted box survived (or the model missed everything), else ``corrected``.
+upright image); a box the reviewer marked ``incorrect`` is not one of them, and each box's
+verdict is kept beside them (``labeling.verdicts``), with the reviewer's note on the queue row.
+The image's verdict judges the champion's pre-annotation against the reviewed boxes:
+``accepted`` when every predicted box survived unchanged and nothing was added, ``rejected``
+when no predicted box survived (or the model missed everything), else ``corrected``.
+
+An annotation that cannot be used, or that an approver sent back (``labeling.review_actions``),
+is sent back to its reviewer in Label Studio with the reason (``labeling.task_notes``); the
+sync passes over a sent-back annotation, and any older one, until the reviewer updates it or
+submits another. A label that changes loses its approval.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -36,7 +44,10 @@ import numpy as np
 from label_studio_sdk.core.api_error import ApiError
 from sqlmodel import Session, col, select
 
+from labeling.label_config import NOTES_NAME, VERDICT_NAME
 from labeling.provision import unreachable
+from labeling.task_notes import clear_note, send_back
+from labeling.verdicts import ReviewedRegion, box_feedback
 from labeling.wiring import ReviewProject, review_project
 from visionloop.boxes import (
     FROM_NAME,
@@ -55,6 +66,7 @@ from visionloop.boxes import (
 )
 from visionloop.events import EventKind, emit
 from visionloop.models import (
+    BoxVerdict,
     Image,
     ImageStatus,
     LabelingQueueItem,
@@ -66,6 +78,8 @@ from visionloop.models import (
 )
 from visionloop.settings import Settings
 
+log = logging.getLogger(__name__)
+
 EDGE_TOLERANCE = 0.5
 """Percent of the image a box may stick out (drawing to the very edge overshoots); clipped."""
 MIN_BOX_PX = 2.0
@@ -74,6 +88,8 @@ MAX_ROTATION = 0.5
 """Degrees; a rotated rectangle has no YOLO form."""
 UNCHANGED_IOU = 0.99
 """A predicted box kept at least this exactly counts as accepted as is."""
+MAX_NOTES = 5000
+"""Characters of a reviewer's note kept."""
 
 
 class InvalidAnnotation(ValueError):
@@ -194,20 +210,69 @@ def _region_box(
     return YoloBox(box.cls, *(round(v, 6) for v in box[1:]))
 
 
+@dataclass(frozen=True)
+class AnnotationContent:
+    """What an annotation says: its boxes (with any verdict chosen for them) and its note."""
+
+    regions: list[ReviewedRegion]
+    notes: str | None
+
+
+def _chosen_verdict(result: Mapping[str, Any]) -> BoxVerdict:
+    choices = (result.get("value") or {}).get("choices") or []
+    if len(choices) != 1 or choices[0] not in {v.value for v in BoxVerdict}:
+        raise _Rejected(f"a box verdict must be one of {[v.value for v in BoxVerdict]}")
+    return BoxVerdict(choices[0])
+
+
+def _note_text(result: Mapping[str, Any]) -> str:
+    text = (result.get("value") or {}).get("text") or []
+    if isinstance(text, str):
+        text = [text]
+    return "\n".join(str(t) for t in text)
+
+
+def read_annotation(
+    result: Sequence[dict[str, Any]], class_names: Sequence[str], width: int, height: int
+) -> AnnotationContent:
+    """The boxes, box verdicts and note of an annotation's ``result``; ``InvalidAnnotation``
+    lists every problem (regions numbered among the rectangles, in order)."""
+    problems: list[str] = []
+    rectangles = [r for r in result if r.get("from_name") not in (VERDICT_NAME, NOTES_NAME)]
+    ids = [r.get("id") for r in rectangles]
+    chosen: dict[str, BoxVerdict] = {}
+    notes: list[str] = []
+    for r in result:
+        if r.get("from_name") == NOTES_NAME:
+            notes.append(_note_text(r))
+        elif r.get("from_name") == VERDICT_NAME:
+            where = f"region {ids.index(r.get('id')) + 1}" if r.get("id") in ids else None
+            try:
+                if where is None:
+                    raise _Rejected(f"a box verdict for no box (region id {r.get('id')!r})")
+                chosen[str(r.get("id"))] = _chosen_verdict(r)
+            except _Rejected as exc:
+                problems.append(f"{where or 'verdict'}: {exc}")
+    regions: list[ReviewedRegion] = []
+    for index, region in enumerate(rectangles, start=1):
+        try:
+            [box] = box_dicts([_region_box(region, class_names, width, height)], class_names)
+        except _Rejected as exc:
+            problems.append(f"region {index}: {exc}")
+            continue
+        region_id = region.get("id")
+        regions.append(ReviewedRegion(region_id, box, chosen.get(str(region_id))))
+    if problems:
+        raise InvalidAnnotation(problems)
+    note = "\n".join(n for n in notes if n.strip()).strip()[:MAX_NOTES]
+    return AnnotationContent(regions, note or None)
+
+
 def validate_regions(
     result: Sequence[dict[str, Any]], class_names: Sequence[str], width: int, height: int
 ) -> list[dict[str, Any]]:
     """Reviewed boxes from an annotation's ``result``; ``InvalidAnnotation`` lists every problem."""
-    problems: list[str] = []
-    boxes: list[YoloBox] = []
-    for index, region in enumerate(result, start=1):
-        try:
-            boxes.append(_region_box(region, class_names, width, height))
-        except _Rejected as exc:
-            problems.append(f"region {index}: {exc}")
-    if problems:
-        raise InvalidAnnotation(problems)
-    return box_dicts(boxes, class_names)
+    return [r.box for r in read_annotation(result, class_names, width, height).regions]
 
 
 # --- verdict -------------------------------------------------------------------------------
@@ -270,6 +335,7 @@ def _set_label(session: Session, item: LabelingQueueItem, label: ReviewedLabel |
         return True
     fields = (
         "boxes",
+        "box_feedback",
         "verdict",
         "label",
         "reviewer",
@@ -287,6 +353,7 @@ def _set_label(session: Session, item: LabelingQueueItem, label: ReviewedLabel |
         for f in fields:
             setattr(existing, f, getattr(label, f))
         existing.used_for_training = False  # changed boxes have not been trained on
+        existing.approved_by = existing.approved_at = None  # nor approved
     return True
 
 
@@ -313,28 +380,38 @@ def _unlabel(
     return changed
 
 
+def _shown(
+    session: Session, settings: Settings, item: LabelingQueueItem
+) -> tuple[Prediction | None, list[tuple[int, dict[str, Any]]]]:
+    """The prediction the reviewer was shown, and its boxes by their index in it (the region
+    ids ``labeling.tasks`` gave them); boxes of classes the project lacks were not shown."""
+    prediction = session.get(Prediction, item.prediction_id) if item.prediction_id else None
+    boxes = prediction.boxes if prediction else []
+    return prediction, [(i, b) for i, b in enumerate(boxes) if b["name"] in settings.class_names]
+
+
 def _reviewed_label(
     session: Session,
     settings: Settings,
     item: LabelingQueueItem,
     annotation: dict[str, Any],
-    boxes: list[dict[str, Any]],
-    reviewer: str | None,
+    content: AnnotationContent,
 ) -> ReviewedLabel:
-    """The reviewed label an accepted annotation makes, judged against the shown prediction."""
-    prediction = session.get(Prediction, item.prediction_id) if item.prediction_id else None
-    shown = [
-        b for b in (prediction.boxes if prediction else []) if b["name"] in settings.class_names
-    ]
-    counts = Counter(b["name"] for b in boxes)
+    """The reviewed label a usable annotation makes, judged against the shown prediction;
+    ``InvalidAnnotation`` when its box verdicts contradict what the champion predicted."""
+    prediction, shown = _shown(session, settings, item)
+    feedback = box_feedback(shown, content.regions)
+    if feedback.problems:
+        raise InvalidAnnotation(feedback.problems)
+    counts = Counter(b["name"] for b in feedback.boxes)
     return ReviewedLabel(
         image_id=item.image_id,
         image_path=item.image_path,
         label=counts.most_common(1)[0][0] if counts else None,
-        boxes=boxes,
+        boxes=feedback.boxes,
+        box_feedback=feedback.verdicts,
         confidence=item.confidence_score,
-        reviewer=reviewer,
-        verdict=judge(shown, boxes),
+        verdict=judge([b for _, b in shown], feedback.boxes),
         label_studio_task_id=item.label_studio_task_id,
         label_studio_annotation_id=annotation.get("id"),
         prediction_model_version=prediction.model_version if prediction else None,
@@ -342,12 +419,23 @@ def _reviewed_label(
 
 
 def _store_label(
-    session: Session, item: LabelingQueueItem, label: ReviewedLabel, annotated_at: datetime
+    session: Session,
+    item: LabelingQueueItem,
+    label: ReviewedLabel,
+    annotated_at: datetime,
+    notes: str | None,
 ) -> bool:
-    """Write the reviewed label and mark the row labeled; True when something changed."""
+    """Write the reviewed label and mark the row labeled (an approved row whose label did not
+    change stays approved); True when something changed."""
     changed = _set_label(session, item, label)
+    status = QueueStatus.approved if item.status == QueueStatus.approved and not changed else None
     changed |= _set_status(
-        item, status=QueueStatus.labeled, sync_error=None, human_label=label.label
+        item,
+        status=status or QueueStatus.labeled,
+        sync_error=None,
+        human_label=label.label,
+        reviewer_notes=notes,
+        rejected_annotation=None,
     )
     if changed:
         item.labeled_at = annotated_at
@@ -355,11 +443,48 @@ def _store_label(
     return changed
 
 
+def sent_back_marker(annotation: Mapping[str, Any]) -> str:
+    """How a queue row remembers the annotation sent back: its id and when it was last saved."""
+    return f"{annotation.get('id')}@{_when(annotation.get('updated_at')).isoformat()}"
+
+
+def answered_annotations(
+    annotations: list[dict[str, Any]], marker: str | None
+) -> list[dict[str, Any]]:
+    """The annotations saved after the one sent back (all of them when none was)."""
+    if not marker:
+        return annotations
+    sent_at = datetime.fromisoformat(marker.split("@", 1)[1])
+    return [a for a in annotations if _when(a.get("updated_at")) > sent_at]
+
+
 def _tally(report: SyncReport, changed: bool, bucket: list[int], task_id: int) -> None:
     if changed:
         bucket.append(task_id)
     else:
         report.unchanged += 1
+
+
+def _rejected(
+    session: Session,
+    item: LabelingQueueItem,
+    task: dict[str, Any],
+    error: str,
+    report: SyncReport,
+    project: ReviewProject,
+) -> None:
+    """An annotation that cannot be used: the row waits for another, and the reviewer is told
+    why in Label Studio (once, when the problem is new)."""
+    task_id = item.label_studio_task_id
+    assert task_id is not None
+    if not _unlabel(session, item, QueueStatus.pending, error):
+        report.unchanged += 1
+        return
+    report.rejected[task_id] = error
+    try:
+        task["data"] = send_back(project, task_id, task.get("data") or {}, f"Not usable: {error}")
+    except ApiError as exc:  # the note is a courtesy; the row already says why
+        log.warning("could not show task %s why its annotation was rejected: %s", task_id, exc)
 
 
 def reconcile(
@@ -381,9 +506,13 @@ def reconcile(
         )
         _tally(report, changed, report.cancelled, task_id)
         return
-    annotation = decisive_annotation(task.get("annotations") or [])
+    annotations = answered_annotations(task.get("annotations") or [], item.rejected_annotation)
+    annotation = decisive_annotation(annotations)
     if annotation is None:
-        _tally(report, _unlabel(session, item, QueueStatus.pending), report.reopened, task_id)
+        # Sent back and not answered yet: pending, still saying why it was sent back.
+        error = item.sync_error if item.rejected_annotation else None
+        changed = _unlabel(session, item, QueueStatus.pending, error)
+        _tally(report, changed, report.reopened, task_id)
         return
     if annotation.get("was_cancelled"):
         _tally(report, _unlabel(session, item, QueueStatus.skipped), report.skipped, task_id)
@@ -392,18 +521,20 @@ def reconcile(
     assert image is not None
     result = annotation.get("result") or []
     try:
-        boxes = validate_regions(result, settings.class_names, image.width or 0, image.height or 0)
+        content = read_annotation(result, settings.class_names, image.width or 0, image.height or 0)
+        label = _reviewed_label(session, settings, item, annotation, content)
     except InvalidAnnotation as exc:
         error = f"annotation {annotation.get('id')}: {exc}"
-        if _unlabel(session, item, QueueStatus.pending, error):
-            report.rejected[task_id] = error
-        else:
-            report.unchanged += 1
+        _rejected(session, item, task, error, report, project)
         return
-    reviewer = _reviewer(annotation.get("completed_by"), users, project)
-    label = _reviewed_label(session, settings, item, annotation, boxes, reviewer)
-    changed = _store_label(session, item, label, _when(annotation.get("updated_at")))
+    label.reviewer = _reviewer(annotation.get("completed_by"), users, project)
+    changed = _store_label(session, item, label, _when(annotation.get("updated_at")), content.notes)
     _tally(report, changed, report.labeled, task_id)
+    if changed:
+        try:
+            clear_note(project, task_id, task.get("data") or {})
+        except ApiError as exc:
+            log.warning("could not clear task %s's review note: %s", task_id, exc)
 
 
 # --- whole project / some tasks --------------------------------------------------------------
@@ -416,7 +547,7 @@ def _fetch_tasks(
     tasks: dict[int, dict[str, Any]] = {}
     if task_ids is None:
         for task in project.ls.tasks.list(project=project.id, fields="all", page_size=100):
-            tasks[int(task.id)] = {"annotations": task.annotations or []}
+            tasks[int(task.id)] = {"annotations": task.annotations or [], "data": task.data or {}}
         return tasks
     for task_id in task_ids:
         try:
@@ -426,7 +557,7 @@ def _fetch_tasks(
                 continue
             raise
         if task.project == project.id:
-            tasks[int(task.id)] = {"annotations": task.annotations or []}
+            tasks[int(task.id)] = {"annotations": task.annotations or [], "data": task.data or {}}
     return tasks
 
 
@@ -438,7 +569,11 @@ def _queued_items(session: Session, task_ids: Collection[int] | None) -> list[La
     if task_ids is None:
         query = query.where(LabelingQueueItem.status != QueueStatus.cancelled)
     else:
-        query = query.where(col(LabelingQueueItem.label_studio_task_id).in_(list(task_ids)))
+        # Held until the caller commits: a webhook's sync and an API action on the same task
+        # take turns instead of racing to write one label (PostgreSQL; SQLite has one writer).
+        query = query.where(
+            col(LabelingQueueItem.label_studio_task_id).in_(list(task_ids))
+        ).with_for_update()
     return list(session.exec(query.order_by(col(LabelingQueueItem.id))))
 
 

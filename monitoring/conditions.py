@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import func
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from visionloop.models import (
     DriftLevel,
@@ -280,13 +280,15 @@ def _last_retrain_finished(session: Session) -> datetime | None:
     ).one()
 
 
-def _new_label_count(session: Session) -> int:
-    count = session.exec(
+def _new_label_count(session: Session, approved_only: bool) -> int:
+    query = (
         select(func.count())
         .select_from(ReviewedLabel)
         .where(ReviewedLabel.used_for_training.is_(False))
-    ).one()
-    return int(count)
+    )
+    if approved_only:  # only approved labels train, so only they are new training data
+        query = query.where(col(ReviewedLabel.approved_at).is_not(None))
+    return int(session.exec(query).one())
 
 
 def _pending_manual_request(session: Session) -> RetrainingRun | None:
@@ -304,6 +306,7 @@ def gather_state(
     champion_created: datetime | None = None,
     champion_version: str | None = None,
     champion_stale_s: float | None = None,
+    approved_only: bool = False,
 ) -> LoopState:
     latest_drift = _latest_drift(session)
     running = _running_retrain(session)
@@ -312,7 +315,7 @@ def gather_state(
         now=now,
         drift_level=DriftLevel(latest_drift.level).value if latest_drift else None,
         drift_score=latest_drift.drift_score if latest_drift else None,
-        new_labels=_new_label_count(session),
+        new_labels=_new_label_count(session, approved_only),
         running_run_id=running.id if running else None,
         last_retrain_finished=_aware(_last_retrain_finished(session)),
         manual_request_id=manual.id if manual else None,
@@ -338,5 +341,7 @@ def retraining_conditions(
 
     now = now or datetime.now(UTC)
     birth = cached_champion_birth(settings)
-    state = gather_state(session, now, birth.created, birth.version, birth.stale_s)
+    state = gather_state(
+        session, now, birth.created, birth.version, birth.stale_s, settings.train_approved_only
+    )
     return evaluate(state, settings)

@@ -9,6 +9,8 @@ The conditions' cache is tested through the API against the real MLflow, which o
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid
@@ -20,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from stack_faults import service_down
+from stack_faults import service_down, signal_service
 
 from api import deps
 from api.main import create_app
@@ -403,3 +405,100 @@ def test_the_conditions_answer_from_the_cache_while_mlflow_is_down(
         assert f"version {champion})" in again and "stale" not in again
     finally:
         champion_cache.invalidate()
+
+
+@pytest.mark.stack
+def test_under_steady_calls_the_conditions_never_wait_for_mlflow(
+    stack: Stack, client: TestClient, overrides: dict[Any, Any], champion: str, settings: Settings
+) -> None:
+    """A call past half the recheck interval has MLflow asked behind its answer, so a call just
+    past the whole interval still finds a fresh answer, even with MLflow hung (stopped, not
+    killed: it takes connections and never answers, so a caller asking it would wait
+    ``service_timeout_s``)."""
+    ttl = 4.0
+    overrides[deps.settings] = lambda: settings.model_copy(update={"champion_recheck_s": ttl})
+    champion_cache.invalidate()
+    assert f"version {champion})" in champion_reason(client)  # asked, and waited for
+    time.sleep(ttl * 0.65)
+    assert f"version {champion})" in champion_reason(client)  # asked again, behind it
+    time.sleep(ttl * 0.5)  # the first answer is now past the interval, the second is not
+    hung = signal_service(stack, "mlflow", signal.SIGSTOP)
+    try:
+        answers: list[str] = []
+        caller = threading.Thread(target=lambda: answers.append(champion_reason(client)))
+        caller.start()
+        caller.join(settings.service_timeout_s * 0.6)
+        assert answers, "the conditions waited for a hung MLflow"
+        assert f"version {champion})" in answers[0] and "stale" not in answers[0]
+    finally:
+        for pid in hung:
+            os.kill(pid, signal.SIGCONT)
+        caller.join()
+        champion_cache.invalidate()
+
+
+@pytest.mark.stack
+@pytest.mark.slow
+def test_a_confidence_shift_seen_at_predict_raises_the_drift_level(
+    stack: Stack, settings: Settings, champion: str
+) -> None:
+    """ADWIN behind the API process: a history of sure predictions, then ``/api/predict`` calls
+    on which the barely trained champion is far less sure; the background check records it."""
+    from sqlmodel import col, delete, func, select
+
+    from monitoring.confidence_stream import STAT_TEST
+    from visionloop.events import recent
+    from visionloop.models import DriftLevel, DriftResult, Image
+
+    history = 400
+    with session_scope() as session:
+        before = session.exec(select(func.max(DriftResult.id))).one() or 0
+        images = [
+            Image(content_hash=uuid.uuid4().hex * 2, object_key=f"adwin-history/{i}.jpg")
+            for i in range(history)
+        ]
+        session.add_all(images)
+        session.flush()
+        session.add_all(
+            Prediction(image_id=image.id, model_version=champion, boxes=[], mean_confidence=0.95)
+            for image in images
+        )
+        image_ids = [image.id for image in images]
+    auth = {"Authorization": f"Bearer {settings.api_token.get_secret_value()}"}
+    try:
+        uploads = distinct_jpegs(40)
+        found: list[DriftResult] = []
+        for index, data in enumerate(uploads):
+            files = {"file": (f"adwin-{index}.jpg", data, "image/jpeg")}
+            answer = httpx.post(
+                f"{settings.api_url}/api/predict", headers=auth, files=files, timeout=120
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["new_image"] is True
+            with session_scope() as session:
+                found = list(
+                    session.exec(
+                        select(DriftResult).where(
+                            col(DriftResult.id) > before, DriftResult.stat_test == STAT_TEST
+                        )
+                    )
+                )
+            if found:
+                break
+        assert found, "ADWIN saw no change in 40 predictions after 400 sure ones"
+        change = found[0]
+        assert change.model_version == champion and change.level != DriftLevel.green
+        shift = change.features["confidence"]
+        # ADWIN's estimate right at the change still averages in some of the sure history.
+        assert shift["mean_before"] > 0.9 and shift["mean_after"] < shift["mean_before"]
+        events = recent(limit=20, kind_prefix="drift.stream_change")
+        assert any(e.payload.get("result_id") == change.id for e in events)
+    finally:
+        with session_scope() as session:
+            session.exec(
+                delete(DriftResult).where(
+                    col(DriftResult.id) > before, DriftResult.stat_test == STAT_TEST
+                )
+            )
+            session.exec(delete(Prediction).where(col(Prediction.image_id).in_(image_ids)))
+            session.exec(delete(Image).where(col(Image.id).in_(image_ids)))

@@ -60,6 +60,12 @@ def _seed(engine: Engine, tag: str) -> list[int]:
                     verdict=verdict,
                     prediction_model_version="3",
                     created_at=moment,
+                    box_feedback=[
+                        {"verdict": "correct" if n == 0 else "missed", "name": name}
+                        for n, name in enumerate(classes)
+                    ],
+                    approved_by="cy" if i == 1 else None,
+                    approved_at=moment if i == 1 else None,
                 )
             )
         session.commit()
@@ -117,6 +123,15 @@ def test_exports_filter_by_date_class_verdict_and_reviewer(
     ]
     assert rows[1]["classes"] == "dent|scratch" and rows[1]["boxes"] == "2"
     assert rows[1]["reviewer"] == "e-ben" and rows[1]["model_version"] == "3"
+    assert rows[1]["box_feedback"] == "correct=1|incorrect=0|adjusted=0|missed=1"
+    assert rows[1]["approved_by"] == "cy" and rows[0]["approved_by"] == ""
+    verdicts = json.loads(
+        "".join(as_json(feedback_records(engine, FeedbackFilter(reviewer="e-ben"))))
+    )[0]["box_feedback"]
+    assert [(e["verdict"], e["name"]) for e in verdicts] == [
+        ("correct", "scratch"),
+        ("missed", "dent"),
+    ]
     as_list = json.loads(
         "".join(as_json(feedback_records(engine, FeedbackFilter(verdict=Verdict.rejected))))
     )

@@ -8,9 +8,16 @@ import pytest
 from sqlmodel import Session, SQLModel, create_engine
 
 from api.routes.labeling import affected_tasks
-from labeling.label_config import FROM_NAME, TO_NAME
-from labeling.sync import InvalidAnnotation, decisive_annotation, judge, validate_regions
+from labeling.label_config import FROM_NAME, NOTES_NAME, TO_NAME, VERDICT_NAME
+from labeling.sync import (
+    InvalidAnnotation,
+    decisive_annotation,
+    judge,
+    read_annotation,
+    validate_regions,
+)
 from labeling.tasks import prediction_regions
+from labeling.verdicts import box_feedback, verdict_counts
 from visionloop.models import ReviewedLabel, Verdict
 
 CLASSES = ["scratch", "dent", "stain"]
@@ -142,3 +149,109 @@ def test_webhook_events_name_their_tasks() -> None:
         assert tasks({"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 21}, {"id": 5}]}) == [
             9
         ]
+
+
+# --- per-box verdicts ---------------------------------------------------------------------
+
+
+def verdict(region_id: str, choice: str) -> dict[str, Any]:
+    return {
+        "id": region_id,
+        "from_name": VERDICT_NAME,
+        "to_name": TO_NAME,
+        "type": "choices",
+        "value": {"x": 0, "y": 0, "width": 1, "height": 1, "choices": [choice]},
+    }
+
+
+def judged(predicted: list[dict[str, Any]], result: list[dict[str, Any]]) -> Any:
+    content = read_annotation(result, CLASSES, 200, 100)
+    return content, box_feedback(list(enumerate(predicted)), content.regions)
+
+
+PREDICTED = [
+    box("dent", 0.1, 0.1, 0.3, 0.3, conf=0.9),
+    box("stain", 0.5, 0.5, 0.9, 0.9, conf=0.4),
+    box("scratch", 0.6, 0.1, 0.8, 0.3, conf=0.3),
+]
+
+
+def test_verdicts_are_read_off_the_edit() -> None:
+    shown = prediction_regions(PREDICTED, 200, 100, CLASSES)
+    moved = dict(shown[1], value=dict(shown[1]["value"], x=shown[1]["value"]["x"] + 3))
+    # p2 deleted; a new box where the model saw nothing
+    _, feedback = judged(PREDICTED, [shown[0], moved, region(5, 70, 10, 10, "dent", id="new")])
+    verdicts = [(e["verdict"], e["by"], e["prediction"]) for e in feedback.verdicts]
+    assert verdicts == [
+        ("correct", "edit", 0),
+        ("adjusted", "edit", 1),
+        ("incorrect", "edit", 2),
+        ("missed", "edit", None),
+    ]
+    assert [b["name"] for b in feedback.boxes] == ["dent", "stain", "dent"]
+    assert feedback.problems == []
+
+
+def test_a_box_redrawn_over_a_deleted_one_is_adjusted_not_missed() -> None:
+    # Same place, another class, a new region id: the reviewer deleted and drew it again.
+    _, feedback = judged(PREDICTED[:1], [region(11, 10, 20, 20, "scratch", id="again")])
+    [entry] = feedback.verdicts
+    assert (entry["verdict"], entry["prediction"], entry["name"]) == ("adjusted", 0, "scratch")
+
+
+def test_chosen_verdicts_win_and_incorrect_boxes_do_not_train() -> None:
+    shown = prediction_regions(PREDICTED, 200, 100, CLASSES)
+    note = {
+        "id": "n",
+        "from_name": NOTES_NAME,
+        "to_name": TO_NAME,
+        "type": "textarea",
+        "value": {"text": ["glare on the left", "check lens"]},
+    }
+    content, feedback = judged(
+        PREDICTED,
+        [*shown, verdict("p1", "incorrect"), verdict("p2", "adjusted"), note],
+    )
+    assert content.notes == "glare on the left\ncheck lens"
+    assert [(e["verdict"], e["by"]) for e in feedback.verdicts] == [
+        ("correct", "edit"),
+        ("incorrect", "reviewer"),
+        ("adjusted", "reviewer"),
+    ]
+    # The box marked incorrect is still drawn in Label Studio but is not a reviewed box, so
+    # the image's verdict sees the champion's stain as deleted.
+    assert [b["name"] for b in feedback.boxes] == ["dent", "scratch"]
+    assert judge(PREDICTED, feedback.boxes) == Verdict.corrected
+    assert verdict_counts(feedback.verdicts) == {
+        "correct": 1,
+        "incorrect": 1,
+        "adjusted": 1,
+        "missed": 0,
+    }
+
+
+def test_contradictory_verdicts_are_problems() -> None:
+    shown = prediction_regions(PREDICTED[:1], 200, 100, CLASSES)
+    _, feedback = judged(
+        PREDICTED[:1],
+        [
+            *shown,
+            region(5, 70, 10, 10, id="mine"),
+            verdict("p0", "missed"),
+            verdict("mine", "correct"),
+        ],
+    )
+    assert feedback.problems == [
+        "region 1: marked 'missed', but the model predicted it (choose correct, incorrect or "
+        "adjusted)",
+        "region 2: marked 'correct', but the model did not predict it (a box the model missed "
+        "is 'missed')",
+    ]
+    with pytest.raises(InvalidAnnotation) as caught:
+        read_annotation(
+            [*shown, verdict("p0", "great"), verdict("ghost", "correct")], CLASSES, 200, 100
+        )
+    assert caught.value.problems == [
+        "region 1: a box verdict must be one of ['correct', 'incorrect', 'adjusted', 'missed']",
+        "verdict: a box verdict for no box (region id 'ghost')",
+    ]

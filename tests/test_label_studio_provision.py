@@ -89,6 +89,14 @@ def test_label_config_round_trip() -> None:
     assert f'name="{FROM_NAME}"' in xml and f'toName="{TO_NAME}"' in xml
     assert 'value="$image"' in xml
     assert "a&amp;b &lt;c&gt;" in xml
+    # A config of before the per-box verdicts, notes and the sent-back header is brought up
+    # to date by provisioning.
+    for tag in ('<Choices name="box_verdict"', "<TextArea", 'value="$review"'):
+        assert tag in xml
+        start = xml.index(tag)
+        end = xml.index(">", start) + 1
+        older = xml[:start] + "<View>" + xml[end:] if tag == "<TextArea" else xml.replace(tag, "<X")
+        assert not label_config_matches(older, names), tag
 
 
 def test_label_colours_are_distinct() -> None:

@@ -17,19 +17,26 @@ from samples import good_jpegs
 from sqlmodel import col, select
 
 from cli.stack import Stack
-from labeling.label_config import FROM_NAME, TO_NAME
+from labeling.label_config import FROM_NAME, NOTES_NAME, TO_NAME, VERDICT_NAME
 from labeling.selection import SelectionPolicy
 from labeling.wiring import ReviewProject, ensure_webhook, review_project, webhook_url
 from visionloop.db import session_scope
 from visionloop.events import recent
-from visionloop.models import Image, LabelingQueueItem, QueueStatus, ReviewedLabel, Verdict
+from visionloop.models import (
+    Image,
+    LabelingQueueItem,
+    Prediction,
+    QueueStatus,
+    ReviewedLabel,
+    Verdict,
+)
 from visionloop.settings import Settings, get_settings
 from visionloop.storage import ObjectStore
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 PREFIX = "sync-test/"
-IMAGES = 8
+IMAGES = 13
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +209,9 @@ def test_submitted_annotations_arrive_as_reviewed_labels(reviewed: dict[str, int
         assert session.get(Image, item.image_id).status == "labeled"
 
 
-def test_invalid_annotations_are_rejected_with_reasons(reviewed: dict[str, int]) -> None:
+def test_invalid_annotations_are_rejected_with_reasons(
+    reviewed: dict[str, int], project: ReviewProject
+) -> None:
     task = reviewed["invalid"]
     eventually(lambda: row(task).sync_error is not None, "the invalid annotation is judged")
     item = row(task)
@@ -211,6 +220,11 @@ def test_invalid_annotations_are_rejected_with_reasons(reviewed: dict[str, int])
     assert "region 2: outside the image" in item.sync_error
     assert "region 3: degenerate box" in item.sync_error
     assert label_of(task) is None
+    # The reviewer hears of it where they work: on the task, reopened.
+    in_ls = project.ls.tasks.get(id=task)
+    assert in_ls.data["review"].startswith("Not usable: annotation ")
+    assert "unknown label 'crack'" in in_ls.data["review"]
+    assert in_ls.is_labeled is False
 
 
 def test_skipped_and_deleted_tasks_are_recorded(reviewed: dict[str, int]) -> None:
@@ -263,6 +277,7 @@ def test_the_sync_flow_finds_nothing_left_then_catches_up(
     assert label_of(reviewed["later"]).verdict == Verdict.accepted
     fixed = row(reviewed["invalid"])
     assert fixed.status == QueueStatus.labeled and fixed.sync_error is None
+    assert "review" not in project.ls.tasks.get(id=reviewed["invalid"]).data  # answered
     assert [b["name"] for b in label_of(reviewed["invalid"]).boxes] == ["dent"]
     assert (
         row(reviewed["accept"]).status == QueueStatus.pending
@@ -273,3 +288,205 @@ def test_the_sync_flow_finds_nothing_left_then_catches_up(
     assert any(
         e.payload.get("via") == "flow" for e in recent(limit=50, kind_prefix="labels.synced")
     )
+
+
+# --- per-box verdicts, labels through the API, approval, sending back ------------------------
+
+
+def extra_task(queued: dict[int, LabelingQueueItem], k: int) -> int:
+    """The ``k``-th task beyond the eight the reviewer actions above use."""
+    return sorted(queued)[8 + k]
+
+
+def api(settings: Settings, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    token = settings.api_token.get_secret_value()
+    headers = kwargs.pop("headers", {"Authorization": f"Bearer {token}"})
+    return httpx.request(method, settings.api_url + path, headers=headers, timeout=60, **kwargs)
+
+
+def choice(region_id: str, value: str) -> dict[str, Any]:
+    return {
+        "id": region_id,
+        "from_name": VERDICT_NAME,
+        "to_name": TO_NAME,
+        "type": "choices",
+        "value": {"x": 0, "y": 0, "width": 1, "height": 1, "choices": [value]},
+    }
+
+
+def shown_boxes(task_id: int) -> list[dict[str, Any]]:
+    with session_scope() as session:
+        return session.get(Prediction, row(task_id).prediction_id).boxes
+
+
+def test_box_verdicts_and_notes_round_trip_from_label_studio(
+    queued: dict[int, LabelingQueueItem], project: ReviewProject
+) -> None:
+    task = extra_task(queued, 0)
+    shown = predicted_result(project, task)
+    assert len(shown) >= 2, "the champion predicted at least two boxes at conf 0.001"
+    wrong = shown[0]["id"]
+    notes = {
+        "id": "n",
+        "from_name": NOTES_NAME,
+        "to_name": TO_NAME,
+        "type": "textarea",
+        "value": {"text": ["glare from the left"]},
+    }
+    missed = {"id": "mine", **rect(70, 70, 20, 20, "stain", image_size(task))}
+    project.ls.annotations.create(
+        id=task, result=[*shown, choice(wrong, "incorrect"), missed, notes]
+    )
+    eventually(lambda: label_of(task) is not None, "the annotation is synced")
+
+    label = label_of(task)
+    by_prediction = {e["prediction"]: e for e in label.box_feedback}
+    assert by_prediction[int(wrong[1:])]["verdict"] == "incorrect"
+    assert by_prediction[int(wrong[1:])]["by"] == "reviewer"
+    kept = [int(r["id"][1:]) for r in shown[1:]]
+    assert {by_prediction[i]["verdict"] for i in kept} == {"correct"}
+    assert by_prediction[None]["verdict"] == "missed" and by_prediction[None]["name"] == "stain"
+    # The box marked incorrect is not a reviewed box: the image trains without it.
+    assert len(label.boxes) == len(shown) - 1 + 1
+    assert label.verdict == Verdict.corrected
+    assert row(task).reviewer_notes == "glare from the left"
+
+
+def test_a_label_submitted_through_the_api(
+    queued: dict[int, LabelingQueueItem], project: ReviewProject, settings: Settings
+) -> None:
+    task = extra_task(queued, 1)
+    item_id = row(task).id
+    path = f"/api/labeling/queue/{item_id}/label"
+    first = shown_boxes(task)[0]
+    keep = {
+        "name": first["name"],
+        "cx": (first["x1"] + first["x2"]) / 2,
+        "cy": (first["y1"] + first["y2"]) / 2,
+        "w": first["x2"] - first["x1"],
+        "h": first["y2"] - first["y1"],
+        "prediction": 0,
+    }
+    body = {
+        "boxes": [keep, {"name": "dent", "cx": 0.8, "cy": 0.8, "w": 0.1, "h": 0.1}],
+        "notes": "labelled through the API",
+    }
+
+    refused = api(settings, "POST", path, json=body, headers={})
+    assert refused.status_code == 401
+    for bad, problem in (
+        ({"boxes": [{**keep, "name": "crack"}]}, "unknown label 'crack'"),
+        ({"boxes": [{**keep, "prediction": 999}]}, "prediction 999 does not exist"),
+        ({"boxes": [{**keep, "verdict": "missed"}]}, "marked 'missed', but the model predicted"),
+    ):
+        answer = api(settings, "POST", path, json=bad)
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"] == "invalid_label" and problem in answer.json()["detail"]
+    assert (
+        api(settings, "POST", "/api/labeling/queue/2147483647/label", json=body).status_code == 404
+    )
+    assert project.ls.annotations.list(id=task) == []  # nothing invalid reached Label Studio
+
+    done = api(settings, "POST", path, json=body)
+    assert done.status_code == 200, done.text
+    answer = done.json()
+    assert answer["changed"] is True and answer["item"]["status"] == "labeled"
+    assert answer["item"]["reviewer_notes"] == "labelled through the API"
+    verdicts = [(e["prediction"], e["verdict"]) for e in answer["label"]["box_feedback"]]
+    assert verdicts[0] == (0, "correct") and verdicts[-1] == (None, "missed")
+    assert {v for p, v in verdicts[1:-1]} <= {"incorrect"}  # the predictions left out
+    assert [b["name"] for b in answer["label"]["boxes"]] == [first["name"], "dent"]
+    assert len(project.ls.annotations.list(id=task)) == 1  # Label Studio holds it
+
+    again = api(settings, "POST", path, json=body)
+    assert again.status_code == 200 and again.json()["changed"] is False
+    assert len(project.ls.annotations.list(id=task)) == 1
+
+
+def test_the_same_label_sent_eight_times_at_once_is_one_annotation(
+    queued: dict[int, LabelingQueueItem], project: ReviewProject, settings: Settings
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    task = extra_task(queued, 2)
+    path = f"/api/labeling/queue/{row(task).id}/label"
+    body = {"boxes": [{"name": "stain", "cx": 0.5, "cy": 0.5, "w": 0.2, "h": 0.2}]}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: api(settings, "POST", path, json=body), range(8)))
+    assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
+    assert sum(a.json()["changed"] for a in answers) == 1
+    assert len(project.ls.annotations.list(id=task)) == 1
+    assert [b["name"] for b in label_of(task).boxes] == ["stain"]
+
+
+def test_a_second_reviewer_approves_and_training_can_take_only_approved_labels(
+    queued: dict[int, LabelingQueueItem], project: ReviewProject, settings: Settings
+) -> None:
+    from flows.label_sync import label_sync_flow
+    from training.snapshots import reviewed_sources
+
+    task = extra_task(queued, 3)
+    project.ls.annotations.create(id=task, result=predicted_result(project, task))
+    eventually(lambda: row(task).status == QueueStatus.labeled, "the annotation is synced")
+    path = f"/api/labeling/queue/{row(task).id}/approve"
+
+    own = api(settings, "POST", path, json={"reviewer": settings.label_studio_username})
+    assert own.status_code == 409 and "second reviewer" in own.json()["detail"]
+    approved = api(settings, "POST", path, json={"reviewer": "second@example.com"})
+    assert approved.status_code == 200, approved.text
+    assert approved.json()["item"]["status"] == "approved"
+    assert approved.json()["label"]["approved_by"] == "second@example.com"
+    again = api(settings, "POST", path, json={"reviewer": "second@example.com"})
+    assert again.status_code == 200 and again.json()["changed"] is False
+    other = api(settings, "POST", path, json={"reviewer": "third@example.com"})
+    assert other.status_code == 409 and "approved by second@example.com" in other.json()["detail"]
+    pending = f"/api/labeling/queue/{row(extra_task(queued, 4)).id}/approve"
+    unlabelled = api(settings, "POST", pending, json={"reviewer": "second@example.com"})
+    assert unlabelled.status_code == 409 and "only a labelled item" in unlabelled.json()["detail"]
+
+    label_sync_flow()
+    assert row(task).status == QueueStatus.approved  # an unchanged label keeps its approval
+    assert api(settings, "GET", "/api/labeling/stats").json()["approved"] >= 1
+
+    store = ObjectStore(settings)
+    with session_scope() as session:
+        image = session.get(Image, row(task).image_id)
+        everything = {s.image.image_hash for s in reviewed_sources(session, settings, store)[0]}
+        only = settings.model_copy(update={"train_approved_only": True})
+        approved_only = {s.image.image_hash for s in reviewed_sources(session, only, store)[0]}
+    assert image.content_hash in approved_only
+    assert approved_only < everything and label_of(extra_task(queued, 0)) is not None
+
+
+def test_a_label_sent_back_reaches_its_reviewer_and_waits_for_their_answer(
+    queued: dict[int, LabelingQueueItem], project: ReviewProject, settings: Settings
+) -> None:
+    from flows.label_sync import label_sync_flow
+
+    task = extra_task(queued, 4)
+    project.ls.annotations.create(id=task, result=predicted_result(project, task))
+    eventually(lambda: row(task).status == QueueStatus.labeled, "the annotation is synced")
+    path = f"/api/labeling/queue/{row(task).id}/reject"
+    reason = "the box on the left is a scratch, not a dent"
+
+    sent = api(settings, "POST", path, json={"reviewer": "second@example.com", "reason": reason})
+    assert sent.status_code == 200, sent.text
+    item = row(task)
+    assert item.status == QueueStatus.pending and label_of(task) is None
+    assert item.sync_error == f"Sent back by second@example.com: {reason}"
+    in_ls = project.ls.tasks.get(id=task)
+    assert in_ls.data["review"] == item.sync_error and in_ls.is_labeled is False
+    assert len(in_ls.annotations) == 1  # the reviewer's work is still there to fix
+    again = api(settings, "POST", path, json={"reviewer": "second@example.com", "reason": reason})
+    assert again.status_code == 200 and again.json()["changed"] is False
+    assert any(e.payload.get("task_id") == task for e in recent(kind_prefix="labels.sent_back"))
+
+    label_sync_flow()  # the sent-back annotation is passed over, not taken again
+    assert row(task).status == QueueStatus.pending and row(task).sync_error == item.sync_error
+
+    [annotation] = project.ls.annotations.list(id=task)
+    project.ls.annotations.update(id=annotation.id, result=predicted_result(project, task)[1:])
+    eventually(lambda: row(task).status == QueueStatus.labeled, "the answer is synced")
+    assert row(task).sync_error is None and row(task).rejected_annotation is None
+    assert len(label_of(task).boxes) == len(predicted_result(project, task)) - 1
+    assert "review" not in project.ls.tasks.get(id=task).data

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from queue_rows import queued_item
-from sqlmodel import col, delete
+from sqlmodel import col, delete, select
 
 from cli.stack import Stack
 from visionloop.db import session_scope
@@ -31,6 +31,7 @@ from visionloop.models import (
     Image,
     LabelingQueueItem,
     Prediction,
+    QueueStatus,
     ReviewedLabel,
     Verdict,
 )
@@ -562,3 +563,83 @@ def test_the_dashboard_gallery_shows_queued_images_with_the_champions_boxes(
             if e["level"] == "SEVERE" and "401" not in e["message"]
         ]
         assert not errors, errors
+
+
+@pytest.mark.timeout(300)
+def test_the_dashboard_gallery_approves_a_label_by_a_second_reviewer(
+    api_url: str, browser: Any
+) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with queued_item() as item_id:
+        with session_scope() as session:
+            item = session.get(LabelingQueueItem, item_id)
+            item.status = QueueStatus.labeled
+            session.add(
+                ReviewedLabel(
+                    image_id=item.image_id,
+                    image_path=item.image_path,
+                    boxes=[],
+                    reviewer="ana@example.com",
+                    verdict=Verdict.rejected,
+                )
+            )
+        figure = f'#gallery-items figure[data-item="{item_id}"]'
+        try:
+            # The gallery redraws as events arrive: a button found may be replaced before the
+            # click lands, so each click is tried again on the redrawn one.
+            wait = WebDriverWait(
+                browser,
+                60,
+                poll_frequency=0.25,
+                ignored_exceptions=[StaleElementReferenceException],
+            )
+
+            def click(css: str) -> None:
+                wait.until(lambda _: browser.find_element(By.CSS_SELECTOR, css).click() or True)
+
+            browser.get(f"{api_url}/dashboard")
+            token = browser.find_element(By.ID, "token")
+            token.clear()
+            token.send_keys(get_settings().api_token.get_secret_value())
+            browser.find_element(By.ID, "gallery-refresh").click()
+            approve = figure + ' button[data-action="approve"]'
+            wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, approve))
+            assert browser.find_elements(By.CSS_SELECTOR, figure + ' button[data-action="reject"]')
+
+            result = lambda: browser.find_element(By.ID, "gallery-result").text  # noqa: E731
+            click(approve)
+            wait.until(lambda _: "enter your name" in result())
+            reviewer = browser.find_element(By.ID, "gallery-reviewer")
+            reviewer.send_keys("ana@example.com")  # who made the label cannot approve it
+            click(approve)
+            wait.until(lambda _: "second reviewer" in result())
+            reviewer.clear()
+            reviewer.send_keys("ben@example.com")
+            click(approve)
+            wait.until(lambda _: f"item {item_id} is approved" in result())
+            wait.until(
+                lambda _: (
+                    browser.find_element(By.CSS_SELECTOR, figure).get_attribute("data-status")
+                    == "approved"
+                )
+            )
+            assert not browser.find_elements(By.CSS_SELECTOR, approve)  # approved once
+            with session_scope() as session:
+                label = session.exec(
+                    select(ReviewedLabel).where(ReviewedLabel.image_id == item.image_id)
+                ).one()
+                assert label.approved_by == "ben@example.com" and label.approved_at is not None
+            errors = [
+                e
+                for e in browser.get_log("browser")
+                if e["level"] == "SEVERE" and "409" not in e["message"]
+            ]
+            assert not errors, errors
+        finally:
+            with session_scope() as session:
+                session.exec(
+                    delete(ReviewedLabel).where(col(ReviewedLabel.image_id) == item.image_id)
+                )

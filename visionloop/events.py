@@ -33,6 +33,8 @@ class EventKind(str, Enum):
     INGEST_COMPLETED = "ingest.completed"
     QUEUE_ADDED = "queue.added"
     LABELS_SYNCED = "labels.synced"
+    LABEL_APPROVED = "labels.approved"
+    LABEL_SENT_BACK = "labels.sent_back"
     SNAPSHOT_CREATED = "snapshot.created"
     DRIFT_SKIPPED = "drift.skipped"
     DRIFT_LEVEL_CHANGED = "drift.level_changed"

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Path
+from fastapi import APIRouter
 from fastapi.responses import Response
 
 from api.deps import ReadToken, SessionDep, SettingsDep, StoreDep
 from api.errors import AUTH, content, responses
-from api.schemas import MAX_ID
+from api.schemas import ItemId
 from labeling.preview import queue_preview
 
 router = APIRouter(prefix="/api/labeling/queue", tags=["labeling"])
@@ -29,7 +27,7 @@ def preview(
     settings: SettingsDep,
     session: SessionDep,
     store: StoreDep,
-    item_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+    item_id: ItemId,
 ) -> Response:
     """What the reviewer will see first: the queued image with the boxes the champion
     pre-annotated (data-bearing: it is the image itself)."""

@@ -18,9 +18,29 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import FileResponse, Response
 from sqlmodel import col, func, select
 
-from api.deps import ReadToken, SessionDep, SettingsDep, StoreDep
-from api.errors import AUTH, responses
-from api.schemas import MAX_ID, IsoDatetime, Offset, Page, QueueItemOut, QueueStatsOut, SnapshotOut
+from api.deps import ReadToken, SessionDep, SettingsDep, StoreDep, Token
+from api.errors import AUTH, BODY, responses
+from api.schemas import (
+    MAX_ID,
+    ApproveIn,
+    IsoDatetime,
+    ItemId,
+    LabelIn,
+    Offset,
+    Page,
+    QueueItemOut,
+    QueueStatsOut,
+    RejectIn,
+    ReviewOut,
+    SnapshotOut,
+)
+from labeling.review_actions import (
+    LabelBox,
+    Reviewed,
+    approve_label,
+    reject_label,
+    submit_label,
+)
 from labeling.review_queue import QueueFilter, queue_page, queue_stats
 from training.snapshot_export import (
     Export,
@@ -61,6 +81,59 @@ def queue(
         offset=offset,
         items=[QueueItemOut.model_validate(r) for r in rows],
     )
+
+
+def _reviewed(result: Reviewed) -> ReviewOut:
+    return ReviewOut.model_validate(
+        {"item": result.item, "label": result.label, "changed": result.changed}
+    )
+
+
+@router.post(
+    "/queue/{item_id}/label",
+    response_model=ReviewOut,
+    dependencies=[Token],
+    responses={**AUTH, **BODY, **responses(404, 409, 503)},
+)
+def label_item(
+    item_id: ItemId, body: LabelIn, session: SessionDep, settings: SettingsDep
+) -> ReviewOut:
+    """Label a queued image: the boxes (and any verdicts and note) become an annotation in
+    Label Studio, which stays the source of truth, synced into the reviewed label at once.
+
+    Sending the same label again creates nothing (``changed`` false). 422 lists every problem
+    with the boxes; 409 when the image is not in Label Studio yet.
+    """
+    boxes = [LabelBox(**box.model_dump()) for box in body.boxes]
+    return _reviewed(submit_label(session, settings, item_id, boxes, body.notes))
+
+
+@router.post(
+    "/queue/{item_id}/approve",
+    response_model=ReviewOut,
+    dependencies=[Token],
+    responses={**AUTH, **BODY, **responses(404, 409)},
+)
+def approve_item(item_id: ItemId, body: ApproveIn, session: SessionDep) -> ReviewOut:
+    """A second reviewer approves the item's label (with ``VISIONLOOP_TRAIN_APPROVED_ONLY``,
+    only approved labels train). 409 when there is no label, when the approver made it, or
+    when someone else approved it; approving again is a no-op."""
+    return _reviewed(approve_label(session, item_id, body.reviewer))
+
+
+@router.post(
+    "/queue/{item_id}/reject",
+    response_model=ReviewOut,
+    dependencies=[Token],
+    responses={**AUTH, **BODY, **responses(404, 409, 503)},
+)
+def reject_item(
+    item_id: ItemId, body: RejectIn, session: SessionDep, settings: SettingsDep
+) -> ReviewOut:
+    """Send the item's label back: the reason shows on its task in Label Studio, the task is
+    reopened, and the item is pending (no reviewed label) until the reviewer updates the
+    annotation or submits another."""
+    return _reviewed(reject_label(session, settings, item_id, body.reviewer, body.reason))
 
 
 @router.get("/stats", response_model=QueueStatsOut)

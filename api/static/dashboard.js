@@ -417,6 +417,40 @@ function why(item) {
   return parts.map(([k, v]) => k + " " + fmt(v, 2)).join(" · ");
 }
 
+function reviewButtons(item) {
+  if (item.status !== "labeled" && item.status !== "approved") return [];
+  const buttons = [el("br")];
+  if (item.status === "labeled") {
+    buttons.push(el("button", { class: "small", type: "button", "data-action": "approve",
+      onclick: () => review(item, "approve", {}) }, "approve"), " ");
+  }
+  buttons.push(el("button", { class: "small secondary", type: "button", "data-action": "reject",
+    onclick: () => {
+      const reason = window.prompt("Why is this label sent back? Its reviewer sees this in Label Studio.");
+      if (reason) review(item, "reject", { reason });
+    } }, "send back"));
+  return buttons;
+}
+
+async function review(item, action, body) {
+  const result = $("gallery-result");
+  result.className = "note";
+  const reviewer = $("gallery-reviewer").value.trim();
+  if (!reviewer) {
+    result.className = "note error";
+    result.textContent = "enter your name first: a label is approved by someone other than its reviewer";
+    return;
+  }
+  try {
+    const change = await api("/api/labeling/queue/" + item.id + "/" + action, { method: "POST", auth: true, body: { ...body, reviewer } });
+    result.textContent = "item " + item.id + " is " + change.item.status + (change.changed ? "" : " (unchanged)");
+    soon("gallery", loadGallery, 100); soon("queue", loadQueue, 100);
+  } catch (error) {
+    result.className = "note error";
+    result.textContent = error.message;
+  }
+}
+
 async function loadGallery() {
   const page = await api("/api/labeling/queue?limit=" + GALLERY_SIZE);
   $("gallery-note").textContent = page.total
@@ -429,7 +463,8 @@ async function loadGallery() {
       el("figcaption", {},
         el("span", { class: "badge " + item.status }, item.status), " ",
         el("b", {}, item.flagged_reason), " (" + item.arm + ")",
-        el("br"), why(item) || "–"));
+        el("br"), why(item) || "–",
+        ...reviewButtons(item)));
     if (token()) {
       previewUrl(item.id).then((url) => {
         picture.replaceWith(el("img", { src: url, alt: "queue item " + item.id + " with the champion's boxes" }));
