@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -31,9 +33,21 @@ from api.telemetry import RequestLog, TelemetryMiddleware
 from monitoring.resources import ResourceSampler
 from visionloop.settings import get_settings
 
+WARM_IMPORTS = ("river.drift", "labeling.tasks")
+"""What ``/api/predict`` imports lazily after answering (the confidence stream's detector, the
+queueing for review): seconds of imports that, left to the first requests, hold the import lock
+while every request waits (river alone pulls in scikit-learn). Imported once the API is up, in
+the background, so start-up does not wait for them either."""
+
+
+def _warm_imports() -> None:
+    for name in WARM_IMPORTS:
+        importlib.import_module(name)
+
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    threading.Thread(target=_warm_imports, name="warm-imports", daemon=True).start()
     yield
     # Uvicorn has let the requests in flight finish by now; what still waits is failed (503).
     app.state.batchers.close()

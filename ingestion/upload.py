@@ -115,7 +115,9 @@ def _logged_image(
     if image is not None:
         return image, False
     prepared = measure_image(data, source_key, decoded, DecodeLimits.from_settings(settings))
-    store.put_if_absent(settings.bucket_images, prepared.object_key, data, decoded.content_type)
+    # No row: new to the platform. The key is the content's hash, so writing it again over a
+    # copy a failed request left behind changes nothing, and costs less than asking first.
+    store.put_bytes(settings.bucket_images, prepared.object_key, data, decoded.content_type)
     row = image_row(prepared, ImageStatus.predicted)
     return _insert_or_existing(session, row, lambda: _image(session, digest))
 
@@ -206,13 +208,16 @@ def queue_flagged(
     Failures are logged, not raised: the queue row stays and the next ingest run links its task.
     """
     from labeling.tasks import queue_for_review
+    from labeling.wiring import forget_wiring, wired_project
 
     if served.review is None:
         return
     try:
+        project = wired_project(settings)
         with open_session() as session:
-            report = queue_for_review(session, settings, [served.review])
+            report = queue_for_review(session, settings, [served.review], project, wired=True)
     except Exception as exc:
+        forget_wiring(settings)  # the next image ensures the project and its wiring again
         log.warning(
             "image %s not queued for review: %s: %s", served.image_id, type(exc).__name__, exc
         )

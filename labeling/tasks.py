@@ -297,6 +297,8 @@ def link_tasks(
     settings: Settings,
     report: QueueReport,
     project: ReviewProject | None = None,
+    *,
+    wired: bool = False,
 ) -> None:
     """Create the Label Studio task of every queue row this call owns.
 
@@ -306,7 +308,8 @@ def link_tasks(
     the image id it carries and linked instead of imported again.
 
     Label Studio is only contacted when there is such a row; its image storage and webhook
-    are ensured first, so every task it gets can be displayed and reports back. ``session``
+    are ensured first (unless ``wired``: the caller's ``project`` comes from
+    ``wired_project``), so every task it gets can be displayed and reports back. ``session``
     is committed after each batch of links (module docstring).
     """
     own = _own_rows(session, report.added) if report.added else []
@@ -315,8 +318,9 @@ def link_tasks(
     if not pending:
         return
     project = project or review_project(settings)
-    ensure_image_storage(settings, project)
-    ensure_webhook(settings, project)
+    if not wired:
+        ensure_image_storage(settings, project)
+        ensure_webhook(settings, project)
 
     claimed = set(orphans)
     found = [item for item, _ in pending if item.id in claimed]
@@ -351,6 +355,7 @@ def queue_for_review(
     project: ReviewProject | None = None,
     *,
     cycle: str | None = None,
+    wired: bool = False,
 ) -> QueueReport:
     """Queue ``selected`` images (those not queued before) as pre-annotated review tasks, each
     row keeping its arm, score parts and the selection ``cycle`` (None: chosen one at a time,
@@ -362,5 +367,5 @@ def queue_for_review(
     if selected:
         _add_rows(session, settings, selected, report, cycle)
         session.commit()  # the rows stand before Label Studio is contacted
-    link_tasks(session, settings, report, project)
+    link_tasks(session, settings, report, project, wired=wired)
     return report

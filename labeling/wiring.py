@@ -12,15 +12,20 @@
   user can read a webhook's headers, so they carry a secret that opens this one route only,
   never the API token.
 
-Both are ensured idempotently every time tasks are queued. Label Studio refuses private
-and loopback addresses for both by default (its SSRF protection); the object store and the
-API of a self-hosted platform live on exactly such addresses, so Label Studio must run with
-its default bans rebuilt minus those two addresses (``cli.stack.label_studio_ssrf_env``;
-``LabelStudioError`` says so when they are banned).
+Both are ensured idempotently every time tasks are queued; a caller that queues one image at
+a time (the API, for each flagged prediction) uses ``wired_project``, which remembers a wiring
+it ensured for ``WIRING_RECHECK_S`` instead of asking Label Studio five questions per image.
+
+Label Studio refuses private and loopback addresses for both by default (its SSRF
+protection); the object store and the API of a self-hosted platform live on exactly such
+addresses, so Label Studio must run with its default bans rebuilt minus those two addresses
+(``cli.stack.label_studio_ssrf_env``; ``LabelStudioError`` says so when they are banned).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -153,3 +158,42 @@ def ensure_webhook(settings: Settings, project: ReviewProject, url: str | None =
         return int(project.ls.webhooks.create(project=project.id, **wanted).id)
     except ApiError as exc:
         raise _refused(exc, url) from exc
+
+
+WIRING_RECHECK_S = 60.0
+"""How long ``wired_project`` trusts a wiring it ensured."""
+_wired: dict[tuple[str, ...], tuple[ReviewProject, float]] = {}
+_wired_lock = threading.Lock()
+
+
+def _wiring_key(settings: Settings) -> tuple[str, ...]:
+    return (
+        settings.label_studio,
+        settings.label_studio_project,
+        *settings.class_names,
+        settings.s3_url,
+        settings.bucket_images,
+        webhook_url(settings),
+    )
+
+
+def wired_project(settings: Settings) -> ReviewProject:
+    """The review project with its image storage and webhook ensured, as this process last
+    ensured them within ``WIRING_RECHECK_S``; the caller ``forget_wiring``s it when Label
+    Studio then refuses a task (the project or its wiring went meanwhile)."""
+    key = _wiring_key(settings)
+    with _wired_lock:
+        known = _wired.get(key)
+    if known is not None and time.monotonic() - known[1] < WIRING_RECHECK_S:
+        return known[0]
+    project = review_project(settings)
+    ensure_image_storage(settings, project)
+    ensure_webhook(settings, project)
+    with _wired_lock:
+        _wired[key] = (project, time.monotonic())
+    return project
+
+
+def forget_wiring(settings: Settings) -> None:
+    with _wired_lock:
+        _wired.pop(_wiring_key(settings), None)

@@ -261,15 +261,23 @@ def _aware(moment: datetime | None) -> datetime | None:
     return moment
 
 
-def _latest_drift(session: Session) -> DriftResult | None:
-    return session.exec(
-        select(DriftResult).order_by(DriftResult.created_at.desc()).limit(1)
+# The conditions are asked on every dashboard poll: each query reads the columns it needs,
+# not whole rows (a drift result carries every feature's statistics as JSON).
+
+
+def _latest_drift(session: Session) -> tuple[str, float | None] | None:
+    """The newest drift result's level and score."""
+    row = session.exec(
+        select(DriftResult.level, DriftResult.drift_score)
+        .order_by(col(DriftResult.created_at).desc())
+        .limit(1)
     ).first()
+    return (row[0], row[1]) if row is not None else None
 
 
-def _running_retrain(session: Session) -> RetrainingRun | None:
+def _running_retrain(session: Session) -> int | None:
     return session.exec(
-        select(RetrainingRun).where(RetrainingRun.active_lock.is_not(None)).limit(1)
+        select(RetrainingRun.id).where(col(RetrainingRun.active_lock).is_not(None)).limit(1)
     ).first()
 
 
@@ -291,13 +299,14 @@ def _new_label_count(session: Session, approved_only: bool) -> int:
     return int(session.exec(query).one())
 
 
-def _pending_manual_request(session: Session) -> RetrainingRun | None:
-    return session.exec(
-        select(RetrainingRun)
+def _pending_manual_request(session: Session) -> tuple[int, str] | None:
+    row = session.exec(
+        select(RetrainingRun.id, RetrainingRun.reason)
         .where(RetrainingRun.trigger == "manual", RetrainingRun.status == RetrainStatus.pending)
-        .order_by(RetrainingRun.created_at)
+        .order_by(col(RetrainingRun.created_at))
         .limit(1)
     ).first()
+    return (int(row[0]), str(row[1])) if row is not None else None
 
 
 def gather_state(
@@ -313,13 +322,13 @@ def gather_state(
     manual = _pending_manual_request(session)
     return LoopState(
         now=now,
-        drift_level=DriftLevel(latest_drift.level).value if latest_drift else None,
-        drift_score=latest_drift.drift_score if latest_drift else None,
+        drift_level=DriftLevel(latest_drift[0]).value if latest_drift else None,
+        drift_score=latest_drift[1] if latest_drift else None,
         new_labels=_new_label_count(session, approved_only),
-        running_run_id=running.id if running else None,
+        running_run_id=running,
         last_retrain_finished=_aware(_last_retrain_finished(session)),
-        manual_request_id=manual.id if manual else None,
-        manual_reason=manual.reason if manual else "",
+        manual_request_id=manual[0] if manual else None,
+        manual_reason=manual[1] if manual else "",
         champion_created=_aware(champion_created),
         champion_version=champion_version,
         champion_stale_s=champion_stale_s,

@@ -490,3 +490,32 @@ def test_a_label_sent_back_reaches_its_reviewer_and_waits_for_their_answer(
     assert row(task).sync_error is None and row(task).rejected_annotation is None
     assert len(label_of(task).boxes) == len(predicted_result(project, task)) - 1
     assert "review" not in project.ls.tasks.get(id=task).data
+
+
+def test_the_api_remembers_the_wiring_it_ensured_and_ensures_it_again_when_told(
+    project: ReviewProject, settings: Settings
+) -> None:
+    from labeling.wiring import forget_wiring, wired_project
+
+    forget_wiring(settings)
+    first = wired_project(settings)
+    assert wired_project(settings) is first  # no question to Label Studio the second time
+    hook = next(
+        h
+        for h in project.ls.webhooks.list(project=str(project.id))
+        if h.url == webhook_url(settings)
+    )
+    project.ls.webhooks.delete(id=hook.id)
+    try:
+        wired_project(settings)  # remembered: not noticed yet
+        assert webhook_url(settings) not in [
+            h.url for h in project.ls.webhooks.list(project=str(project.id))
+        ]
+        forget_wiring(settings)  # what a refused task makes the API do
+        assert wired_project(settings) is not first
+        assert webhook_url(settings) in [
+            h.url for h in project.ls.webhooks.list(project=str(project.id))
+        ]
+    finally:
+        ensure_webhook(settings, project)
+        forget_wiring(settings)
