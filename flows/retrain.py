@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -35,6 +36,7 @@ from flows.export import ExportedSnapshot, export_flow
 from flows.serving_exports import export_for_serving
 from flows.train import TrainedChallenger, train_flow
 from training.evaluation import EvalResult
+from training.holdout import holdout_status
 from training.promotion import promote
 from training.retrain_guard import GuardLost, acquire, fail_run, holds, release, update_run
 from training.retrain_launcher import RetrainParams
@@ -72,6 +74,23 @@ class RetrainMetrics(BaseModel):
     holdout_snapshot_id: int
     holdout_hash: str
     train: dict[str, float]  # the challenger's validation metrics after its last epoch
+    holdout_version: int | None = None  # the frozen version both models were judged on
+    holdout_pending: int = 0  # test-split images waiting for the next version
+    holdout_growth: int | None = None  # how many pending images seal the next version
+    by_version: dict[str, dict[str, Any]] = {}  # flows.evaluate.Evaluation.by_version
+    interval: dict[str, Any] | None = None  # the bootstrap interval of the mAP50-95 delta
+    examples: list[dict[str, Any]] = []  # the images the report draws side by side
+
+
+class HeldOut(BaseModel):
+    """The frozen held-out version an export is judged on (``training.holdout``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: int | None
+    previous_id: int | None  # the version before, scored too when this export sealed a new one
+    pending: int
+    growth: int
 
 
 class RetrainSummary(BaseModel):
@@ -198,11 +217,24 @@ def failure_reported(run_id: int, webhook: str | None) -> Iterator[None]:
         raise
 
 
-def export_stage(run_id: int, params: RetrainParams) -> ExportedSnapshot:
+def export_stage(run_id: int, params: RetrainParams) -> tuple[ExportedSnapshot, HeldOut]:
     _stage(run_id, "export")
     exported = export_flow(test_percent=params.test_percent, val_percent=params.val_percent)
     _record(run_id, snapshot_id=exported.snapshot_id)
-    return exported
+    return exported, held_out(exported)
+
+
+@task(cache_policy=NO_CACHE, **server_retries())
+def held_out(exported: ExportedSnapshot) -> HeldOut:
+    """Where the frozen held-out set stands for this export, read back from its records."""
+    with session_scope() as session:
+        status = holdout_status(
+            session,
+            get_settings(),
+            get_snapshot(session, exported.snapshot_id),
+            get_snapshot(session, exported.holdout_id),
+        )
+    return HeldOut(**asdict(status))
 
 
 def train_stage(
@@ -222,7 +254,11 @@ def train_stage(
 
 
 def evaluate_stage(
-    run_id: int, params: RetrainParams, exported: ExportedSnapshot, trained: TrainedChallenger
+    run_id: int,
+    params: RetrainParams,
+    exported: ExportedSnapshot,
+    held: HeldOut,
+    trained: TrainedChallenger,
 ) -> Evaluation:
     _stage(run_id, "evaluate")
     return evaluate_flow(
@@ -231,6 +267,8 @@ def evaluate_stage(
         margin=params.margin,
         tolerance=params.tolerance,
         primary_metric=params.primary_metric,
+        # A version sealed by this export: the one before keeps the trend comparable.
+        earlier_holdout_ids=[held.previous_id] if held.previous_id is not None else None,
     )
 
 
@@ -290,6 +328,7 @@ def write_retrain_report(run_id: int, snapshot_id: int) -> dict[str, str] | None
 def record_success(
     run_id: int,
     exported: ExportedSnapshot,
+    held: HeldOut,
     trained: TrainedChallenger,
     evaluation: Evaluation,
     verdict: Verdict,
@@ -304,6 +343,12 @@ def record_success(
         holdout_snapshot_id=exported.holdout_id,
         holdout_hash=exported.holdout_hash,
         train=trained.metrics,
+        holdout_version=held.version,
+        holdout_pending=held.pending,
+        holdout_growth=held.growth,
+        by_version=evaluation.by_version,
+        interval=evaluation.decision.interval,
+        examples=evaluation.examples,
     )
     with session_scope() as session:
         release(
@@ -351,15 +396,15 @@ def retrain_flow(params: RetrainParams = RetrainParams()) -> RetrainSummary:
     with retrain_slot():
         run_id = start_run(params)
         with failure_reported(run_id, webhook):
-            exported = export_stage(run_id, params)
+            exported, held = export_stage(run_id, params)
             trained = train_stage(run_id, params, exported)
-            evaluation = evaluate_stage(run_id, params, exported, trained)
+            evaluation = evaluate_stage(run_id, params, exported, held, trained)
             verdict = confirm_verdict(run_id, evaluation)
             consume_labels(exported.snapshot_id)
             if verdict.promote:
                 promote_challenger(run_id, trained.version)
                 export_for_serving(trained.version)
-            summary = record_success(run_id, exported, trained, evaluation, verdict)
+            summary = record_success(run_id, exported, held, trained, evaluation, verdict)
     write_retrain_report(run_id, exported.snapshot_id)
     announce(summary, webhook)
     return summary

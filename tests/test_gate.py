@@ -95,3 +95,38 @@ def test_a_held_out_set_below_the_minimum_size_never_promotes_over_a_champion() 
         better[0], None, margin=0.0, tolerance=0.05, holdout_images=1, min_holdout_images=5
     )
     assert first.promote  # no champion to protect: the first model is better than none
+
+
+def _interval(low: float, high: float) -> dict:
+    return {
+        "difference": (low + high) / 2,
+        "low": low,
+        "high": high,
+        "level": 0.95,
+        "resamples": 1000,
+        "images": 40,
+        "seed": 0,
+    }
+
+
+def test_the_bootstrap_interval_is_always_a_reason_and_blocks_only_when_required() -> None:
+    better = (_eval(0.40, dent=0.4), _eval(0.30, dent=0.3))
+    unsure = _interval(-0.02, 0.2)
+    reported = decide(*better, margin=0.0, tolerance=0.05, interval=unsure)
+    assert reported.promote and reported.interval == unsure
+    assert any(
+        "95% bootstrap interval" in r
+        and "[-0.020, +0.200]" in r
+        and "includes zero" in r
+        and "not required" in r
+        for r in reported.reasons
+    )
+    required = decide(*better, margin=0.0, tolerance=0.05, interval=unsure, require_interval=True)
+    assert not required.promote
+    assert any("above zero" in r and r.endswith("not met.") for r in required.reasons)
+    sure = decide(
+        *better, margin=0.0, tolerance=0.05, interval=_interval(0.03, 0.2), require_interval=True
+    )
+    assert sure.promote and any(r.endswith("met.") and "better" in r for r in sure.reasons)
+    # Without an interval (no per-image results) the gate decides as before.
+    assert decide(*better, margin=0.0, tolerance=0.05).interval is None

@@ -6,9 +6,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from training.interval import ImageStats
 from training.trainer import configure_ultralytics, settings_device
 
 METRICS = ("mAP50", "mAP50-95", "precision", "recall")
+SHOWN_CONFIDENCE = 0.25
+"""Boxes below this confidence count for mAP but are not drawn (ultralytics' predict default)."""
 
 
 @dataclass
@@ -23,6 +28,71 @@ class EvalResult:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ImageResult:
+    """One held-out image as the validator scored it: its statistics for mAP and the boxes a
+    person would see (normalised ``x1 y1 x2 y2``, confidence at least ``SHOWN_CONFIDENCE``)."""
+
+    image_hash: str  # the file's stem: snapshots name every image by its sha256
+    stats: ImageStats
+    boxes: list[dict[str, Any]]
+
+
+def _recording_validator(records: list[ImageResult]) -> type:
+    """ultralytics' detection validator, also keeping each image's statistics as it goes.
+
+    The statistics are the very ones the validator appends for its own mAP, read back after
+    it appended them, so a per-image computation cannot drift from the figure ``val`` prints.
+    """
+    from ultralytics.models.yolo.detect import DetectionValidator
+    from ultralytics.utils import ops
+
+    class RecordingValidator(DetectionValidator):  # type: ignore[misc]
+        def update_metrics(self, preds: list[dict[str, Any]], batch: dict[str, Any]) -> None:
+            super().update_metrics(preds, batch)
+            stats = self.metrics.stats
+            first = len(stats["tp"]) - len(preds)
+            for si, pred in enumerate(preds):
+                pbatch = self._prepare_batch(si, batch)
+                height, width = (float(v) for v in pbatch["ori_shape"])
+                keep = pred["conf"] >= SHOWN_CONFIDENCE
+                scaled = ops.scale_boxes(
+                    pbatch["imgsz"],
+                    pred["bboxes"][keep].clone(),
+                    pbatch["ori_shape"],
+                    ratio_pad=pbatch["ratio_pad"],
+                )
+                boxes = [
+                    {
+                        "cls": int(c),
+                        "name": self.names[int(c)],
+                        "conf": round(float(p), 4),
+                        "x1": float(b[0]) / width,
+                        "y1": float(b[1]) / height,
+                        "x2": float(b[2]) / width,
+                        "y2": float(b[3]) / height,
+                    }
+                    for b, p, c in zip(
+                        scaled.tolist(), pred["conf"][keep].tolist(), pred["cls"][keep].tolist()
+                    )
+                ]
+                i = first + si
+                records.append(
+                    ImageResult(
+                        Path(pbatch["im_file"]).stem,
+                        ImageStats(
+                            np.asarray(stats["tp"][i], dtype=bool).reshape(-1, self.niou),
+                            np.asarray(stats["conf"][i], dtype=float),
+                            np.asarray(stats["pred_cls"][i], dtype=float),
+                            np.asarray(stats["target_cls"][i], dtype=float),
+                        ),
+                        boxes,
+                    )
+                )
+
+    return RecordingValidator
+
+
 def evaluate_weights(
     weights: Path,
     data_yaml: Path,
@@ -33,7 +103,22 @@ def evaluate_weights(
     device: str | None = None,
 ) -> EvalResult:
     """Validate ``weights`` on the ``val`` split of ``data_yaml`` (a holdout snapshot's yaml)
-    on ``device`` (a torch device; default ``VISIONLOOP_DEVICE`` resolved).
+    on ``device`` (a torch device; default ``VISIONLOOP_DEVICE`` resolved)."""
+    return evaluate_images(
+        weights, data_yaml, imgsz=imgsz, batch=batch, run_dir=run_dir, device=device
+    )[0]
+
+
+def evaluate_images(
+    weights: Path,
+    data_yaml: Path,
+    *,
+    imgsz: int,
+    batch: int,
+    run_dir: Path,
+    device: str | None = None,
+) -> tuple[EvalResult, list[ImageResult]]:
+    """``evaluate_weights``, and every image's own result in the validator's order.
 
     Uses ultralytics' defaults for mAP (confidence 0.001, NMS IoU 0.7) so numbers compare with
     any other ultralytics validation of the same data.
@@ -42,7 +127,9 @@ def evaluate_weights(
     from ultralytics import YOLO
 
     model = YOLO(str(weights))
+    records: list[ImageResult] = []
     result = model.val(
+        validator=_recording_validator(records),
         data=str(data_yaml),
         split="val",
         imgsz=imgsz,
@@ -65,7 +152,7 @@ def evaluate_weights(
             "AP50-95": float(box.ap[i]),
             "instances": int(result.nt_per_class[int(cls)]),
         }
-    return EvalResult(
+    overall = EvalResult(
         metrics={
             "mAP50": float(box.map50),
             "mAP50-95": float(box.map),
@@ -75,3 +162,4 @@ def evaluate_weights(
         per_class=per_class,
         instances=int(result.nt_per_class.sum()) if result.nt_per_class is not None else 0,
     )
+    return overall, records

@@ -31,6 +31,7 @@ class GateDecision:
     champion_value: float | None = None
     delta: float | None = None
     class_drops: dict[str, float] = field(default_factory=dict)  # class -> drop beyond tolerance
+    interval: dict[str, Any] | None = None  # DifferenceInterval.as_dict() of the mAP50-95 delta
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,6 +47,8 @@ def decide(
     class_names: Sequence[str] = (),
     holdout_images: int | None = None,
     min_holdout_images: int = 0,
+    interval: Mapping[str, Any] | None = None,
+    require_interval: bool = False,
 ) -> GateDecision:
     """Promote only if the challenger beats the champion on ``primary_metric`` by at least
     ``margin`` (and by more than nothing: a tie keeps the champion), and no class's AP falls
@@ -56,6 +59,10 @@ def decide(
     classes the held-out set has no example of. With a champion to protect, a held-out set of
     fewer than ``min_holdout_images`` images (``holdout_images``) never promotes: on a handful
     of images a difference in mAP is mostly which images happened to be drawn.
+
+    ``interval`` (``training.interval.DifferenceInterval.as_dict()``) says how sure the
+    difference is and is always among the reasons; with ``require_interval`` the challenger
+    is promoted only if the whole interval lies above zero.
     """
     if primary_metric not in _CLASS_METRIC:
         raise ValueError(
@@ -91,9 +98,47 @@ def decide(
             f"{min_holdout_images} (VISIONLOOP_MIN_HOLDOUT_IMAGES) to be more than chance: "
             "not met."
         )
-    promote = better and not drops and not too_small
+    unsure = False
+    if interval is not None:
+        unsure, interval_reason = _certainty(interval, require_interval)
+        reasons.append(interval_reason)
+    promote = better and not drops and not too_small and not unsure
     reasons.append("Verdict: promote the challenger." if promote else "Verdict: keep the champion.")
-    return GateDecision(promote, reasons, primary_metric, new, old, round(delta, 6), drops)
+    return GateDecision(
+        promote,
+        reasons,
+        primary_metric,
+        new,
+        old,
+        round(delta, 6),
+        drops,
+        dict(interval) if interval is not None else None,
+    )
+
+
+def _certainty(interval: Mapping[str, Any], required: bool) -> tuple[bool, str]:
+    """Whether the interval blocks a promotion (only when ``required``), and what it says."""
+    low, high = float(interval["low"]), float(interval["high"])
+    level = float(interval["level"])
+    described = (
+        f"{level:.0%} bootstrap interval of the mAP50-95 difference (challenger - champion) over "
+        f"{interval['images']} held-out images ({interval['resamples']} paired resamples): "
+        f"{float(interval['difference']):+.3f} [{low:+.3f}, {high:+.3f}]"
+    )
+    if low > 0:
+        meaning = "the challenger is better on nearly every redraw of the held-out images"
+    elif high < 0:
+        meaning = "the challenger is worse on nearly every redraw of the held-out images"
+    else:
+        meaning = "it includes zero, so the held-out set cannot tell the two models apart"
+    unsure = required and not low > 0
+    if required:
+        rule = "; promotion needs it above zero (VISIONLOOP_GATE_REQUIRES_INTERVAL): " + (
+            "not met" if unsure else "met"
+        )
+    else:
+        rule = " (reported, not required)"
+    return unsure, f"{described}; {meaning}{rule}."
 
 
 def _improvement(metric: str, new: float, old: float, margin: float) -> tuple[bool, list[str]]:

@@ -1,7 +1,9 @@
 """The report of one retrain: why it ran, what it learnt from, what changed, and what the gate said.
 
 Written for every retrain that reaches a verdict, as Markdown for people and JSON for tools, to
-``<reports bucket>/retrains/<run id>/report.{md,json}`` and beside the challenger's MLflow run.
+``<reports bucket>/retrains/<run id>/report.{md,json}`` and beside the challenger's MLflow run
+(``report/``), with a few held-out images drawn champion against challenger
+(``images/<image hash>.png`` beside the report, linked from the Markdown).
 Everything in it is read back from the platform's records (the run row, its stage events, the
 snapshot's manifest and the reviewed labels), never from what the flow believes it did.
 """
@@ -9,15 +11,26 @@ snapshot's manifest and the reviewed labels), never from what the flow believes 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlmodel import Session, col, select
 
+from training.comparison import render
+from training.snapshots import fetch_files, get_snapshot, read_manifest
 from visionloop.events import EventKind
-from visionloop.models import ActivityEvent, Image, LabelingQueueItem, RetrainingRun, ReviewedLabel
+from visionloop.models import (
+    ActivityEvent,
+    DatasetSnapshot,
+    Image,
+    LabelingQueueItem,
+    RetrainingRun,
+    ReviewedLabel,
+)
 from visionloop.settings import Settings
 from visionloop.storage import ObjectStore
 
@@ -28,6 +41,15 @@ imported or added by hand)."""
 
 def report_key(run_id: int, suffix: str) -> str:
     return f"retrains/{run_id}/report.{suffix}"
+
+
+def example_path(image_hash: str) -> str:
+    """An example image's path relative to the report (the same in the bucket and MLflow)."""
+    return f"images/{image_hash}.png"
+
+
+def example_key(run_id: int, image_hash: str) -> str:
+    return f"retrains/{run_id}/{example_path(image_hash)}"
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -113,6 +135,24 @@ def per_class_change(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def holdout_section(session: Session, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The frozen version both models were judged on, the images pending for the next one,
+    and both models' scores on every version scored (the trend compares within a version)."""
+    holdout_id = metrics.get("holdout_snapshot_id")
+    row = session.get(DatasetSnapshot, holdout_id) if holdout_id is not None else None
+    return {
+        "version": metrics.get("holdout_version"),
+        "hash": metrics.get("holdout_hash"),
+        "images": row.num_images if row is not None else None,
+        "pending": metrics.get("holdout_pending", 0),
+        "growth": metrics.get("holdout_growth"),
+        "by_version": {
+            number: metrics["by_version"][number]
+            for number in sorted(metrics.get("by_version") or {}, key=int, reverse=True)
+        },
+    }
+
+
 def build_report(
     session: Session, run: RetrainingRun, image_hashes: Sequence[str], *, now: datetime
 ) -> dict[str, Any]:
@@ -141,6 +181,19 @@ def build_report(
             for name in sorted(set(challenger) | set(champion))
         },
         "per_class": per_class_change(metrics),
+        "holdout": holdout_section(session, metrics),
+        "interval": metrics.get("interval"),
+        "examples": [
+            {
+                "image_hash": e["image_hash"],
+                "champion_map": e["champion_map"],
+                "challenger_map": e["challenger_map"],
+                "champion_boxes": len(e["champion_boxes"]),
+                "challenger_boxes": len(e["challenger_boxes"]),
+                "png": example_path(e["image_hash"]),
+            }
+            for e in metrics.get("examples") or []
+        ],
         "verdict": {
             "promoted": bool(run.promoted),
             "reasons": list(run.decision_reasons or []),
@@ -166,6 +219,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"the champion stays version {report['champion_version']}"
     )
     labels = report["labels"]
+    holdout = report["holdout"]
     lines = [
         f"# Retraining run {report['retraining_run_id']}: {outcome}",
         "",
@@ -174,7 +228,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- **Started:** {report['started_at']}",
         f"- **Training snapshot:** #{report['snapshot_id']} "
         f"`{(report['snapshot_hash'] or '')[:12]}`",
-        f"- **Held-out set:** `{(report['holdout_hash'] or '')[:12]}` (both models scored on it)",
+        f"- **Held-out set:** {_version_name(holdout)} `{(report['holdout_hash'] or '')[:12]}`, "
+        f"{_num(holdout['images'])} images (both models scored on it); "
+        f"{holdout['pending']} new test-split images pending for the next version"
+        + (f" (sealed at {holdout['growth']})" if holdout["growth"] else ""),
         f"- **MLflow run:** `{report['mlflow_run_id']}`",
         "",
         "## Labels it learnt from",
@@ -208,10 +265,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             for c in report["per_class"]
         ),
         "",
+        *_interval_lines(report["interval"]),
+        *_version_lines(holdout),
         "## Gate verdict",
         "",
         *(f"- {reason}" for reason in verdict["reasons"]),
         "",
+        *_example_lines(report["examples"]),
         "## Time per stage",
         "",
         "| stage | seconds |",
@@ -220,6 +280,80 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _version_name(holdout: dict[str, Any]) -> str:
+    return f"version {holdout['version']}" if holdout["version"] is not None else "unversioned"
+
+
+def _interval_lines(interval: dict[str, Any] | None) -> list[str]:
+    if not interval:
+        return []
+    return [
+        f"**How sure:** mAP50-95 challenger - champion = {interval['difference']:+.3f}, "
+        f"{interval['level']:.0%} bootstrap interval [{interval['low']:+.3f}, "
+        f"{interval['high']:+.3f}] ({interval['images']} held-out images, "
+        f"{interval['resamples']} paired resamples).",
+        "",
+    ]
+
+
+def _version_lines(holdout: dict[str, Any]) -> list[str]:
+    versions = holdout["by_version"]
+    if not versions:
+        return []
+    lines = [
+        "### Scores by held-out version",
+        "",
+        "| version | images | champion mAP50-95 | challenger mAP50-95 |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for number, scores in versions.items():
+        before = (scores.get("champion") or {}).get("mAP50-95")
+        after = (scores.get("challenger") or {}).get("mAP50-95")
+        lines.append(f"| {number} | {scores['images']} | {_num(before)} | {_num(after)} |")
+    return [*lines, ""]
+
+
+def _example_lines(examples: list[dict[str, Any]]) -> list[str]:
+    if not examples:
+        return []
+    lines = [
+        "## Where they differ most",
+        "",
+        "Champion (left, orange) and challenger (right, blue) on held-out images, the reviewed "
+        "boxes in green.",
+        "",
+    ]
+    for e in examples:
+        lines += [
+            f"![{e['image_hash'][:12]}]({e['png']})",
+            "",
+            f"`{e['image_hash'][:12]}`: mAP50-95 {e['champion_map']:.3f} → "
+            f"{e['challenger_map']:.3f}, {e['champion_boxes']} → {e['challenger_boxes']} boxes "
+            "shown",
+            "",
+        ]
+    return lines
+
+
+def render_examples(
+    settings: Settings, session: Session, store: ObjectStore, metrics: dict[str, Any]
+) -> dict[str, bytes]:
+    """Each example drawn from the held-out snapshot's own files (checked against its
+    manifest): image hash to PNG."""
+    examples = metrics.get("examples") or []
+    if not examples:
+        return {}
+    holdout = get_snapshot(session, metrics["holdout_snapshot_id"])
+    items = {i["image_hash"]: i for i in read_manifest(settings, holdout, store)["images"]}
+    pictures = {}
+    for example in examples:
+        image, label = fetch_files(settings, store, holdout, items[example["image_hash"]])
+        pictures[example["image_hash"]] = render(
+            image, label.decode(), example, holdout.class_names
+        )
+    return pictures
 
 
 def write_report(
@@ -235,11 +369,26 @@ def write_report(
     markdown = render_markdown(report)
     document = json.dumps(report, indent=2)
     store = ObjectStore(settings)
+    pictures = render_examples(settings, session, store, run.metrics or {})
     keys = {"md": report_key(run_id, "md"), "json": report_key(run_id, "json")}
+    # The pictures first: a report in the bucket never links to an image that is not there.
+    for image_hash, png in pictures.items():
+        key = example_key(run_id, image_hash)
+        store.put_bytes(settings.bucket_reports, key, png, "image/png")
+        keys[f"png:{image_hash}"] = key
     store.put_bytes(settings.bucket_reports, keys["md"], markdown.encode(), "text/markdown")
     store.put_bytes(settings.bucket_reports, keys["json"], document.encode(), "application/json")
     if run.mlflow_run_id:
         mlflow = mlflow_client(settings)
         mlflow.log_text(run.mlflow_run_id, markdown, "report/retrain-report.md")
         mlflow.log_text(run.mlflow_run_id, document, "report/retrain-report.json")
+        if pictures:
+            with tempfile.TemporaryDirectory() as folder:
+                for image_hash, png in pictures.items():
+                    path = Path(folder) / example_path(image_hash)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(png)
+                mlflow.log_artifacts(
+                    run.mlflow_run_id, str(Path(folder) / "images"), "report/images"
+                )
     return keys

@@ -11,10 +11,10 @@ Reading one back trusts nothing in the bucket: the manifest must hash to the row
 ``manifest_hash``, every path in it must stay inside its split's folder, and every file must
 match the hash the manifest lists (``ManifestRejected`` otherwise).
 
-Each training snapshot has a held-out companion (kind ``holdout``): its test split, with a
-manifest and hash of its own. Champion and challenger are always judged on one holdout row,
-and because splits follow image hashes, the held-out images of one export stay held out in
-every later one; new test-split images join it, which gives a new holdout hash.
+Each export names the held-out set its challenger is judged on: the newest frozen version
+(``training.holdout``), a snapshot of kind ``holdout`` that never changes once sealed. Splits
+follow image hashes, and an image of a frozen version is pinned to the test split, so held-out
+images stay held out in every later export; new test-split images wait for the next version.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,6 @@ from visionloop.storage import ObjectStore, StorageError, sha256_hex
 
 SNAPSHOT_ROOT = "snapshots"
 MANIFEST_FILE = "manifest.json"
-HOLDOUT_MANIFEST_FILE = "holdout-manifest.json"
 SNAPSHOT_HASH_TAG = "visionloop.snapshot_hash"
 HOLDOUT_HASH_TAG = "visionloop.holdout_hash"
 _IO_THREADS = 8  # object-store round trips dominate; the S3 server handles these in parallel
@@ -378,42 +377,6 @@ def _content_type(suffix: str) -> str:
     )
 
 
-def _holdout(
-    settings: Settings,
-    training: DatasetSnapshot,
-    entries: Sequence[Entry],
-    policy: SplitPolicy,
-    store: ObjectStore,
-    session: Session,
-) -> DatasetSnapshot:
-    """The training snapshot's test split as a snapshot of its own (files shared, not copied)."""
-    test = [e for e in entries if e.split == "test"]
-    manifest = build_manifest(
-        test, training.class_names, kind="holdout", split_method=policy.as_dict() | {"of": "test"}
-    )
-    digest = manifest_hash(manifest)
-    existing = _find(session, digest)
-    if existing is not None:
-        return existing  # same held-out content as an earlier export: judged on the same set
-    key = training.object_prefix + HOLDOUT_MANIFEST_FILE
-    store.put_bytes(
-        settings.bucket_datasets, key, json.dumps(manifest, indent=1).encode(), "application/json"
-    )
-    return _insert(
-        session,
-        DatasetSnapshot(
-            manifest_hash=digest,
-            kind="holdout",
-            object_prefix=training.object_prefix,
-            manifest_key=key,
-            num_images=len(test),
-            num_test=len(test),
-            class_names=list(training.class_names),
-            profile=profile_entries(test, training.class_names, {}),
-        ),
-    )
-
-
 def _require_every_split(total: int, splits: Sequence[str]) -> None:
     empty = [split for split in ("train", "val", "test") if split not in splits]
     if empty:
@@ -436,9 +399,17 @@ def export_reviewed_labels(
     Refuses (``SnapshotError``) a dataset with an empty train, val or test split: ultralytics
     needs the first two, and a challenger cannot be judged without the third.
     """
+    from training.holdout import freeze, frozen_hashes  # holdout builds on this module
+
     store = store or ObjectStore(settings)
     sources, dropped, skipped = reviewed_sources(session, settings, store)
-    _require_every_split(len(sources), [policy.split_of(s.image.image_hash) for s in sources])
+    # A frozen held-out image stays held out even if the split percentages change: judged on
+    # it, a challenger must never have trained on it.
+    _, frozen = frozen_hashes(session, settings, store)
+    sources = [_held_out(s) if s.image.image_hash in frozen else s for s in sources]
+    _require_every_split(
+        len(sources), [s.image.split or policy.split_of(s.image.image_hash) for s in sources]
+    )
     training, entries, created = materialise(
         session,
         settings,
@@ -450,9 +421,12 @@ def export_reviewed_labels(
         store=store,
     )
     _require_every_split(len(entries), [e.split for e in entries])  # images may have gone missing
-    return ExportResult(
-        training, _holdout(settings, training, entries, policy, store, session), created
-    )
+    frozen_set = freeze(session, settings, training, entries, store)
+    return ExportResult(training, frozen_set.version, created)
+
+
+def _held_out(source: Source) -> Source:
+    return replace(source, image=replace(source.image, split="test"))
 
 
 # --- reading snapshots ------------------------------------------------------------------------

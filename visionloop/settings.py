@@ -261,6 +261,23 @@ class Settings(BaseSettings):
         description="A challenger is never promoted over a champion on a held-out set of fewer "
         "images (the first champion needs none).",
     )
+    holdout_growth: int = Field(
+        default=10,
+        ge=1,
+        description="New test-split images that seal the next frozen held-out version; fewer "
+        "wait (pending) while the gate keeps scoring on the newest version.",
+    )
+    bootstrap_resamples: int = Field(
+        default=1000,
+        ge=1,
+        description="Paired bootstrap resamples of the held-out images for the interval of "
+        "the mAP50-95 difference (challenger - champion) that the gate reports.",
+    )
+    gate_requires_interval: bool = Field(
+        default=False,
+        description="Promote only if the whole 95% bootstrap interval of the mAP50-95 "
+        "difference is above zero; off, the interval is reported but does not decide.",
+    )
     class_drop_tolerance: float = Field(default=0.05)
     train_approved_only: bool = Field(
         default=False,
