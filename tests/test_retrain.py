@@ -226,6 +226,7 @@ def test_retrain_promotes_a_better_challenger_and_keeps_the_champion_against_a_w
     assert {a.path for a in mlflow.list_artifacts(run.mlflow_run_id, "report")} == {
         "report/retrain-report.md",
         "report/retrain-report.json",
+        "report/retrain-report.html",
         "report/images",
     }
 
@@ -271,6 +272,10 @@ def test_retrain_promotes_a_better_challenger_and_keeps_the_champion_against_a_w
         assert png.startswith(b"\x89PNG")
         assert f"]({example['png']})" in markdown
         assert f"report/{example['png']}" in pictures
+    # The page the dashboard opens: the same report, its pictures inline.
+    page = store.get_bytes(settings.bucket_reports, report_key(run.id, "html")).decode()
+    assert page.count('src="data:image/png;base64,') == len(examples)
+    assert "Where they differ most</h2>" in page and "How sure:" in page
 
     # A deliberately weak challenger (one epoch from scratch) is judged and kept out. New
     # labels come first, enough to seal the next held-out version (growth 1 for the test): the

@@ -925,6 +925,44 @@ def test_drift_latest_history_and_report(client: TestClient) -> None:
             session.exec(delete(DriftResult).where(col(DriftResult.id).in_(ids)))
 
 
+def test_a_retrain_report_in_each_format_with_the_token(client: TestClient) -> None:
+    from training.retrain_report import report_key
+
+    settings = get_settings()
+    store = ObjectStore(settings)
+    run_id, older = (900_000 + uuid.uuid4().int % 90_000 for _ in range(2))
+    documents = {
+        "md": (b"# Retraining run", "text/markdown"),
+        "json": (b'{"retraining_run_id": 1}', "application/json"),
+        "html": (b"<!doctype html><html><body>the page</body></html>", "text/html"),
+    }
+    for suffix, (body, media) in documents.items():
+        store.put_bytes(settings.bucket_reports, report_key(run_id, suffix), body, media)
+    # A run reported before reports had a page: its Markdown is there, its HTML is not.
+    store.put_bytes(settings.bucket_reports, report_key(older, "md"), b"# old", "text/markdown")
+
+    path = f"/api/retraining/runs/{run_id}/report"
+    assert_error(client.get(path), 401, "unauthorized")
+    for suffix, (body, media) in documents.items():
+        response = client.get(path, params={"format": suffix}, headers=auth())
+        assert response.status_code == 200 and response.content == body
+        assert response.headers["content-type"].startswith(media)
+    page = client.get(path, params={"format": "html"}, headers=auth())
+    assert page.headers["content-security-policy"].startswith("default-src 'none'")
+    assert client.get(path, headers=auth()).content == documents["md"][0]  # the default
+
+    missing = assert_error(
+        client.get(f"/api/retraining/runs/{older}/report?format=html", headers=auth()),
+        404,
+        "not_found",
+    )
+    assert "predates HTML reports" in missing["detail"]
+    assert_error(
+        client.get("/api/retraining/runs/2000000000/report", headers=auth()), 404, "not_found"
+    )
+    assert_error(client.get(f"{path}?format=pdf", headers=auth()), 422, "validation_error")
+
+
 def test_drift_before_any_measurement_is_a_404_that_says_so(
     client: TestClient, overrides: dict[Any, Any], sqlite_url: str
 ) -> None:

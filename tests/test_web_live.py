@@ -643,3 +643,70 @@ def test_the_dashboard_gallery_approves_a_label_by_a_second_reviewer(
                 session.exec(
                     delete(ReviewedLabel).where(col(ReviewedLabel.image_id) == item.image_id)
                 )
+
+
+def test_the_retrain_report_opens_as_a_page_with_its_pictures(api_url: str, browser: Any) -> None:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image as PILImage
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from training.retrain_report import report_key
+    from visionloop.models import RetrainingRun, RetrainStatus
+    from visionloop.storage import ObjectStore
+
+    settings = get_settings()
+    buffer = io.BytesIO()
+    PILImage.fromarray(np.full((40, 80, 3), 90, dtype=np.uint8)).save(buffer, format="PNG")
+    picture = base64.b64encode(buffer.getvalue()).decode()
+    now = datetime.now(UTC)
+    with session_scope() as session:
+        run = RetrainingRun(
+            trigger="manual",
+            reason="browser test",
+            status=RetrainStatus.succeeded,
+            created_at=now,
+            started_at=now,
+            finished_at=now,  # the newest finished run: the status panel shows it
+            promoted=False,
+        )
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    page = (
+        f"<!doctype html><html><head><title>Retraining run {run_id}</title></head><body>"
+        f'<h2>Where they differ most</h2><img id="example" src="data:image/png;base64,{picture}">'
+        "</body></html>"
+    )
+    ObjectStore(settings).put_bytes(
+        settings.bucket_reports, report_key(run_id, "html"), page.encode(), "text/html"
+    )
+    dashboard = browser.current_window_handle
+    try:
+        wait = WebDriverWait(browser, 60, poll_frequency=0.25)
+        browser.get(f"{api_url}/dashboard")
+        token = browser.find_element(By.ID, "token")
+        token.clear()
+        token.send_keys(settings.api_token.get_secret_value())
+        link = "#retrain-last a.run-report"
+        wait.until(lambda _: f"#{run_id}" in browser.find_element(By.ID, "retrain-last").text)
+        browser.find_element(By.CSS_SELECTOR, link).click()
+        wait.until(lambda _: len(browser.window_handles) == 2)
+        browser.switch_to.window(next(h for h in browser.window_handles if h != dashboard))
+        # The page came through the API with the token and shows its inline picture.
+        wait.until(lambda _: browser.find_elements(By.ID, "example"))
+        image = browser.find_element(By.ID, "example")
+        assert browser.execute_script("return arguments[0].naturalWidth", image) == 80
+        assert "Where they differ most" in browser.find_element(By.TAG_NAME, "body").text
+    finally:
+        for handle in browser.window_handles:
+            if handle != dashboard:
+                browser.switch_to.window(handle)
+                browser.close()
+        browser.switch_to.window(dashboard)
+        with session_scope() as session:
+            session.exec(delete(RetrainingRun).where(col(RetrainingRun.id) == run_id))
+            session.commit()

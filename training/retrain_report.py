@@ -1,8 +1,9 @@
 """The report of one retrain: why it ran, what it learnt from, what changed, and what the gate said.
 
-Written for every retrain that reaches a verdict, as Markdown for people and JSON for tools, to
-``<reports bucket>/retrains/<run id>/report.{md,json}`` and beside the challenger's MLflow run
-(``report/``), with a few held-out images drawn champion against challenger
+Written for every retrain that reaches a verdict, as Markdown for people, JSON for tools and
+one HTML page (the Markdown rendered, its pictures inline) for the dashboard, to
+``<reports bucket>/retrains/<run id>/report.{md,json,html}`` and beside the challenger's MLflow
+run (``report/``), with a few held-out images drawn champion against challenger
 (``images/<image hash>.png`` beside the report, linked from the Markdown).
 Everything in it is read back from the platform's records (the run row, its stage events, the
 snapshot's manifest and the reviewed labels), never from what the flow believes it did.
@@ -10,10 +11,12 @@ snapshot's manifest and the reviewed labels), never from what the flow believes 
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -210,7 +213,11 @@ def _signed(value: Any) -> str:
     return "–" if value is None else f"{value:+.3f}"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(
+    report: dict[str, Any], *, image_src: Callable[[dict[str, Any]], str] | None = None
+) -> str:
+    """The report for people; ``image_src`` says where each example's picture is (default: its
+    path beside the report)."""
     verdict = report["verdict"]
     outcome = (
         f"version {report['challenger_version']} promoted to champion"
@@ -271,7 +278,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         *(f"- {reason}" for reason in verdict["reasons"]),
         "",
-        *_example_lines(report["examples"]),
+        *_example_lines(report["examples"], image_src or (lambda e: e["png"])),
         "## Time per stage",
         "",
         "| stage | seconds |",
@@ -315,7 +322,9 @@ def _version_lines(holdout: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _example_lines(examples: list[dict[str, Any]]) -> list[str]:
+def _example_lines(
+    examples: list[dict[str, Any]], image_src: Callable[[dict[str, Any]], str]
+) -> list[str]:
     if not examples:
         return []
     lines = [
@@ -327,7 +336,7 @@ def _example_lines(examples: list[dict[str, Any]]) -> list[str]:
     ]
     for e in examples:
         lines += [
-            f"![{e['image_hash'][:12]}]({e['png']})",
+            f"![{e['image_hash'][:12]}]({image_src(e)})",
             "",
             f"`{e['image_hash'][:12]}`: mAP50-95 {e['champion_map']:.3f} → "
             f"{e['challenger_map']:.3f}, {e['champion_boxes']} → {e['challenger_boxes']} boxes "
@@ -335,6 +344,34 @@ def _example_lines(examples: list[dict[str, Any]]) -> list[str]:
             "",
         ]
     return lines
+
+
+REPORT_STYLE = (
+    "body{font:15px/1.5 system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;"
+    "color:#202124}table{border-collapse:collapse;margin:.5rem 0}th,td{border:1px solid #dadce0;"
+    "padding:.2rem .6rem}code{background:#f1f3f4;padding:0 .2rem}img{max-width:100%}"
+)
+
+
+def render_html(report: dict[str, Any], pictures: Mapping[str, bytes]) -> str:
+    """The Markdown report as one page that needs nothing else: the pictures are inline, so it
+    opens from the dashboard (which fetches it with the token) and from MLflow as it is. Raw
+    HTML in the Markdown (a trigger's reason is free text) is escaped, never rendered."""
+    from markdown_it import MarkdownIt
+
+    def inline(example: dict[str, Any]) -> str:
+        png = pictures.get(example["image_hash"])
+        if png is None:
+            return str(example["png"])
+        return "data:image/png;base64," + base64.b64encode(png).decode()
+
+    parser = MarkdownIt("commonmark", {"html": False}).enable("table")
+    body = parser.render(render_markdown(report, image_src=inline))
+    title = html.escape(f"Retraining run {report['retraining_run_id']}")
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{REPORT_STYLE}</style></head><body>\n{body}</body></html>\n"
+    )
 
 
 def render_examples(
@@ -370,7 +407,8 @@ def write_report(
     document = json.dumps(report, indent=2)
     store = ObjectStore(settings)
     pictures = render_examples(settings, session, store, run.metrics or {})
-    keys = {"md": report_key(run_id, "md"), "json": report_key(run_id, "json")}
+    page = render_html(report, pictures)
+    keys = {key: report_key(run_id, key) for key in ("md", "json", "html")}
     # The pictures first: a report in the bucket never links to an image that is not there.
     for image_hash, png in pictures.items():
         key = example_key(run_id, image_hash)
@@ -378,10 +416,12 @@ def write_report(
         keys[f"png:{image_hash}"] = key
     store.put_bytes(settings.bucket_reports, keys["md"], markdown.encode(), "text/markdown")
     store.put_bytes(settings.bucket_reports, keys["json"], document.encode(), "application/json")
+    store.put_bytes(settings.bucket_reports, keys["html"], page.encode(), "text/html")
     if run.mlflow_run_id:
         mlflow = mlflow_client(settings)
         mlflow.log_text(run.mlflow_run_id, markdown, "report/retrain-report.md")
         mlflow.log_text(run.mlflow_run_id, document, "report/retrain-report.json")
+        mlflow.log_text(run.mlflow_run_id, page, "report/retrain-report.html")
         if pictures:
             with tempfile.TemporaryDirectory() as folder:
                 for image_hash, png in pictures.items():

@@ -107,14 +107,23 @@ def run(session: SessionDep, run_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> R
     return RetrainingRunOut.model_validate(row)
 
 
+REPORT_MEDIA = {
+    "md": "text/markdown; charset=utf-8",
+    "json": "application/json",
+    "html": "text/html; charset=utf-8",
+}
+CSP = "Content-Security-Policy"
+
+
 @router.get(
     "/runs/{run_id}/report",
     response_class=Response,
     dependencies=[ReadToken],
     responses={
         **content(
-            ("text/markdown", "application/json"),
-            "The report for people (`format=md`, the default), or for tools (`format=json`).",
+            ("text/markdown", "application/json", "text/html"),
+            "The report for people (`format=md`, the default), for tools (`format=json`), or "
+            "as one page with its pictures inline (`format=html`).",
         ),
         **AUTH,
         **responses(404, 422),
@@ -124,17 +133,26 @@ def report(
     settings: SettingsDep,
     store: StoreDep,
     run_id: Annotated[int, Path(ge=1, le=MAX_ID)],
-    format: Literal["md", "json"] = "md",
+    format: Literal["md", "json", "html"] = "md",
 ) -> Response:
     """The retrain's report: trigger, labels consumed by reason, overall and per-class AP before
-    and after on the held-out set, the gate's verdict and time per stage (data-bearing)."""
+    and after on the held-out set, how sure the verdict is, the gate's reasons, time per stage
+    and held-out images drawn champion against challenger (data-bearing)."""
     key = report_key(run_id, format)
     if not store.exists(settings.bucket_reports, key):
+        if format == "html" and store.exists(settings.bucket_reports, report_key(run_id, "md")):
+            raise NotFound(
+                f"retraining run {run_id}'s report predates HTML reports: format=md has it"
+            )
         raise NotFound(
             f"retraining run {run_id} has no report: only runs that reached a verdict write one"
         )
-    media = "text/markdown; charset=utf-8" if format == "md" else "application/json"
-    return Response(store.get_bytes(settings.bucket_reports, key), media_type=media)
+    body = store.get_bytes(settings.bucket_reports, key)
+    if format == "html":
+        # Everything the page shows is inline: it may load nothing and run nothing.
+        policy = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+        return Response(body, media_type=REPORT_MEDIA[format], headers={CSP: policy})
+    return Response(body, media_type=REPORT_MEDIA[format])
 
 
 @router.post(

@@ -99,7 +99,7 @@ function runFields(run) {
   if (run.error) fields.push(["error", run.error]);
   if (run.decision_reasons && run.decision_reasons.length) fields.push(["why", run.decision_reasons.join(" ")]);
   if (run.report_url) {
-    const link = el("a", { href: "#", class: "run-report", "data-url": run.report_url, "data-type": "text/plain" }, "report");
+    const link = el("a", { href: "#", class: "run-report", "data-url": run.report_url + "?format=html", "data-type": "text/html" }, "report");
     link.addEventListener("click", openReport);
     fields.push(["report", link]);
   }
