@@ -527,19 +527,27 @@ def test_the_dashboard_shows_the_newest_snapshots_profile(api_url: str, browser:
 def test_the_dashboard_gallery_shows_queued_images_with_the_champions_boxes(
     api_url: str, browser: Any
 ) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     with queued_item() as item_id:
         figure = f'#gallery-items figure[data-item="{item_id}"]'
-        wait = WebDriverWait(browser, 60, poll_frequency=0.25)
+        # The gallery redraws as events arrive: an element found may be replaced before it is
+        # read, so each read is tried again on the redrawn one.
+        wait = WebDriverWait(
+            browser, 60, poll_frequency=0.25, ignored_exceptions=[StaleElementReferenceException]
+        )
+        text = lambda css: wait.until(  # noqa: E731
+            lambda _: browser.find_element(By.CSS_SELECTOR, css).text
+        )
         browser.get(f"{api_url}/dashboard")
         browser.find_element(By.ID, "token").clear()
         browser.find_element(By.ID, "gallery-refresh").click()
         wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, figure))
-        caption = browser.find_element(By.CSS_SELECTOR, figure + " figcaption").text
+        caption = text(figure + " figcaption")
         assert "pending" in caption and "uncertain" in caption and "selected" in caption
-        assert "token needed" in browser.find_element(By.CSS_SELECTOR, figure).text
+        assert "token needed" in text(figure)
 
         # With the token the image itself comes, decoded by the browser at the preview's size.
         token = browser.find_element(By.ID, "token")
@@ -549,12 +557,14 @@ def test_the_dashboard_gallery_shows_queued_images_with_the_champions_boxes(
         try:
             wait.until(shown)
         except Exception as exc:
-            text = browser.find_element(By.CSS_SELECTOR, figure).text
-            raise AssertionError(f"no image in the gallery; the figure says {text!r}") from exc
-        image = browser.find_element(By.CSS_SELECTOR, figure + " img")
-        wait.until(lambda _: browser.execute_script("return arguments[0].naturalWidth", image))
-        size = browser.execute_script(
-            "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image
+            said = text(figure)
+            raise AssertionError(f"no image in the gallery; the figure says {said!r}") from exc
+        size = wait.until(
+            lambda _: browser.execute_script(
+                "const i = arguments[0];"
+                "return i.naturalWidth ? [i.naturalWidth, i.naturalHeight] : null",
+                browser.find_element(By.CSS_SELECTOR, figure + " img"),
+            )
         )
         assert size == [320, 240]
         errors = [

@@ -42,7 +42,13 @@ SERVER_TASKS = {
         "start_retrain",
     },
     "flows.drift": {"measure"},
-    "flows.retrain": {"confirm_verdict", "consume_labels", "promote_challenger", "announce"},
+    "flows.retrain": {
+        "held_out",
+        "confirm_verdict",
+        "consume_labels",
+        "promote_challenger",
+        "announce",
+    },
     "flows.ingest": {"find_new_files", "ingest_files", "queue_uncertain"},
 }
 # Local work: generating files, or training (CPU-heavy and deterministic: a retry only
