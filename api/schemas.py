@@ -291,6 +291,11 @@ class SnapshotOut(Out):
     num_test: int
     class_names: list[str]
     created_at: UtcDatetime
+    holdout_version: int | None = Field(
+        default=None,
+        description="For a frozen held-out set (kind holdout): its version number, which the "
+        "retrain that was judged on it names; versions never change once sealed.",
+    )
     profile: dict[str, Any] | None = Field(
         description="Class balance, boxes per image, box and image sizes, near-duplicates and "
         "split leaks, as computed when the snapshot was made."

@@ -201,6 +201,12 @@ def test_versions_seal_at_the_growth_threshold_and_never_change(
         assert len(new) >= 2
     training_row = grown.training
     eager = settings.model_copy(update={"holdout_growth": 1})
+    unnumbered = select(DatasetSnapshot.id).where(
+        DatasetSnapshot.kind == "holdout",
+        DatasetSnapshot.holdout_version.is_(None),  # type: ignore[union-attr]
+    )
+    with session_scope() as session:
+        orphans_before = set(session.exec(unnumbered).all())
     halves = [new[::2], new[1::2]]
     start = threading.Barrier(2)
     results: list = [None, None]
@@ -227,3 +233,16 @@ def test_versions_seal_at_the_growth_threshold_and_never_change(
     assert set(image_hashes(read_manifest(settings, later))) == base | {
         e.image.image_hash for e in new
     }
+    # The loser's first row, built for the number it lost, is gone: it is no version.
+    with session_scope() as session:
+        assert set(session.exec(unnumbered).all()) == orphans_before
+
+    # The snapshots API names each version.
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    with TestClient(create_app()) as client:
+        listed = client.get("/api/labeling/snapshots", params={"kind": "holdout", "limit": 500})
+    numbers = {s["id"]: s["holdout_version"] for s in listed.json()["items"]}
+    assert numbers[later.id] == top + 2 and numbers[version.id] == version.holdout_version

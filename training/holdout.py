@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import exists, text, update
+from sqlalchemy import delete, exists, text, update
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
@@ -222,6 +222,7 @@ def _seal(
     if not claim_version(session, row.id, number):
         session.refresh(row)
         if row.holdout_version != number:  # a twin export of the same content also counts
+            _discard_unnumbered(session, row.id)
             return None
     session.refresh(row)
     emit(
@@ -237,6 +238,17 @@ def _seal(
         },
     )
     return row
+
+
+def _discard_unnumbered(session: Session, row_id: int) -> None:
+    """Remove a holdout row that lost its number: it is no version, and listed among the
+    snapshots it would look like one. (Its files stay in the bucket, unreferenced.)"""
+    session.exec(  # type: ignore[call-overload]
+        delete(DatasetSnapshot).where(
+            col(DatasetSnapshot.id) == row_id, col(DatasetSnapshot.holdout_version).is_(None)
+        )
+    )
+    session.commit()
 
 
 def _copy_files(
