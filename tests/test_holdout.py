@@ -222,7 +222,7 @@ def test_versions_seal_at_the_growth_threshold_and_never_change(
         thread.start()
     for thread in threads:
         thread.join()
-    numbers = sorted(r.version.holdout_version for r in results)
+    numbers = sorted(r.holdout_version for r in results)
     top = sealed.holdout.holdout_version
     with session_scope() as session:
         rows = session.exec(

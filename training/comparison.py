@@ -15,7 +15,7 @@ from PIL import Image as PILImage
 
 from training.evaluation import ImageResult
 from training.interval import image_map
-from visionloop.boxes import corners
+from visionloop.boxes import corners, parse_yolo_labels
 from visionloop.drawing import caption, draw_boxes, fit_within, side_by_side
 from visionloop.images import decode_image
 
@@ -59,12 +59,10 @@ def pick_examples(
 
 def truth_boxes(label_text: str, class_names: Sequence[str]) -> list[dict[str, Any]]:
     """A YOLO label file's boxes as normalised corners, named by class."""
-    rows = [line.split() for line in label_text.splitlines() if line.strip()]
-    centres = [dict(zip(("cx", "cy", "w", "h"), map(float, row[1:5]))) for row in rows]
+    labels = parse_yolo_labels(label_text)
     boxes = []
-    for row, (x1, y1, x2, y2) in zip(rows, corners(centres)):
-        cls = int(row[0])
-        name = class_names[cls] if 0 <= cls < len(class_names) else str(cls)
+    for label, (x1, y1, x2, y2) in zip(labels, corners(b._asdict() for b in labels)):
+        name = class_names[label.cls] if 0 <= label.cls < len(class_names) else str(label.cls)
         boxes.append({"cls": 0, "name": name, "x1": x1, "y1": y1, "x2": x2, "y2": y2})
     return boxes
 

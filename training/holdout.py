@@ -39,7 +39,7 @@ from training.snapshots import (
     image_hashes,
     read_manifest,
 )
-from visionloop.boxes import YoloBox
+from visionloop.boxes import parse_yolo_labels
 from visionloop.events import EventKind, emit
 from visionloop.formats import (
     MANIFEST_FORMAT,
@@ -64,16 +64,6 @@ class Growth:
     seal: bool
 
 
-@dataclass(frozen=True)
-class FrozenHoldout:
-    """The version the gate scores on, the one before it when this export sealed it, and how
-    many test-split images wait for the next version."""
-
-    version: DatasetSnapshot
-    previous: DatasetSnapshot | None
-    pending: int
-
-
 def plan_growth(frozen: set[str] | None, test: Sequence[Entry], growth: int) -> Growth:
     """``frozen`` is the newest version's image hashes (None: no version yet)."""
     if frozen is None:
@@ -96,14 +86,23 @@ def get_version(session: Session, number: int) -> DatasetSnapshot | None:
     ).first()
 
 
-def frozen_hashes(
-    session: Session, settings: Settings, store: ObjectStore
-) -> tuple[DatasetSnapshot | None, set[str]]:
-    """The newest version and its images (none before the first is sealed)."""
+@dataclass(frozen=True)
+class Newest:
+    """The newest version and its manifest's items (none before the first is sealed)."""
+
+    version: DatasetSnapshot | None
+    items: list[dict[str, Any]]
+
+    @property
+    def hashes(self) -> set[str]:
+        return {item["image_hash"] for item in self.items}
+
+
+def newest_frozen(session: Session, settings: Settings, store: ObjectStore) -> Newest:
     current = newest_version(session)
     if current is None:
-        return None, set()
-    return current, set(image_hashes(read_manifest(settings, current, store)))
+        return Newest(None, [])
+    return Newest(current, read_manifest(settings, current, store)["images"])
 
 
 def claim_version(session: Session, row_id: int, number: int) -> bool:
@@ -138,22 +137,27 @@ def freeze(
     training: DatasetSnapshot,
     entries: Sequence[Entry],
     store: ObjectStore,
-) -> FrozenHoldout:
+    newest: Newest | None = None,
+) -> DatasetSnapshot:
     """The frozen version an export's challenger is judged on, sealing the next one first if
-    the export's test split has grown enough (``VISIONLOOP_HOLDOUT_GROWTH``)."""
+    the export's test split has grown enough (``VISIONLOOP_HOLDOUT_GROWTH``). ``newest`` is
+    what the caller already read of the newest version; a lost race reads it again."""
     test = [e for e in entries if e.split == "test"]
     for _ in range(_ATTEMPTS):
-        current, frozen = frozen_hashes(session, settings, store)
+        newest = newest or newest_frozen(session, settings, store)
+        current = newest.version
         # A different class map gives label indices another meaning: start a fresh lineage.
         same_classes = current is not None and current.class_names == training.class_names
-        growth = plan_growth(frozen if same_classes else None, test, settings.holdout_growth)
+        frozen = newest.hashes if same_classes else None
+        growth = plan_growth(frozen, test, settings.holdout_growth)
         if not growth.seal:
             assert current is not None  # the first version seals whatever test split exists
-            return FrozenHoldout(current, None, len(growth.new))
-        carried = current if same_classes else None
+            return current
+        carried = newest if same_classes else Newest(None, [])
         sealed = _seal(session, settings, store, training, carried, current, growth.new)
         if sealed is not None:
-            return FrozenHoldout(sealed, current, 0)
+            return sealed
+        newest = None
     raise SnapshotError(
         f"could not seal a held-out version in {_ATTEMPTS} attempts: other exports kept "
         "sealing one first"
@@ -165,14 +169,14 @@ def _seal(
     settings: Settings,
     store: ObjectStore,
     training: DatasetSnapshot,
-    carried: DatasetSnapshot | None,
+    carried: Newest,
     current: DatasetSnapshot | None,
     new: Sequence[Entry],
 ) -> DatasetSnapshot | None:
     """Version ``current + 1``: ``carried``'s images as they were sealed plus ``new`` ones from
     ``training``; None if another export claimed the number first."""
     number = (current.holdout_version or 0) + 1 if current is not None else 1
-    old = read_manifest(settings, carried, store)["images"] if carried is not None else []
+    old = carried.items
     added = build_manifest(new, training.class_names, kind="holdout", split_method={})["images"]
     items = sorted([*old, *added], key=lambda item: item["image_hash"])
     manifest: dict[str, Any] = {
@@ -184,14 +188,14 @@ def _seal(
         "split": {
             "method": "frozen",
             "version": number,
-            "previous": carried.manifest_hash if carried is not None else None,
+            "previous": carried.version.manifest_hash if carried.version is not None else None,
         },
         "counts": {"train": 0, "val": 0, "test": len(items)},
         "images": items,
     }
     digest = manifest_hash(manifest)
     prefix = _prefix(digest)
-    sources = [(carried, item) for item in old] + [(training, item) for item in added]
+    sources = [(carried.version, item) for item in old] + [(training, item) for item in added]
     labels = _copy_files(settings, store, prefix, sources)
     entries = [_entry(item, labels[item["image_hash"]]) for item in items]
     profile = profile_entries(entries, training.class_names, {}) | {
@@ -278,17 +282,12 @@ def _copy_files(
 
 def _entry(item: dict[str, Any], label_text: str) -> Entry:
     """A manifest item and its label file as the entry an export would have made of it."""
-    boxes = tuple(
-        YoloBox(int(row[0]), *(float(v) for v in row[1:5]))
-        for row in (line.split() for line in label_text.splitlines())
-        if row
-    )
     image = LabeledImage(
         item["image_hash"],
         Path(item["image"]).suffix,
         int(item["width"]),
         int(item["height"]),
-        boxes,
+        parse_yolo_labels(label_text),
         item["split"],
     )
     return Entry(image, item["split"])

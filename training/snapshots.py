@@ -399,13 +399,14 @@ def export_reviewed_labels(
     Refuses (``SnapshotError``) a dataset with an empty train, val or test split: ultralytics
     needs the first two, and a challenger cannot be judged without the third.
     """
-    from training.holdout import freeze, frozen_hashes  # holdout builds on this module
+    from training.holdout import freeze, newest_frozen  # holdout builds on this module
 
     store = store or ObjectStore(settings)
     sources, dropped, skipped = reviewed_sources(session, settings, store)
     # A frozen held-out image stays held out even if the split percentages change: judged on
     # it, a challenger must never have trained on it.
-    _, frozen = frozen_hashes(session, settings, store)
+    newest = newest_frozen(session, settings, store)
+    frozen = newest.hashes
     sources = [_held_out(s) if s.image.image_hash in frozen else s for s in sources]
     _require_every_split(
         len(sources), [s.image.split or policy.split_of(s.image.image_hash) for s in sources]
@@ -421,8 +422,9 @@ def export_reviewed_labels(
         store=store,
     )
     _require_every_split(len(entries), [e.split for e in entries])  # images may have gone missing
-    frozen_set = freeze(session, settings, training, entries, store)
-    return ExportResult(training, frozen_set.version, created)
+    return ExportResult(
+        training, freeze(session, settings, training, entries, store, newest), created
+    )
 
 
 def _held_out(source: Source) -> Source:

@@ -57,6 +57,15 @@ def format_yolo_labels(boxes: Iterable[Sequence[float]]) -> str:
     return "".join(f"{c} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n" for c, cx, cy, w, h in boxes)
 
 
+def parse_yolo_labels(text: str) -> tuple[YoloBox, ...]:
+    """A YOLO label file's boxes: what ``format_yolo_labels`` wrote, read back."""
+    return tuple(
+        YoloBox(int(row[0]), *(float(v) for v in row[1:5]))
+        for row in (line.split() for line in text.splitlines())
+        if row
+    )
+
+
 # --- clipping ---------------------------------------------------------------------------------
 
 
