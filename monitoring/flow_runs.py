@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
 
 CANCEL_MESSAGE = "cancelled through the visionloop API"
+NOT_STARTED = frozenset({"SCHEDULED", "PENDING", "PAUSED"})
 
 
 class FlowRunNotFound(LookupError):
@@ -172,15 +173,27 @@ def cancel_flow_run(settings: Settings, flow_run_id: str) -> FlowRunInfo:
     """Cancel a run that has not finished: one still waiting is cancelled at once, a running
     one is set to Cancelling, which makes its worker stop the run's process (Prefect's own
     cancellation, as the Prefect UI's button does)."""
+    from prefect.exceptions import ObjectNotFound
     from prefect.states import Cancelled, Cancelling
 
-    run = get_flow_run(settings, flow_run_id)
-    if run.final:
-        raise FlowRunFinished(f"flow run {flow_run_id} is over already ({run.state})")
-    waiting = run.state_type in ("SCHEDULED", "PENDING", "PAUSED")
-    state = (Cancelled if waiting else Cancelling)(message=CANCEL_MESSAGE)
     with bounded_prefect_calls(settings), _client() as prefect:
-        prefect.set_flow_run_state(UUID(run.id), state, force=True)
+        try:
+            run = prefect.read_flow_run(_uuid(flow_run_id))
+        except ObjectNotFound as exc:
+            raise FlowRunNotFound(f"Prefect has no flow run {flow_run_id}") from exc
+        if run.state is not None and run.state.is_final():
+            raise FlowRunFinished(f"flow run {flow_run_id} is over already ({run.state.name})")
+        # A run not yet started is cancelled outright: set to Cancelling, a run whose process
+        # is still starting can miss the event (the worker's observer drops it for a process
+        # it has not registered yet) and then run to the end.
+        waiting = run.state is not None and run.state.type.value in NOT_STARTED
+        prefect.set_flow_run_state(
+            run.id, (Cancelled if waiting else Cancelling)(message=CANCEL_MESSAGE), force=True
+        )
+        if waiting and prefect.read_flow_run(run.id).run_count > run.run_count:
+            # It started between the read and the write: only Cancelling makes the worker
+            # stop that process.
+            prefect.set_flow_run_state(run.id, Cancelling(message=CANCEL_MESSAGE), force=True)
     return get_flow_run(settings, flow_run_id)
 
 

@@ -13,7 +13,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
@@ -30,6 +30,7 @@ from api.routes import serving as serving_routes
 from cli.stack import Stack
 from ingestion import upload as serving
 from labeling.selection import Selected
+from monitoring.flow_runs import FlowRunFinished, cancel_flow_run, get_flow_run
 from serving.predictor import ChampionPredictor
 from training.retrain_guard import create_run, update_run
 from training.retrain_requests import blocking_run
@@ -309,27 +310,21 @@ def test_status_and_history_show_runs(client: TestClient, champion: str) -> None
 
 
 def _cancel_and_wait(flow_run_id: str, timeout: float = 180.0) -> str:
-    """Cancel a flow run wherever it is and wait until Prefect calls it over."""
-    from prefect.client.orchestration import get_client
-    from prefect.states import Cancelled, Cancelling
+    """Cancel a flow run the way the runs API does and wait until Prefect calls it over.
 
+    A run the worker has picked up but not started is cancelled outright: set to Cancelling,
+    its process could miss the event (the worker's observer drops it for a run whose process
+    has not registered yet) and then train to the end.
+    """
+    settings = get_settings()
     deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as prefect:
-        flow_run = prefect.read_flow_run(UUID(flow_run_id))
-        if flow_run.state is not None and flow_run.state.is_scheduled():
-            prefect.set_flow_run_state(
-                flow_run.id, Cancelled(message="cancelled by the API test"), force=True
-            )
-        elif flow_run.state is None or not flow_run.state.is_final():
-            # Started already: the worker stops the process when it sees Cancelling.
-            prefect.set_flow_run_state(
-                flow_run.id, Cancelling(message="cancelled by the API test"), force=True
-            )
-        while time.monotonic() < deadline:
-            state = prefect.read_flow_run(flow_run.id).state
-            if state is not None and state.is_final():
-                return state.name
-            time.sleep(2)
+    with suppress(FlowRunFinished):
+        cancel_flow_run(settings, flow_run_id)
+    while time.monotonic() < deadline:
+        run = get_flow_run(settings, flow_run_id)
+        if run.final:
+            return run.state
+        time.sleep(2)
     raise AssertionError(f"flow run {flow_run_id} did not stop within {timeout} s")
 
 
