@@ -42,7 +42,10 @@ StateType = Literal[
     "CANCELLED",
     "CRASHED",
 ]
-RunId = Annotated[str, Path(min_length=36, max_length=36, description="The Prefect flow run id.")]
+RUN_ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+# A pattern, not just a length: 36 characters of anything include code points that a URL
+# cannot carry whole, so the schema itself would describe ids the route must refuse.
+RunId = Annotated[str, Path(pattern=RUN_ID_PATTERN, description="The Prefect flow run id.")]
 POLL_S = 1.0
 """How often the log stream asks Prefect for new lines (Prefect ships logs in batches of
 about two seconds anyway)."""
