@@ -8,8 +8,10 @@ The flow predicts on the backend ``VISIONLOOP_INFERENCE_BACKEND=auto`` picks: th
 fastest export that passed its parity check (``serving.export``). It is compared with plain
 ultralytics PyTorch predict (target: the flow at 2.0x or better) and with plain ultralytics
 predict of that same export, ``YOLO(exported, task="detect").predict`` (target: 0.9x or
-better: the flow around the export costs little). The parity record (mAP50-95 per backend on
-the held-out images, their difference, the embeddings' cosine) is printed too. ``--imgsz``
+better: the flow around the export costs little); under ``VISIONLOOP_INFERENCE_PRECISION=auto``
+both compute in what OpenVINO picks for the CPU. The parity record (per backend the precision
+it was compared in, mAP50-95 on the held-out images, the difference, the embeddings' cosine)
+is printed too. ``--imgsz``
 defaults to the champion's training size, the export's fixed size; another size runs the flow
 on PyTorch.
 
@@ -164,7 +166,8 @@ def print_parity(settings: Settings, champion: ModelRef) -> None:
     )
     for backend, parity in record["backends"].items():
         print(
-            f"  {backend:9s} mAP50-95 {parity['map50_95']}  diff {parity['map_diff']}  "
+            f"  {backend:9s} in {parity.get('precision') or 'f32'}  "
+            f"mAP50-95 {parity['map50_95']}  diff {parity['map_diff']}  "
             f"embedding cosine median {parity['embedding_cosine_median']} "
             f"min {parity['embedding_cosine_min']}  "
             f"{'verified' if parity['verified'] else 'REFUSED'}: {parity['reason']}"

@@ -12,7 +12,9 @@ else its val split), scores each against the labels with one function (ultralyti
 ``box_iou``, its validator's matching and ``ap_per_class``) and compares embeddings. An
 export is verified when ``|mAP50-95 diff| <= MAX_MAP_DIFF`` and the median cosine of the
 embeddings is at least ``MIN_EMBEDDING_COSINE``; otherwise it is refused with its reason and
-serving keeps PyTorch. Verified exports are logged beside the weights in the version's run
+serving keeps PyTorch. The runtime runs at the precision serving will use
+(``VISIONLOOP_INFERENCE_PRECISION``), and the record names it: an export serves only at the
+precision it was verified at. Verified exports are logged beside the weights in the version's run
 with their checksums, and every verdict as a parity record (``visionloop.registry``).
 
 Mind the gate on a barely trained champion: with mAP near 0 on both sides the mAP test says
@@ -40,6 +42,7 @@ from serving.runtime import (
     DETECTIONS_OUTPUT,
     EMBEDDING_OUTPUT,
     EXPORTED_BACKENDS,
+    F32,
     INPUT_NAME,
     MAX_DET,
     NMS_IOU,
@@ -90,6 +93,9 @@ class BackendParity:
     map_diff: float | None = None
     embedding_cosine_median: float | None = None
     embedding_cosine_min: float | None = None
+    precision: str | None = None
+    """What the runtime computed in while it was compared (``f32``, ``bf16``...): the only
+    precision it is verified at."""
 
 
 @dataclass
@@ -242,9 +248,9 @@ def build_exports(weights: Path, folder: Path) -> dict[str, Path]:
     return {ONNX: onnx_path, OPENVINO: xml}
 
 
-def load_runtime(backend: str, path: Path) -> ExportedRuntime:
+def load_runtime(backend: str, path: Path, precision: str = F32) -> ExportedRuntime:
     """A runtime over an export ``build_exports`` made (its ONNX metadata or ``metadata.yaml``
-    gives size and names)."""
+    gives size and names), computing at ``precision`` (``f32`` or ``auto``)."""
     import yaml
 
     if backend == OPENVINO:
@@ -252,7 +258,9 @@ def load_runtime(backend: str, path: Path) -> ExportedRuntime:
     else:
         metadata = onnx_metadata(path)
     names = {int(k): str(v) for k, v in metadata["names"].items()}
-    return ExportedRuntime(backend, path, imgsz=int(metadata["imgsz"][0]), names=names)
+    return ExportedRuntime(
+        backend, path, imgsz=int(metadata["imgsz"][0]), names=names, precision=precision
+    )
 
 
 # --- the parity gate --------------------------------------------------------------------------
@@ -376,8 +384,10 @@ def check_parity(
     *,
     version: str,
     split: str,
+    precision: str = F32,
 ) -> ParityRecord:
-    """Each export against PyTorch on ``samples``: verified or refused, with the figures."""
+    """Each export against PyTorch on ``samples``, run at ``precision`` as serving will run
+    it: verified or refused, with the figures and the precision it computed in."""
     imgsz = champion_imgsz(weights)
     if not samples:
         record = ParityRecord(version, imgsz, 0, split, None)
@@ -391,7 +401,7 @@ def check_parity(
     record = ParityRecord(version, imgsz, len(samples), split, round(torch_map, 6))
     for backend, path in exports.items():
         try:
-            runtime = load_runtime(backend, path)
+            runtime = load_runtime(backend, path, precision)
             found, embeddings = runtime_predictions(runtime, samples)
         except Exception as exc:  # a graph the runtime cannot load or run is refused, not fatal
             record.backends[backend] = BackendParity(
@@ -420,6 +430,7 @@ def check_parity(
             map_diff=round(diff, 6),
             embedding_cosine_median=round(median, 6),
             embedding_cosine_min=round(float(np.min(cosines)), 6),
+            precision=runtime.precision,
         )
     return record
 
@@ -465,7 +476,14 @@ def export_champion(
                 )
             publish(settings, ref, {}, record)
             return record
-        record = check_parity(weights, exports, samples, version=ref.version, split=split)
+        record = check_parity(
+            weights,
+            exports,
+            samples,
+            version=ref.version,
+            split=split,
+            precision=settings.inference_precision,
+        )
         publish(settings, ref, exports, record)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from serving.embedding import mirror, predict_with_features, unmirror_boxes
-from serving.runtime import EXPORTED_BACKENDS, TORCH, Detections, ExportedRuntime
+from serving.runtime import EXPORTED_BACKENDS, F32, TORCH, Detections, ExportedRuntime
 from training.trainer import configure_ultralytics
 from visionloop.registry import (
     CHAMPION,
@@ -208,14 +208,26 @@ class ChampionPredictor:
                     self.settings, ref, backend, self.settings.data_dir / "models"
                 )
                 runtime = ExportedRuntime(
-                    backend, path, imgsz=_imgsz(model), names=dict(model.names)
+                    backend,
+                    path,
+                    imgsz=_imgsz(model),
+                    names=dict(model.names),
+                    precision=self.settings.inference_precision,
                 )
             # Refused checksums, an unreachable store, a graph the runtime cannot load: each
             # falls back to the next backend and PyTorch, which serves the version correctly.
             except Exception as exc:
                 refused.append(f"{backend}: {type(exc).__name__}: {exc}")
                 continue
-            chosen = f"{backend}: verified export ({entry.get('reason')})"
+            # Records from before the precision was recorded were verified in f32.
+            verified_at = entry.get("precision") or F32
+            if runtime.precision != verified_at:
+                refused.append(
+                    f"{backend}: verified in {verified_at}, would compute in {runtime.precision} "
+                    f"(VISIONLOOP_INFERENCE_PRECISION={self.settings.inference_precision})"
+                )
+                continue
+            chosen = f"{backend}: verified export in {runtime.precision} ({entry.get('reason')})"
             return LoadedModel(model, runtime, "; ".join([*refused, chosen]))
         reason = "; ".join(refused) + "; running PyTorch"
         if wanted != "auto":

@@ -38,6 +38,7 @@ NMS_IOU = 0.7
 """ultralytics' predict default, so both backends suppress alike."""
 MAX_DET = 300
 OPENVINO_HINT = "LATENCY"
+F32 = "f32"
 """One synchronous request per batch: the LATENCY hint gives that request every core, while
 THROUGHPUT splits the cores into streams that only parallel requests would fill (the
 predictor runs one batch at a time). Not yet measured against THROUGHPUT on this machine."""
@@ -85,17 +86,21 @@ class ExportedRuntime:
         *,
         imgsz: int,
         names: dict[int, str],
+        precision: str = F32,
         threads: int | None = None,
     ) -> None:
+        """``precision``: ``f32``, or ``auto`` for what the runtime picks on this CPU;
+        ``self.precision`` is what it computes in (``f32``, ``bf16``...)."""
         self.backend = backend
         self.imgsz = int(imgsz)
         self.names = dict(names)
         self.path = path
         threads = threads or cpu_threads()
         if backend == ONNX:
-            self._infer = _onnx_session(path, threads)
+            # ONNX Runtime's CPU provider computes an f32 graph in f32 whatever the CPU.
+            self._infer, self.precision = _onnx_session(path, threads), F32
         elif backend == OPENVINO:
-            self._infer = _openvino_request(path, threads)
+            self._infer, self.precision = _openvino_request(path, threads, precision)
         else:
             raise ValueError(f"unknown exported backend {backend!r}; one of {EXPORTED_BACKENDS}")
 
@@ -158,21 +163,16 @@ def _onnx_session(path: Path, threads: int) -> Any:
     return infer
 
 
-def _openvino_request(path: Path, threads: int) -> Any:
+def _openvino_request(path: Path, threads: int, precision: str) -> tuple[Any, str]:
+    """The compiled model's infer call and the precision it computes in: OpenVINO picks bf16
+    on CPUs with bfloat16 units (about twice as fast) unless told f32."""
     import openvino as ov
 
+    config: dict[str, Any] = {"PERFORMANCE_HINT": OPENVINO_HINT, "INFERENCE_NUM_THREADS": threads}
+    if precision == F32:
+        config["INFERENCE_PRECISION_HINT"] = F32
     core = ov.Core()
-    compiled = core.compile_model(
-        core.read_model(str(path)),
-        "CPU",
-        {
-            "PERFORMANCE_HINT": OPENVINO_HINT,
-            "INFERENCE_NUM_THREADS": threads,
-            # On CPUs with bfloat16 units OpenVINO would otherwise compute in bf16: confidences
-            # then differ from the verified export's by ~1%, and from machine to machine.
-            "INFERENCE_PRECISION_HINT": "f32",
-        },
-    )
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
     request = compiled.create_infer_request()
     detections, embedding = compiled.output(DETECTIONS_OUTPUT), compiled.output(EMBEDDING_OUTPUT)
 
@@ -181,4 +181,4 @@ def _openvino_request(path: Path, threads: int) -> Any:
         # Copies: the request's buffers are overwritten by the next call.
         return np.array(outputs[detections]), np.array(outputs[embedding])
 
-    return infer
+    return infer, compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()

@@ -35,6 +35,7 @@ _STACK_ENV_KEYS = (
     "VISIONLOOP_LABEL_STUDIO_PORT",
     "VISIONLOOP_API_PORT",
     "VISIONLOOP_SCHEDULES_ENABLED",
+    "VISIONLOOP_INFERENCE_PRECISION",
 )
 
 
@@ -50,6 +51,9 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "VISIONLOOP_API_PORT": str(free_port()),
         # Deployments are registered, but nothing runs on a timer behind the tests' backs.
         "VISIONLOOP_SCHEDULES_ENABLED": "false",
+        # Tests hold exports to PyTorch's confidences within 0.002, which bf16 (what OpenVINO
+        # picks on CPUs with bfloat16 units) does not keep; `auto` has tests of its own.
+        "VISIONLOOP_INFERENCE_PRECISION": "f32",
     }
     # Settings a user may have exported must not point the tests at their servers.
     for key in list(os.environ):

@@ -203,6 +203,67 @@ def test_explicit_torch_runs_pytorch_even_with_a_verified_export(
     assert result.model_version == exported
 
 
+def openvino_native_precision() -> str:
+    """What OpenVINO computes in on this CPU when not told: bf16 where it has bfloat16 units."""
+    import openvino as ov
+
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def with_precision(settings: Any, precision: str) -> Any:
+    return settings.model_copy(update={"inference_precision": precision})
+
+
+def test_an_export_serves_only_at_the_precision_it_was_verified_at(
+    settings: Any, exported: str, tmp_path: Path
+) -> None:
+    from serving.export import build_exports, check_parity, held_out_samples, publish
+    from visionloop.db import session_scope
+    from visionloop.registry import download_weights, register_weights, set_alias
+
+    native = openvino_native_precision()
+    ref = get_alias(settings, CHAMPION)
+    assert ref is not None and ref.run_id
+    # The session's champion was verified in f32 (the suite pins VISIONLOOP_INFERENCE_PRECISION).
+    assert settings.inference_precision == "f32"
+    verified_in = {b: e["precision"] for b, e in export_record(ref)["backends"].items()}
+    assert verified_in == {"onnx": "f32", "openvino": "f32"}
+    auto = ChampionPredictor(with_precision(settings, "auto"))
+    if native == "f32":
+        assert auto.backend == "openvino", auto.backend_reason
+    else:
+        # OpenVINO in bf16 would serve a model nobody compared with PyTorch: ONNX Runtime,
+        # verified in f32 and computing in f32, serves instead.
+        assert auto.backend == "onnx", auto.backend_reason
+        assert f"openvino: verified in f32, would compute in {native}" in auto.backend_reason
+
+    # Compared at `auto`, OpenVINO runs in the CPU's own precision, and the record says so.
+    other = register_weights(settings, ref.run_id)
+    weights = download_weights(settings, other, tmp_path)
+    exports = build_exports(weights, tmp_path / "exports")
+    with session_scope() as session:
+        split, samples = held_out_samples(session, settings, other)
+    record = check_parity(
+        weights, exports, samples, version=other.version, split=split, precision="auto"
+    )
+    assert record.backends["openvino"].precision == native
+    assert record.backends["onnx"].precision == "f32"
+    assert record.backends["openvino"].verified, record.backends["openvino"]
+    publish(settings, other, exports, record)
+    set_alias(settings, "auto-precision", other.version)
+    served = ChampionPredictor(with_precision(settings, "auto"), alias="auto-precision")
+    assert served.backend == "openvino", served.backend_reason
+    assert f"verified export in {native}" in served.backend_reason
+    loaded, _ = served._current()
+    assert loaded.runtime is not None and loaded.runtime.precision == native
+    [result] = served.predict_batch(rgb_images(1, seed=35, size=settings.image_size))
+    assert result.model_version == other.version and result.embedding is not None
+    if native != "f32":
+        pinned = ChampionPredictor(settings, alias="auto-precision")
+        assert pinned.backend == "onnx", pinned.backend_reason
+        assert f"openvino: verified in {native}, would compute in f32" in pinned.backend_reason
+
+
 def test_the_backend_follows_the_champion_alias_without_a_restart(
     settings: Any, exported: str, tmp_path: Path
 ) -> None:

@@ -358,6 +358,8 @@ def log_exports(
         backends[backend] = {
             "verified": bool(parity_entry.get("verified")) and backend in folders,
             "reason": str(parity_entry.get("reason", ""))[:_TAG_REASON_CHARS],
+            # The precision it was compared in: the only one it may serve at.
+            "precision": parity_entry.get("precision"),
         }
     prefix = f"{EXPORTS_DIR}/v{ref.version}"
     with tempfile.TemporaryDirectory() as scratch:

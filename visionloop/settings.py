@@ -183,6 +183,12 @@ class Settings(BaseSettings):
         "check (openvino, then onnx), else PyTorch; `onnx`/`openvino` only that export (PyTorch "
         "when it is not verified); `torch` always PyTorch.",
     )
+    inference_precision: Literal["auto", "f32"] = Field(
+        default="auto",
+        description="What OpenVINO computes in: `auto` what it picks for the CPU (bf16 where the "
+        "CPU has bfloat16 units, about twice as fast as f32), `f32` always f32. Exports are "
+        "verified at this precision and serve only at the precision they were verified at.",
+    )
     train_epochs: int = Field(default=40)
     train_batch: int = Field(default=16)
     device: str = Field(
