@@ -145,27 +145,27 @@ def list_flow_runs(
     return [_info(run, flows, deployments) for run in runs]
 
 
-def get_flow_run(settings: Settings, flow_run_id: str) -> FlowRunInfo:
+def _read_run(prefect: SyncPrefectClient, flow_run_id: str) -> Any:
+    """Prefect's flow run, or ``FlowRunNotFound`` for an id it does not know."""
     from prefect.exceptions import ObjectNotFound
 
+    try:
+        return prefect.read_flow_run(_uuid(flow_run_id))
+    except ObjectNotFound as exc:
+        raise FlowRunNotFound(f"Prefect has no flow run {flow_run_id}") from exc
+
+
+def get_flow_run(settings: Settings, flow_run_id: str) -> FlowRunInfo:
     with bounded_prefect_calls(settings), _client() as prefect:
-        try:
-            run = prefect.read_flow_run(_uuid(flow_run_id))
-        except ObjectNotFound as exc:
-            raise FlowRunNotFound(f"Prefect has no flow run {flow_run_id}") from exc
+        run = _read_run(prefect, flow_run_id)
         flows, deployments = _names(prefect, [run])
     return _info(run, flows, deployments)
 
 
 def flow_run_state(settings: Settings, flow_run_id: str) -> tuple[str, bool]:
     """The run's state name and whether it is final: one call, for a reader polling it."""
-    from prefect.exceptions import ObjectNotFound
-
     with bounded_prefect_calls(settings), _client() as prefect:
-        try:
-            state = prefect.read_flow_run(_uuid(flow_run_id)).state
-        except ObjectNotFound as exc:
-            raise FlowRunNotFound(f"Prefect has no flow run {flow_run_id}") from exc
+        state = _read_run(prefect, flow_run_id).state
     return (state.name if state else "Unknown"), bool(state and state.is_final())
 
 
@@ -173,14 +173,10 @@ def cancel_flow_run(settings: Settings, flow_run_id: str) -> FlowRunInfo:
     """Cancel a run that has not finished: one still waiting is cancelled at once, a running
     one is set to Cancelling, which makes its worker stop the run's process (Prefect's own
     cancellation, as the Prefect UI's button does)."""
-    from prefect.exceptions import ObjectNotFound
     from prefect.states import Cancelled, Cancelling
 
     with bounded_prefect_calls(settings), _client() as prefect:
-        try:
-            run = prefect.read_flow_run(_uuid(flow_run_id))
-        except ObjectNotFound as exc:
-            raise FlowRunNotFound(f"Prefect has no flow run {flow_run_id}") from exc
+        run = _read_run(prefect, flow_run_id)
         if run.state is not None and run.state.is_final():
             raise FlowRunFinished(f"flow run {flow_run_id} is over already ({run.state.name})")
         # A run not yet started is cancelled outright: set to Cancelling, a run whose process

@@ -203,6 +203,21 @@ def test_explicit_torch_runs_pytorch_even_with_a_verified_export(
     assert result.model_version == exported
 
 
+def exported_copy(settings: Any, ref: Any, folder: Path) -> tuple[Any, Path, Any, str, Any]:
+    """A new registry version of ``ref``'s weights, exported afresh under ``folder`` and not
+    yet checked: the version, its weights, the exports, and its held-out split and samples."""
+    from serving.export import build_exports, held_out_samples
+    from visionloop.db import session_scope
+    from visionloop.registry import download_weights, register_weights
+
+    other = register_weights(settings, ref.run_id)
+    weights = download_weights(settings, other, folder)
+    exports = build_exports(weights, folder / "exports")
+    with session_scope() as session:
+        split, samples = held_out_samples(session, settings, other)
+    return other, weights, exports, split, samples
+
+
 def openvino_native_precision() -> str:
     """What OpenVINO computes in on this CPU when not told: bf16 where it has bfloat16 units."""
     import openvino as ov
@@ -217,9 +232,8 @@ def with_precision(settings: Any, precision: str) -> Any:
 def test_an_export_serves_only_at_the_precision_it_was_verified_at(
     settings: Any, exported: str, tmp_path: Path
 ) -> None:
-    from serving.export import build_exports, check_parity, held_out_samples, publish
-    from visionloop.db import session_scope
-    from visionloop.registry import download_weights, register_weights, set_alias
+    from serving.export import check_parity, publish
+    from visionloop.registry import set_alias
 
     native = openvino_native_precision()
     ref = get_alias(settings, CHAMPION)
@@ -238,11 +252,7 @@ def test_an_export_serves_only_at_the_precision_it_was_verified_at(
         assert f"openvino: verified in f32, would compute in {native}" in auto.backend_reason
 
     # Compared at `auto`, OpenVINO runs in the CPU's own precision, and the record says so.
-    other = register_weights(settings, ref.run_id)
-    weights = download_weights(settings, other, tmp_path)
-    exports = build_exports(weights, tmp_path / "exports")
-    with session_scope() as session:
-        split, samples = held_out_samples(session, settings, other)
+    other, weights, exports, split, samples = exported_copy(settings, ref, tmp_path)
     record = check_parity(
         weights, exports, samples, version=other.version, split=split, precision="auto"
     )
@@ -267,10 +277,8 @@ def test_an_export_serves_only_at_the_precision_it_was_verified_at(
 def test_the_backend_follows_the_champion_alias_without_a_restart(
     settings: Any, exported: str, tmp_path: Path
 ) -> None:
-    from serving.export import build_exports, check_parity, held_out_samples, publish
+    from serving.export import check_parity, publish
     from training.promotion import promote, rollback
-    from visionloop.db import session_scope
-    from visionloop.registry import download_weights, register_weights
 
     ref = get_alias(settings, CHAMPION)
     assert ref is not None and ref.run_id
@@ -280,11 +288,7 @@ def test_the_backend_follows_the_champion_alias_without_a_restart(
     assert predictor.backend == "openvino"
 
     # A new version whose only verified export is ONNX: promoted, it runs on ONNX Runtime.
-    other = register_weights(settings, ref.run_id)
-    weights = download_weights(settings, other, tmp_path)
-    exports = build_exports(weights, tmp_path / "exports")
-    with session_scope() as session:
-        split, samples = held_out_samples(session, settings, other)
+    other, weights, exports, split, samples = exported_copy(settings, ref, tmp_path)
     record = check_parity(
         weights, {"onnx": exports["onnx"]}, samples, version=other.version, split=split
     )

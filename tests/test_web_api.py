@@ -30,7 +30,7 @@ from api.routes import serving as serving_routes
 from cli.stack import Stack
 from ingestion import upload as serving
 from labeling.selection import Selected
-from monitoring.flow_runs import FlowRunFinished, cancel_flow_run, get_flow_run
+from monitoring.flow_runs import FlowRunFinished, cancel_flow_run, flow_run_state
 from serving.predictor import ChampionPredictor
 from training.retrain_guard import create_run, update_run
 from training.retrain_requests import blocking_run
@@ -321,9 +321,9 @@ def _cancel_and_wait(flow_run_id: str, timeout: float = 180.0) -> str:
     with suppress(FlowRunFinished):
         cancel_flow_run(settings, flow_run_id)
     while time.monotonic() < deadline:
-        run = get_flow_run(settings, flow_run_id)
-        if run.final:
-            return run.state
+        state, final = flow_run_state(settings, flow_run_id)
+        if final:
+            return state
         time.sleep(2)
     raise AssertionError(f"flow run {flow_run_id} did not stop within {timeout} s")
 
