@@ -30,10 +30,11 @@ from api.routes import (
     system,
 )
 from api.telemetry import RequestLog, TelemetryMiddleware
+from monitoring.confidence_stream import DETECTOR_MODULE
 from monitoring.resources import ResourceSampler
 from visionloop.settings import get_settings
 
-WARM_IMPORTS = ("river.drift", "labeling.tasks")
+WARM_IMPORTS = (DETECTOR_MODULE, "labeling.tasks")
 """What ``/api/predict`` imports lazily after answering (the confidence stream's detector, the
 queueing for review): seconds of imports that, left to the first requests, hold the import lock
 while every request waits (river alone pulls in scikit-learn). Imported once the API is up, in

@@ -75,6 +75,7 @@ from labeling.selection import (
     uses_context,
 )
 from labeling.tasks import QueueReport, queue_for_review
+from monitoring.confidence_stream import warm_detector
 from monitoring.drift_state import latest_drift_level
 from serving.predictor import PREDICT_CONF, get_predictor
 from visionloop.db import session_scope
@@ -412,6 +413,7 @@ def ingest_flow(
     selection policy for this run.
     """
     settings = get_settings()
+    warm_detector()  # the first batch watches the confidence stream
     policy = selection or drift_aware_policy(settings)
     files = server_task(find_new_files, settings)(prefix, folder)
     batches = plan_batches(files, batch_size)

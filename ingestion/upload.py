@@ -13,8 +13,10 @@ validated first so the caller hears at once about a file ingest would quarantine
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -87,7 +89,7 @@ def _insert_or_existing(
     """Insert ``row``; if a concurrent request inserted the same one first, return theirs.
 
     Commits at once: only a committed row can lose the race cleanly, since a refused insert
-    rolls back the whole transaction, and the image must be in before its prediction.
+    rolls back the whole transaction.
     """
     try:
         session.add(row)
@@ -101,25 +103,47 @@ def _insert_or_existing(
         return found, False
 
 
-def _logged_image(
+def _logged(
     settings: Settings,
     session: Session,
     store: ObjectStore,
     data: bytes,
     decoded: DecodedImage,
     source_key: str,
-) -> tuple[Image, bool]:
-    """The image row of ``data``, stored and inserted if new; returns it and whether it is."""
+    result: PredictionResult,
+) -> tuple[Image, Prediction, bool]:
+    """The image row of ``data`` and its prediction ``result``, stored and inserted where new;
+    returns them and whether the image is new.
+
+    New content, the usual case, is written in one transaction: the image, then its
+    prediction, one commit. Another request that committed the same content first makes the
+    insert fail; then the image is theirs, and its prediction is logged unless this version
+    already did (``_logged_prediction``).
+    """
     digest = sha256_hex(data)
     image = _image(session, digest)
-    if image is not None:
-        return image, False
-    prepared = measure_image(data, source_key, decoded, DecodeLimits.from_settings(settings))
-    # No row: new to the platform. The key is the content's hash, so writing it again over a
-    # copy a failed request left behind changes nothing, and costs less than asking first.
-    store.put_bytes(settings.bucket_images, prepared.object_key, data, decoded.content_type)
-    row = image_row(prepared, ImageStatus.predicted)
-    return _insert_or_existing(session, row, lambda: _image(session, digest))
+    if image is None:
+        prepared = measure_image(data, source_key, decoded, DecodeLimits.from_settings(settings))
+        # No row: new to the platform. The key is the content's hash, so writing it again over
+        # a copy a failed request left behind changes nothing, and costs less than asking first.
+        store.put_bytes(settings.bucket_images, prepared.object_key, data, decoded.content_type)
+        row = image_row(prepared, ImageStatus.predicted)
+        try:
+            session.add(row)
+            session.flush()  # its id, for the prediction
+            assert row.id is not None
+            prediction = prediction_row(row.id, result, source=API_SOURCE)
+            session.add(prediction)
+            session.commit()
+            return row, prediction, True
+        except IntegrityError:
+            # Only the image can collide: nobody else sees it before this commits.
+            session.rollback()
+            image = _image(session, digest)
+            if image is None:
+                raise
+    assert image.id is not None
+    return image, _logged_prediction(session, image.id, result), False
 
 
 def _logged_prediction(session: Session, image_id: int, result: PredictionResult) -> Prediction:
@@ -157,8 +181,8 @@ def predict_upload(
     """Predict ``data`` with the champion and log it; ``ImageRejected`` for an unusable file.
 
     ``batcher`` (in front of ``predictor``) lets concurrent uploads share a forward pass;
-    without it the image is predicted alone. The image and the prediction are each committed
-    as they are logged (see ``_insert_or_existing``).
+    without it the image is predicted alone. The rows are committed as they are logged (see
+    ``_logged``).
     """
     # 1. Decode and validate: no service, no model. (``input_size`` may ask MLflow whether the
     #    champion moved, outside the model's lock: see ``ChampionPredictor._current``.)
@@ -171,10 +195,10 @@ def predict_upload(
         [result] = predictor.predict_batch([decoded.rgb])
     # 3. The object store and the database, once the model is free for the next batch.
     source_key = f"{API_SOURCE}:predict/{filename}"[:_SOURCE_KEY_MAX]
-    image, new_image = _logged_image(settings, session, store, data, decoded, source_key)
-    assert image.id is not None
-    prediction = _logged_prediction(session, image.id, result)
-    assert prediction.id is not None
+    image, prediction, new_image = _logged(
+        settings, session, store, data, decoded, source_key, result
+    )
+    assert image.id is not None and prediction.id is not None
     return Served(
         image_id=image.id,
         prediction_id=prediction.id,
@@ -188,20 +212,76 @@ def predict_upload(
     )
 
 
-def watch_served_confidence(
-    open_session: Callable[[], AbstractContextManager[Session]], settings: Settings, served: Served
-) -> None:
+OpenSession = Callable[[], AbstractContextManager[Session]]
+
+
+class _ConfidenceWatch:
+    """The confidence stream's replays for served images, on a thread of their own.
+
+    A replay reads the model version's newest predictions and runs ADWIN over them: one per
+    request would repeat that work for every image under load. A request only hands its image
+    over; the thread replays each stream (database and version) once for every image that
+    arrived while it was busy. Not a background task that loops: that would keep its
+    request's connection waiting for as long as images keep coming.
+    """
+
+    def __init__(self) -> None:
+        self._images: queue.SimpleQueue[tuple[OpenSession, Settings, str, int]] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(
+        self, open_session: OpenSession, settings: Settings, model_version: str, image_id: int
+    ) -> None:
+        self._images.put((open_session, settings, model_version, image_id))
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="confidence-watch", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            waiting = [self._images.get()]
+            with suppress(queue.Empty):
+                while True:
+                    waiting.append(self._images.get_nowait())
+            streams: dict[tuple[str, str], tuple[OpenSession, Settings, list[int]]] = {}
+            for open_session, settings, version, image_id in waiting:
+                stream = streams.setdefault(
+                    (settings.db_url, version), (open_session, settings, [])
+                )
+                stream[2].append(image_id)
+            for (_, version), (open_session, settings, image_ids) in streams.items():
+                try:
+                    with open_session() as session:
+                        watch_confidence(session, settings, version, image_ids)
+                except Exception as exc:  # the database away: the next images try again
+                    log.warning(
+                        "confidence stream of model version %s not checked for %d images: %s: %s",
+                        version,
+                        len(image_ids),
+                        type(exc).__name__,
+                        exc,
+                    )
+
+
+_confidence_watch = _ConfidenceWatch()
+
+
+def watch_served_confidence(open_session: OpenSession, settings: Settings, served: Served) -> None:
     """Feed a new image's prediction to the confidence stream's change detector (ADWIN; see
-    ``monitoring.confidence_stream``). An image seen before adds nothing new to the stream."""
+    ``monitoring.confidence_stream``) in the next replay of its stream (``_ConfidenceWatch``).
+    An image seen before adds nothing new to the stream."""
     if not served.new_image:
         return
-    with open_session() as session:
-        watch_confidence(session, settings, served.model_version, [served.image_id])
+    _confidence_watch.submit(open_session, settings, served.model_version, served.image_id)
 
 
-def queue_flagged(
-    open_session: Callable[[], AbstractContextManager[Session]], settings: Settings, served: Served
-) -> None:
+def queue_flagged(open_session: OpenSession, settings: Settings, served: Served) -> None:
     """Queue a flagged image in Label Studio (run after answering: it calls Label Studio).
 
     Runs after the request's session is closed, so the caller passes how to open one.

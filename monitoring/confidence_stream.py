@@ -13,7 +13,9 @@ level to at least yellow until the next full check writes its own result.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -26,6 +28,10 @@ from visionloop.settings import Settings
 log = logging.getLogger(__name__)
 
 STAT_TEST = "adwin"
+DETECTOR_MODULE = "river.drift"
+"""Imported when first needed: river pulls in scikit-learn and SciPy, seconds of start-up a
+process that never watches the stream should not pay, and one that will should pay beside
+its other work (``warm_detector``), not in the middle of it."""
 _ORDER = [DriftLevel.green, DriftLevel.yellow, DriftLevel.red]
 
 
@@ -44,6 +50,16 @@ class ConfidenceChange:
     @property
     def shift(self) -> float:
         return round(self.mean_after - self.mean_before, 6)
+
+
+def warm_detector() -> threading.Thread:
+    """Import the detector's library on a background thread, started now: a flow run's first
+    batch then does not stop for seconds to import it while the cores predict nothing."""
+    thread = threading.Thread(
+        target=importlib.import_module, args=(DETECTOR_MODULE,), name="warm-detector", daemon=True
+    )
+    thread.start()
+    return thread
 
 
 def confidence_change(

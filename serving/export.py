@@ -48,6 +48,7 @@ from serving.runtime import (
     NMS_IOU,
     ONNX,
     OPENVINO,
+    THROUGHPUT,
     Detections,
     ExportedRuntime,
 )
@@ -248,9 +249,11 @@ def build_exports(weights: Path, folder: Path) -> dict[str, Path]:
     return {ONNX: onnx_path, OPENVINO: xml}
 
 
-def load_runtime(backend: str, path: Path, precision: str = F32) -> ExportedRuntime:
+def load_runtime(
+    backend: str, path: Path, precision: str = F32, mode: str = THROUGHPUT
+) -> ExportedRuntime:
     """A runtime over an export ``build_exports`` made (its ONNX metadata or ``metadata.yaml``
-    gives size and names), computing at ``precision`` (``f32`` or ``auto``)."""
+    gives size and names), computing at ``precision`` (``f32`` or ``auto``) in ``mode``."""
     import yaml
 
     if backend == OPENVINO:
@@ -259,7 +262,12 @@ def load_runtime(backend: str, path: Path, precision: str = F32) -> ExportedRunt
         metadata = onnx_metadata(path)
     names = {int(k): str(v) for k, v in metadata["names"].items()}
     return ExportedRuntime(
-        backend, path, imgsz=int(metadata["imgsz"][0]), names=names, precision=precision
+        backend,
+        path,
+        imgsz=int(metadata["imgsz"][0]),
+        names=names,
+        precision=precision,
+        mode=mode,
     )
 
 
@@ -385,9 +393,10 @@ def check_parity(
     version: str,
     split: str,
     precision: str = F32,
+    mode: str = THROUGHPUT,
 ) -> ParityRecord:
-    """Each export against PyTorch on ``samples``, run at ``precision`` as serving will run
-    it: verified or refused, with the figures and the precision it computed in."""
+    """Each export against PyTorch on ``samples``, run at ``precision`` in ``mode`` as serving
+    will run it: verified or refused, with the figures and the precision it computed in."""
     imgsz = champion_imgsz(weights)
     if not samples:
         record = ParityRecord(version, imgsz, 0, split, None)
@@ -401,7 +410,7 @@ def check_parity(
     record = ParityRecord(version, imgsz, len(samples), split, round(torch_map, 6))
     for backend, path in exports.items():
         try:
-            runtime = load_runtime(backend, path, precision)
+            runtime = load_runtime(backend, path, precision, mode)
             found, embeddings = runtime_predictions(runtime, samples)
         except Exception as exc:  # a graph the runtime cannot load or run is refused, not fatal
             record.backends[backend] = BackendParity(
@@ -483,6 +492,7 @@ def export_champion(
             version=ref.version,
             split=split,
             precision=settings.inference_precision,
+            mode=settings.inference_mode,
         )
         publish(settings, ref, exports, record)
     finally:

@@ -102,11 +102,12 @@ class ChampionPredictor:
     """Batched prediction with the current holder of ``alias``; safe to share across threads.
 
     Two locks with one job each: ``_refresh_lock`` lets one thread at a time ask the registry
-    and load weights, ``_lock`` guards the model while it predicts and while it is swapped.
-    Nothing slow happens under ``_lock``, and once a model is loaded no request waits for a
-    refresh another thread is doing: it predicts with the model it has. A failed refresh (the
-    registry down, weights refused) keeps the loaded model and is tried again ``recheck_s``
-    later; ``last_error`` says why it failed.
+    and load weights, ``_lock`` lets one batch at a time predict and a swap wait for it.
+    Nothing slow happens under ``_lock``, nothing waits for it but predicting (the loaded
+    model and version are one value, read without a lock), and once a model is loaded no
+    request waits for a refresh another thread is doing: it predicts with the model it has.
+    A failed refresh (the registry down, weights refused) keeps the loaded model and is tried
+    again ``recheck_s`` later; ``last_error`` says why it failed.
     """
 
     def __init__(
@@ -124,13 +125,13 @@ class ChampionPredictor:
         """Keep each image's embedding; off only to measure what it costs (bench.ingest)."""
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
-        self._model: LoadedModel | None = None
-        self._ref: ModelRef | None = None
+        # The model and its version as one value, replaced whole: a reader needs no lock.
+        self._loaded: tuple[LoadedModel, ModelRef] | None = None
         self._checked_at = float("-inf")
         self.last_error: str | None = None
 
     def _due(self) -> bool:
-        return self._model is None or time.monotonic() - self._checked_at >= self.recheck_s
+        return self._loaded is None or time.monotonic() - self._checked_at >= self.recheck_s
 
     def _refresh(self) -> None:
         """Follow the alias if the last look is stale (call with ``_refresh_lock`` held)."""
@@ -144,18 +145,16 @@ class ChampionPredictor:
                     f"{self.alias!r} in MLflow at {self.settings.mlflow_uri}; run "
                     "`visionloop bootstrap` to train a first one"
                 )
-            if self._ref is None or ref != self._ref:
+            if self._loaded is None or ref != self._loaded[1]:
                 model = self._load(ref)
-                with self._lock:
-                    self._model, self._ref = model, ref
+                with self._lock:  # after the batch in hand, which predicts with the old one
+                    self._loaded = (model, ref)
             self.last_error = None
         except RegistryError as exc:
-            if self._model is None:
+            if self._loaded is None:
                 raise
             self.last_error = str(exc)
-            log.warning(
-                "keeping model version %s: %s", self._ref.version if self._ref else "?", exc
-            )
+            log.warning("keeping model version %s: %s", self._loaded[1].version, exc)
         finally:
             self._checked_at = time.monotonic()
 
@@ -176,15 +175,17 @@ class ChampionPredictor:
         with one it only refreshes if no other thread is at it already.
         """
         if self._due():
-            blocking = self._model is None
+            blocking = self._loaded is None
             if self._refresh_lock.acquire(blocking=blocking):
                 try:
                     self._refresh()
                 finally:
                     self._refresh_lock.release()
-        with self._lock:
-            assert self._model is not None and self._ref is not None
-            return self._model, self._ref
+        # Not under the model's lock: a caller that only asks the input size must not wait
+        # for the batch being predicted.
+        loaded = self._loaded
+        assert loaded is not None
+        return loaded
 
     def _load(self, ref: ModelRef) -> LoadedModel:
         """The version's PyTorch model and, when allowed and verified, its fastest export."""
@@ -213,6 +214,7 @@ class ChampionPredictor:
                     imgsz=_imgsz(model),
                     names=dict(model.names),
                     precision=self.settings.inference_precision,
+                    mode=self.settings.inference_mode,
                 )
             # Refused checksums, an unreachable store, a graph the runtime cannot load: each
             # falls back to the next backend and PyTorch, which serves the version correctly.

@@ -263,6 +263,54 @@ def test_threads_get_their_own_images_prediction_from_a_shared_batch(
 
 @pytest.mark.stack
 @pytest.mark.slow
+def test_asking_the_input_size_does_not_wait_for_the_batch_being_predicted(
+    settings: Settings, champion: str
+) -> None:
+    """A request decodes to the model's input size before it joins a batch: that question
+    must not queue behind the batch in hand, or requests reach the batcher one by one."""
+    predictor = ChampionPredictor(settings)
+    size = predictor.input_size()  # loaded
+    with ThreadPoolExecutor(1) as pool, predictor._lock:  # what a batch holds while predicting
+        assert pool.submit(predictor.input_size).result(timeout=10) == size
+        assert pool.submit(predictor.model_version).result(timeout=10) == champion
+
+
+def test_served_images_join_the_confidence_replay_about_to_run(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay of the confidence stream per served image repeats the same work under load:
+    images that arrive while one runs share the next."""
+    from contextlib import nullcontext
+
+    from ingestion import upload
+
+    replays: list[tuple[str, list[int]]] = []
+    first_started, release = threading.Event(), threading.Event()
+
+    def replay(_session: Any, _settings: Settings, version: str, image_ids: list[int]) -> None:
+        replays.append((version, list(image_ids)))
+        first_started.set()
+        assert release.wait(30)
+
+    # The replay itself (ADWIN over the database) is tested through the API below; here only
+    # who shares which replay is, so it records its images and waits until the test says.
+    monkeypatch.setattr(upload, "watch_confidence", replay)
+    watch = upload._ConfidenceWatch()
+    watch.submit(nullcontext, settings, "7", 1)
+    assert first_started.wait(30)
+    for image_id in (2, 3, 4):
+        watch.submit(nullcontext, settings, "7", image_id)
+    watch.submit(nullcontext, settings, "8", 5)
+    release.set()
+    deadline = time.monotonic() + 30
+    while len(replays) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # nothing more comes
+    assert replays == [("7", [1]), ("7", [2, 3, 4]), ("8", [5])]
+
+
+@pytest.mark.stack
+@pytest.mark.slow
 def test_concurrent_api_predictions_each_get_their_own_images_boxes(
     stack: Stack, settings: Settings, champion: str
 ) -> None:
@@ -465,6 +513,17 @@ def test_a_confidence_shift_seen_at_predict_raises_the_drift_level(
         )
         image_ids = [image.id for image in images]
     auth = {"Authorization": f"Bearer {settings.api_token.get_secret_value()}"}
+
+    def changes() -> list[DriftResult]:
+        with session_scope() as session:
+            return list(
+                session.exec(
+                    select(DriftResult).where(
+                        col(DriftResult.id) > before, DriftResult.stat_test == STAT_TEST
+                    )
+                )
+            )
+
     try:
         uploads = distinct_jpegs(40)
         found: list[DriftResult] = []
@@ -475,16 +534,14 @@ def test_a_confidence_shift_seen_at_predict_raises_the_drift_level(
             )
             assert answer.status_code == 200, answer.text
             assert answer.json()["new_image"] is True
-            with session_scope() as session:
-                found = list(
-                    session.exec(
-                        select(DriftResult).where(
-                            col(DriftResult.id) > before, DriftResult.stat_test == STAT_TEST
-                        )
-                    )
-                )
-            if found:
+            if found := changes():
                 break
+        # The replay runs after the answer, on the API's own thread: the last one may still be
+        # at work.
+        deadline = time.monotonic() + 30
+        while not found and time.monotonic() < deadline:
+            time.sleep(0.2)
+            found = changes()
         assert found, "ADWIN saw no change in 40 predictions after 400 sure ones"
         change = found[0]
         assert change.model_version == champion and change.level != DriftLevel.green

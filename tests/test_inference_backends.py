@@ -203,6 +203,64 @@ def test_explicit_torch_runs_pytorch_even_with_a_verified_export(
     assert result.model_version == exported
 
 
+def _as_results(found: list[Any], embeddings: np.ndarray) -> list[Any]:
+    """A runtime's detections in the shape ``assert_same_predictions`` compares."""
+    from types import SimpleNamespace
+
+    keys = ("x1", "y1", "x2", "y2")
+    return [
+        SimpleNamespace(
+            model_version="-",
+            boxes=[
+                {**dict(zip(keys, map(float, box))), "conf": float(conf), "cls": int(cls)}
+                for box, conf, cls in zip(d.xyxyn, d.conf, d.cls)
+            ],
+            embedding=embedding,
+        )
+        for d, embedding in zip(found, embeddings)
+    ]
+
+
+def test_throughput_mode_runs_a_batch_in_parts_as_one_pass_would(
+    settings: Any, exported: str
+) -> None:
+    """Under ``VISIONLOOP_INFERENCE_MODE=throughput`` (the default) a batch is cut into a part
+    per stream, run side by side; each image gets the boxes and embedding one pass over the
+    whole batch gives, and a lone image runs whole."""
+    from serving.runtime import ExportedRuntime
+
+    assert settings.inference_mode == "throughput"
+    bgr = [np.ascontiguousarray(i[..., ::-1]) for i in rgb_images(5, 36, settings.image_size)]
+    for backend in ("onnx", "openvino"):
+        loaded, _ = ChampionPredictor(with_backend(settings, backend))._current()
+        assert loaded.runtime is not None and loaded.runtime.backend == backend
+        # The serving default: one part per stream the runtime opened.
+        assert loaded.runtime.streams >= 1
+        runtimes = {
+            mode: ExportedRuntime(
+                backend,
+                loaded.runtime.path,
+                imgsz=loaded.runtime.imgsz,
+                names=loaded.runtime.names,
+                mode=mode,
+                threads=2,
+            )
+            for mode in ("latency", "throughput")
+        }
+        assert runtimes["latency"].streams == 1
+        if backend == "onnx":  # one stream per thread; OpenVINO decides by the cores it sees
+            assert runtimes["throughput"].streams == 2
+        one_pass = _as_results(*runtimes["latency"].predict(bgr, conf=CONF))
+        in_parts = _as_results(*runtimes["throughput"].predict(bgr, conf=CONF))
+        assert_same_predictions(in_parts, one_pass)
+        alone = [
+            result
+            for image in bgr
+            for result in _as_results(*runtimes["throughput"].predict([image], conf=CONF))
+        ]
+        assert_same_predictions(alone, one_pass)
+
+
 def exported_copy(settings: Any, ref: Any, folder: Path) -> tuple[Any, Path, Any, str, Any]:
     """A new registry version of ``ref``'s weights, exported afresh under ``folder`` and not
     yet checked: the version, its weights, the exports, and its held-out split and samples."""

@@ -189,6 +189,13 @@ class Settings(BaseSettings):
         "CPU has bfloat16 units, about twice as fast as f32), `f32` always f32. Exports are "
         "verified at this precision and serve only at the precision they were verified at.",
     )
+    inference_mode: Literal["throughput", "latency"] = Field(
+        default="throughput",
+        description="How an export uses the cores: `throughput` splits them into streams and "
+        "a batch across the streams (fastest for ingest and batched serving, and least hurt "
+        "by other work on the machine), `latency` gives one image every core (fastest for "
+        "one image at a time on an idle machine).",
+    )
     train_epochs: int = Field(default=40)
     train_batch: int = Field(default=16)
     device: str = Field(
