@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import TypeVar
 
@@ -105,8 +106,9 @@ def flip_pass(
         with open_session() as session:
             keys = object_keys(session, [c.image_id for c in shortlist])
         side = imgsz or predictor.input_size()
-        scores: dict[int, float] = {}
-        for chunk in _chunks(shortlist, FLIP_CHUNK):
+
+        def load(chunk: Sequence[Candidate]) -> tuple[list[Candidate], list[np.ndarray]]:
+            """The chunk's candidates that could be read back, and their images."""
             readable, images = [], []
             for candidate in chunk:
                 try:
@@ -116,18 +118,29 @@ def flip_pass(
                     log.warning("image %d has no flip score: %s", candidate.image_id, exc)
                     continue
                 readable.append(candidate)
-            if not images:
-                continue
-            try:
-                results = predictor.predict_batch(images, imgsz=imgsz, conf=conf, flip=True)
-            except Exception as exc:  # the champion unavailable: the rest stays unscored
-                log.warning("flip pass stopped after %d images: %r", len(scores), exc)
-                break
-            for candidate, result in zip(readable, results):
-                if result.model_version == version:
-                    scores[candidate.image_id] = flip_disagreement(
-                        candidate.boxes, box_tuples(result)
-                    )
+            return readable, images
+
+        scores: dict[int, float] = {}
+        chunks = list(_chunks(shortlist, FLIP_CHUNK))
+        with ThreadPoolExecutor(1, thread_name_prefix="flip-read") as reader:
+            # The next chunk is read back and decoded while this one is predicted.
+            loading = reader.submit(load, chunks[0])
+            for index in range(len(chunks)):
+                readable, images = loading.result()
+                if index + 1 < len(chunks):
+                    loading = reader.submit(load, chunks[index + 1])
+                if not images:
+                    continue
+                try:
+                    results = predictor.predict_batch(images, imgsz=imgsz, conf=conf, flip=True)
+                except Exception as exc:  # the champion unavailable: the rest stays unscored
+                    log.warning("flip pass stopped after %d images: %r", len(scores), exc)
+                    break
+                for candidate, result in zip(readable, results):
+                    if result.model_version == version:
+                        scores[candidate.image_id] = flip_disagreement(
+                            candidate.boxes, box_tuples(result)
+                        )
         return scores
 
     return flip
