@@ -192,9 +192,9 @@ class Settings(BaseSettings):
     inference_mode: Literal["throughput", "latency"] = Field(
         default="throughput",
         description="How an export uses the cores: `throughput` splits them into streams and "
-        "a batch across the streams (fastest for ingest and batched serving, and least hurt "
-        "by other work on the machine), `latency` gives one image every core (fastest for "
-        "one image at a time on an idle machine).",
+        "runs a batch in parts, one per stream, side by side (a lone image on every core); "
+        "`latency` runs every batch on every core, each layer waiting for its slowest core, "
+        "so other work on the machine slows every forward pass.",
     )
     train_epochs: int = Field(default=40)
     train_batch: int = Field(default=16)
