@@ -203,21 +203,14 @@ def test_explicit_torch_runs_pytorch_even_with_a_verified_export(
     assert result.model_version == exported
 
 
-def _as_results(found: list[Any], embeddings: np.ndarray) -> list[Any]:
-    """A runtime's detections in the shape ``assert_same_predictions`` compares."""
-    from types import SimpleNamespace
+def _as_results(runtime: Any, bgr: list[np.ndarray]) -> list[PredictionResult]:
+    """The runtime's predictions shaped as the predictor shapes them (``serving.predictor``)."""
+    from serving.predictor import _result
 
-    keys = ("x1", "y1", "x2", "y2")
+    found, embeddings = runtime.predict(bgr, conf=CONF)
     return [
-        SimpleNamespace(
-            model_version="-",
-            boxes=[
-                {**dict(zip(keys, map(float, box))), "conf": float(conf), "cls": int(cls)}
-                for box, conf, cls in zip(d.xyxyn, d.conf, d.cls)
-            ],
-            embedding=embedding,
-        )
-        for d, embedding in zip(found, embeddings)
+        _result(d, runtime.names, "-", CONF, flip=False, embedding=e)
+        for d, e in zip(found, embeddings)
     ]
 
 
@@ -250,14 +243,10 @@ def test_throughput_mode_runs_a_batch_in_parts_as_one_pass_would(
         assert runtimes["latency"].streams == 1
         if backend == "onnx":  # one stream per thread; OpenVINO decides by the cores it sees
             assert runtimes["throughput"].streams == 2
-        one_pass = _as_results(*runtimes["latency"].predict(bgr, conf=CONF))
-        in_parts = _as_results(*runtimes["throughput"].predict(bgr, conf=CONF))
+        one_pass = _as_results(runtimes["latency"], bgr)
+        in_parts = _as_results(runtimes["throughput"], bgr)
         assert_same_predictions(in_parts, one_pass)
-        alone = [
-            result
-            for image in bgr
-            for result in _as_results(*runtimes["throughput"].predict([image], conf=CONF))
-        ]
+        alone = [result for image in bgr for result in _as_results(runtimes["throughput"], [image])]
         assert_same_predictions(alone, one_pass)
 
 
